@@ -1,1 +1,59 @@
-fn main() {}
+//! chaosctl: the command-line client of chaosd.
+
+mod client;
+mod output;
+mod status;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use output::Output;
+
+#[derive(Parser)]
+#[command(name = "chaosctl", version, about = "Control chaosd: inject, list and recover faults")]
+struct Cli {
+    /// Socket of the daemon.
+    #[arg(long, global = true, env = "CHAOSD_SOCKET", default_value = "/run/chaosd/chaosd.sock")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the daemon's version, uptime and what this host can do.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with success; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chaosctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Status => status::run(&cli.socket, cli.output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chaosctl: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

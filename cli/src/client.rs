@@ -1,0 +1,68 @@
+//! Connecting to chaosd over its unix socket, and turning failures into one
+//! line a person can act on.
+
+use std::path::{Path, PathBuf};
+
+use chaos_proto::chaosd::v1::chaosd_client::ChaosdClient;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A failure to show the user: the message and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: u8,
+}
+
+impl CliError {
+    /// Exit code 1: the daemon refused or failed the request.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self { message: message.into(), code: 1 }
+    }
+    /// Exit code 2: bad usage or no daemon.
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self { message: message.into(), code: 2 }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        let code = s.code();
+        let unreachable = matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown) && s.message().contains("transport");
+        if unreachable {
+            return Self::usage(format!("chaosd went away: {}", s.message()));
+        }
+        let kind = match code {
+            tonic::Code::InvalidArgument => "invalid argument",
+            tonic::Code::NotFound => "not found",
+            tonic::Code::FailedPrecondition => "failed precondition",
+            tonic::Code::AlreadyExists => "conflict",
+            tonic::Code::Unavailable => "unavailable",
+            tonic::Code::Unimplemented => "not implemented",
+            _ => "error",
+        };
+        Self::refused(format!("{kind}: {}", s.message()))
+    }
+}
+
+pub async fn connect(socket: &Path) -> Result<ChaosdClient<Channel>, CliError> {
+    // Check reachability first so the error names the socket and the cause.
+    if let Err(e) = UnixStream::connect(socket).await {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "permission denied: run chaosctl with sudo".to_string(),
+            _ => format!("is `sudo chaosd serve` running? ({e})"),
+        };
+        return Err(CliError::usage(format!("cannot reach chaosd at {}: {hint}", socket.display())));
+    }
+    let path: PathBuf = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = Endpoint::from_static("http://chaosd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| CliError::usage(format!("cannot reach chaosd at {}: {e}", socket.display())))?;
+    Ok(ChaosdClient::new(channel))
+}

@@ -1,0 +1,79 @@
+//! Output helpers shared by the verbs: aligned tables, JSON, durations.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+/// Prints rows as columns separated by two spaces; the last column is not padded.
+pub fn print_rows(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// "1h2m", "5m", "30s", "1.5s", "250ms".
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    if s < 60 {
+        let tenths = (ms % 1000) / 100;
+        return if tenths == 0 { format!("{s}s") } else { format!("{s}.{tenths}s") };
+    }
+    let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 && h == 0 {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+/// A protobuf duration as JSON seconds with fractions, as protobuf's JSON mapping does ("1.500s").
+pub fn duration_json(d: &Option<prost_types::Duration>) -> Value {
+    match d.as_ref().and_then(chaos_proto::duration_from_proto) {
+        Some(d) => Value::String(format!("{:.3}s", d.as_secs_f64())),
+        None => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_person_writes_them() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(human_duration(Duration::from_secs(3720)), "1h2m");
+    }
+}

@@ -1,0 +1,19 @@
+//! chaosd: a node-level chaos daemon. A synchronous privileged core (netns,
+//! netlink, BPF, cgroups, signals) behind small interfaces, and a thin async
+//! gRPC shell that reaches it through dedicated threads or `spawn_blocking`.
+//! See architecture.md.
+
+pub mod error;
+pub mod netlink;
+pub mod netns;
+pub mod privilege;
+pub mod probe;
+pub mod server;
+pub mod tc;
+pub mod service;
+
+/// The eBPF object built by build.rs from ebpf/chaosd-ebpf.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/chaosd.bpf.o"));
+
+/// Version reported by `Status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

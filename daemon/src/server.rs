@@ -1,0 +1,148 @@
+//! The gRPC server on a unix socket: socket ownership (directory 0700,
+//! socket 0600, lock against a second daemon, stale socket removal) and the
+//! serve loop, which takes its listener and shutdown future from the caller.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    future::Future,
+    io::{Read, Seek, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use chaos_proto::chaosd::v1::chaosd_server::ChaosdServer;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::service::ChaosdService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another chaosd is already serving on {socket} (pid {pid}); stop it first or pass --socket PATH")]
+    Busy { socket: PathBuf, pid: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SocketError + 'a {
+    move |source| SocketError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The bound API socket. Holds the lock file for as long as it lives and
+/// removes the socket file when dropped.
+pub struct ApiSocket {
+    path: PathBuf,
+    listener: Option<std::os::unix::net::UnixListener>,
+    _lock: Flock<File>,
+}
+
+impl ApiSocket {
+    /// Binds `path` (creating its directory 0700), refusing when another
+    /// daemon holds `PATH.lock`. A stale socket file left by a killed daemon
+    /// is replaced.
+    pub fn bind(path: &Path) -> Result<Self, SocketError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io_err("create directory", dir))?;
+            }
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("open lock file", &lock_path))?;
+        let mut owner = String::new();
+        let _ = file.read_to_string(&mut owner);
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = owner.trim();
+                return Err(SocketError::Busy {
+                    socket: path.to_path_buf(),
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                });
+            }
+            Err((_, e)) => return Err(io_err("lock", &lock_path)(e.into())),
+        };
+        lock.set_len(0).map_err(io_err("write lock file", &lock_path))?;
+        lock.rewind().map_err(io_err("write lock file", &lock_path))?;
+        write!(lock, "{}", std::process::id()).map_err(io_err("write lock file", &lock_path))?;
+
+        match fs::remove_file(path) {
+            Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket left by an earlier daemon"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove stale socket", path)(e)),
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err("bind", path))?;
+        listener.set_nonblocking(true).map_err(io_err("set non-blocking", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod 0600", path))?;
+        Ok(Self { path: path.to_path_buf(), listener: Some(listener), _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The listener, registered with the current tokio runtime.
+    pub fn take_listener(&mut self) -> std::io::Result<UnixListener> {
+        UnixListener::from_std(self.listener.take().expect("listener taken once"))
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then drains
+/// in-flight requests.
+pub async fn run(
+    listener: UnixListener,
+    service: ChaosdService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .add_service(ChaosdServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn second_bind_is_refused_and_names_the_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/chaosd.sock");
+        let first = ApiSocket::bind(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let err = ApiSocket::bind(&path).err().expect("second bind must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("already serving") && msg.contains(&std::process::id().to_string()), "{msg}");
+        drop(first);
+        assert!(!path.exists(), "socket removed on drop");
+        // A stale socket file (daemon killed) does not block a new daemon.
+        std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let _again = ApiSocket::bind(&path).unwrap();
+    }
+}

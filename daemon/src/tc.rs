@@ -1,0 +1,127 @@
+//! Traffic-control and link primitives over rtnetlink. netlink-packet-route
+//! has no netem or HTB option types, so their `TCA_OPTIONS` payloads are
+//! built here byte for byte from the kernel's uapi structs
+//! (include/uapi/linux/pkt_sched.h).
+
+use netlink_packet_core::{DefaultNla, NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    tc::{TcAttribute, TcHandle, TcMessage},
+};
+
+use crate::netlink::{NetlinkError, RouteSocket};
+
+const TCA_OPTIONS: u16 = 2;
+
+/// A qdisc to create: `kind` with raw `TCA_OPTIONS` bytes.
+pub struct QdiscSpec {
+    pub kind: &'static str,
+    pub parent: TcHandle,
+    pub handle: TcHandle,
+    pub options: Option<Vec<u8>>,
+}
+
+fn tc_message(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
+    let mut msg = TcMessage::default();
+    msg.header.family = AddressFamily::Unspec;
+    msg.header.index = ifindex as i32;
+    msg.header.parent = parent;
+    msg.header.handle = handle;
+    msg
+}
+
+/// Adds a qdisc; fails if one already sits at that parent (never replaces).
+pub fn qdisc_add(sock: &mut RouteSocket, ifindex: u32, spec: &QdiscSpec) -> Result<(), NetlinkError> {
+    let mut msg = tc_message(ifindex, spec.parent, spec.handle);
+    msg.attributes.push(TcAttribute::Kind(spec.kind.to_string()));
+    if let Some(opts) = &spec.options {
+        msg.attributes.push(TcAttribute::Other(DefaultNla::new(TCA_OPTIONS, opts.clone())));
+    }
+    sock.request(
+        &format!("add {} qdisc on ifindex {ifindex}", spec.kind),
+        RouteNetlinkMessage::NewQueueDiscipline(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
+}
+
+pub fn qdisc_del(sock: &mut RouteSocket, ifindex: u32, parent: TcHandle, handle: TcHandle) -> Result<(), NetlinkError> {
+    let msg = tc_message(ifindex, parent, handle);
+    sock.request(
+        &format!("delete qdisc {}:{} on ifindex {ifindex}", handle.major, handle.minor),
+        RouteNetlinkMessage::DelQueueDiscipline(msg),
+        0,
+    )
+}
+
+/// `struct tc_netem_qopt` with only a queue limit: a netem that does nothing,
+/// enough to learn whether the kernel has netem.
+pub fn netem_noop_options(limit: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(24);
+    // latency, limit, loss, gap, duplicate, jitter
+    for v in [0u32, limit, 0, 0, 0, 0] {
+        b.extend_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// Nested `TCA_HTB_INIT` (struct tc_htb_glob) with the given default class.
+pub fn htb_init_options(default_class: u32) -> Vec<u8> {
+    const TCA_HTB_INIT: u16 = 2;
+    const TC_HTB_PROTOVER: u32 = 3;
+    let mut glob = Vec::with_capacity(20);
+    // version, rate2quantum, defcls, debug, direct_pkts
+    for v in [TC_HTB_PROTOVER, 10, default_class, 0, 0] {
+        glob.extend_from_slice(&v.to_ne_bytes());
+    }
+    nla(TCA_HTB_INIT, &glob)
+}
+
+/// One netlink attribute (header + value, padded to 4 bytes).
+pub fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut b = Vec::with_capacity(len.next_multiple_of(4));
+    b.extend_from_slice(&(len as u16).to_ne_bytes());
+    b.extend_from_slice(&kind.to_ne_bytes());
+    b.extend_from_slice(value);
+    b.resize(len.next_multiple_of(4), 0);
+    b
+}
+
+/// Creates a link of a driver-only kind (ifb, dummy) in the socket's namespace.
+pub fn link_add(sock: &mut RouteSocket, name: &str, kind: InfoKind) -> Result<(), NetlinkError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind.clone())]));
+    sock.request(
+        &format!("create {kind} link {name}"),
+        RouteNetlinkMessage::NewLink(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
+}
+
+pub fn link_del_by_name(sock: &mut RouteSocket, name: &str) -> Result<(), NetlinkError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    sock.request(&format!("delete link {name}"), RouteNetlinkMessage::DelLink(msg), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nla_is_padded_and_carries_its_length() {
+        let b = nla(7, &[1, 2, 3]);
+        assert_eq!(b.len(), 8);
+        assert_eq!(u16::from_ne_bytes([b[0], b[1]]), 7);
+        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 7);
+    }
+
+    #[test]
+    fn htb_init_is_one_nested_attribute_of_the_glob_struct() {
+        let b = htb_init_options(0x10);
+        assert_eq!(b.len(), 24);
+        assert_eq!(u32::from_ne_bytes(b[12..16].try_into().unwrap()), 0x10);
+    }
+}
