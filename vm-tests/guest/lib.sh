@@ -1,0 +1,100 @@
+# Helpers for guest test scripts (busybox sh). A test starts with
+#   . "$VM_TEST_LIB"
+# and exits 0 (pass) or non-zero (fail), printing why. Nothing here needs
+# cleaning up: the VM is thrown away after each test.
+
+# fail MESSAGE...: print why the test failed and end it.
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+# ok MESSAGE...: record a check that passed (shows in the console log).
+ok() {
+  echo "ok: $*"
+}
+
+# need COMMAND...: fail unless every command exists in the guest.
+need() {
+  for c in "$@"; do
+    command -v "$c" >/dev/null 2>&1 || fail "'$c' is not in the VM image (see vm-tests/run.sh)"
+  done
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.1 s until it
+# succeeds; fail with DESCRIPTION after SECONDS.
+wait_for() {
+  _secs=$1 _desc=$2
+  shift 2
+  _tries=$((_secs * 10))
+  while [ "$_tries" -gt 0 ]; do
+    "$@" >/dev/null 2>&1 && return 0
+    _tries=$((_tries - 1))
+    sleep 0.1
+  done
+  fail "timed out after ${_secs}s waiting for $_desc"
+}
+
+# json_flatten < JSON: one line per scalar, PATH=VALUE, where PATH joins
+# object keys and array indexes with dots (capabilities.netem.available) and
+# VALUE is the JSON text of the scalar (strings keep their quotes, so "true"
+# and true differ). Empty objects/arrays print {} and []. No jq in the VM.
+json_flatten() {
+  awk '
+    function ws() { while (i <= n && index(" \t\r\n", substr(s, i, 1))) i++ }
+    function str(   c, out) {
+      out = substr(s, i, 1); i++
+      while (i <= n) {
+        c = substr(s, i, 1)
+        if (c == "\\") { out = out c substr(s, i + 1, 1); i += 2; continue }
+        out = out c; i++
+        if (c == "\"") break
+      }
+      return out
+    }
+    function key_of(q) { return substr(q, 2, length(q) - 2) }
+    function emit(path, v) { print (path == "" ? "." : path) "=" v }
+    function val(path,   c, k, idx, start) {
+      ws(); c = substr(s, i, 1)
+      if (c == "{") {
+        i++; ws()
+        if (substr(s, i, 1) == "}") { i++; emit(path, "{}"); return }
+        while (i <= n) {
+          ws(); k = key_of(str()); ws(); i++
+          val(path == "" ? k : path "." k)
+          ws(); c = substr(s, i, 1); i++
+          if (c == "}") return
+        }
+      } else if (c == "[") {
+        i++; ws()
+        if (substr(s, i, 1) == "]") { i++; emit(path, "[]"); return }
+        idx = 0
+        while (i <= n) {
+          val(path == "" ? idx : path "." idx); idx++
+          ws(); c = substr(s, i, 1); i++
+          if (c == "]") return
+        }
+      } else if (c == "\"") {
+        emit(path, str())
+      } else {
+        start = i
+        while (i <= n && index(",}] \t\r\n", substr(s, i, 1)) == 0) i++
+        emit(path, substr(s, start, i - start))
+      }
+    }
+    { s = s $0 "\n" }
+    END {
+      n = length(s); i = 1; ws()
+      c = substr(s, i, 1)
+      if (c != "{" && c != "[") { print "json_flatten: input is not a JSON object or array" > "/dev/stderr"; exit 1 }
+      val("")
+    }'
+}
+
+# json_get PATH < JSON: the JSON text of one scalar (see json_flatten);
+# prints nothing and returns 1 when PATH is absent.
+json_get() {
+  json_flatten | awk -v p="$1" '
+    index($0, p "=") == 1 { print substr($0, length(p) + 2); found = 1; exit }
+    END { exit !found }'
+}

@@ -1,0 +1,310 @@
+#!/usr/bin/env bash
+# Boots Debian's stock kernel under QEMU (TCG) with a busybox initramfs that
+# carries the project's release binaries and iproute2, runs one guest test
+# script per boot, and maps each script's result to this script's exit code.
+#
+# Usage: sudo vm-tests/run.sh [TEST...]     TEST = name in vm-tests/tests/
+#                                           (with or without .sh); none: all
+# Needs: target/release/{chaosd,chaosctl,broker} (cargo build --release) and
+# the packages scripts/setup.sh installs. See vm-tests/README.md.
+#
+# Environment:
+#   CHAOSD_VM_CACHE    kernel cache           (default /var/cache/chaosd-vm)
+#   CHAOSD_VM_LOGS     console logs           (default <target>/vm-logs)
+#   CHAOSD_VM_BIN_DIR  release binaries       (default <target>/release)
+#   CHAOSD_VM_KERNEL   kernel package to use  (default: what linux-image-amd64 depends on)
+#   CHAOSD_VM_TIMEOUT  seconds per test boot  (default 300; a test may say
+#                      "# vm-test-timeout: N" in its header)
+#   CHAOSD_VM_MEM, CHAOSD_VM_SMP  guest RAM in MiB (1024) and CPUs (2)
+#   CHAOSD_VM_VERBOSE=1  stream the guest console while tests run
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+CACHE=${CHAOSD_VM_CACHE:-/var/cache/chaosd-vm}
+LOGS=${CHAOSD_VM_LOGS:-$target_dir/vm-logs}
+BIN_DIR=${CHAOSD_VM_BIN_DIR:-$target_dir/release}
+TIMEOUT=${CHAOSD_VM_TIMEOUT:-300}
+MEM=${CHAOSD_VM_MEM:-1024}
+SMP=${CHAOSD_VM_SMP:-2}
+BINARIES=(chaosd chaosctl broker)
+
+say() { printf 'vm-tests: %s\n' "$*"; }
+die() { printf 'vm-tests: error: %s\n' "$*" >&2; exit 1; }
+
+# ------------------------------------------------------------------ cleanup
+# Everything this script starts or creates is undone here, on every exit path.
+work=""
+qemu_group=""
+cleanup() {
+  local rc=$?
+  if [ -n "$qemu_group" ]; then
+    # `timeout` makes itself a process-group leader with qemu inside; the
+    # pid file covers the moment before it did.
+    kill -KILL -- "-$qemu_group" 2>/dev/null || kill -KILL "$qemu_group" 2>/dev/null || true
+    if [ -s "$work/qemu.pid" ]; then kill -KILL "$(cat "$work/qemu.pid")" 2>/dev/null || true; fi
+    wait "$qemu_group" 2>/dev/null || true
+    qemu_group=""
+  fi
+  [ -n "$work" ] && rm -rf -- "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ checks
+[ "$(id -u)" -eq 0 ] || die "must run as root: the kernel cache is under $CACHE and apt-get download needs it (sudo vm-tests/run.sh)"
+missing=()
+for c in qemu-system-x86_64 cpio depmod modprobe objcopy ldd apt-get apt-cache dpkg ip tc timeout gzip; do
+  command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+done
+[ ${#missing[@]} -eq 0 ] || die "missing commands: ${missing[*]} (run scripts/setup.sh)"
+for b in "${BINARIES[@]}"; do
+  [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b not found: build it first (cargo build --release -p chaosd -p chaosctl -p broker)"
+done
+
+# Which tests, in a stable order.
+tests=()
+if [ $# -eq 0 ]; then
+  for f in "$here"/tests/*.sh; do
+    [ -e "$f" ] && tests+=("$(basename "$f" .sh)")
+  done
+  [ ${#tests[@]} -gt 0 ] || die "no tests in $here/tests"
+else
+  for t in "$@"; do
+    t=$(basename "$t" .sh)
+    [ -f "$here/tests/$t.sh" ] || die "no test '$t' (have: $(cd "$here/tests" && ls -- *.sh | sed 's/\.sh$//' | tr '\n' ' '))"
+    tests+=("$t")
+  done
+fi
+
+t_total=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+mkdir -p "$CACHE" "$LOGS"
+work=$(mktemp -d "${TMPDIR:-/tmp}/chaosd-vm.XXXXXX")
+
+# ------------------------------------------------------------------ packages
+# Debian packages the guest needs are downloaded once and unpacked (never
+# installed) into $CACHE/<kind>/<version>/; .complete marks a finished unpack,
+# so a second run downloads nothing.
+
+# cached_pkg KIND PKG VERSION: unpack PKG into $CACHE/KIND/VERSION unless it
+# is there; sets pkg_dir. Offline (or with stale package lists) it falls back
+# to the newest VERSION cached earlier, with a warning; with nothing cached it
+# stops with the reason.
+cached_pkg() {
+  local kind=$1 pkg=$2 ver=$3 why=""
+  if [ -n "$pkg" ] && [ -n "$ver" ]; then
+    pkg_dir=$CACHE/$kind/${ver//:/_}
+    if [ -f "$pkg_dir/.complete" ]; then
+      say "$kind $ver: cached in $pkg_dir"
+      return 0
+    fi
+    say "$kind $ver: downloading $pkg (unpacked into $pkg_dir, not installed)"
+    local dl=$work/deb-$kind tmp=$CACHE/$kind/.unpack.$$
+    mkdir -p "$dl" "$CACHE/$kind"
+    # (_apt cannot write into a root-only temp dir, so apt downloads as root
+    # and warns "unsandboxed"; harmless.)
+    if (cd "$dl" && apt-get download -q "$pkg") > "$work/apt.log" 2>&1 \
+        && ls "$dl"/*.deb >/dev/null 2>&1; then
+      rm -rf "$tmp"
+      dpkg -x "$dl"/*.deb "$tmp" || { rm -rf "$tmp"; die "dpkg -x of $pkg failed"; }
+      if [ "$kind" = kernel ]; then
+        [ -f "$tmp/boot/vmlinuz-$ver" ] && [ -d "$tmp/lib/modules/$ver" ] \
+          || { rm -rf "$tmp"; die "$pkg holds no boot/vmlinuz-$ver or lib/modules/$ver"; }
+        # The package ships no modules.dep (depmod runs at install time).
+        depmod -b "$tmp" "$ver" || { rm -rf "$tmp"; die "depmod for $ver failed"; }
+      fi
+      touch "$tmp/.complete"
+      rm -rf "$pkg_dir" "$dl"
+      mv "$tmp" "$pkg_dir"
+      return 0
+    fi
+    grep -v unsandboxed "$work/apt.log" >&2 || true
+    why="apt-get download $pkg failed (no Debian mirror reachable, or stale package lists: apt-get update)"
+  else
+    why="apt-cache does not know ${pkg:-the package} (run apt-get update?)"
+  fi
+  local cached
+  cached=$(ls -d "$CACHE/$kind"/*/.complete 2>/dev/null | sed 's|/.complete$||' | sort -V | tail -1)
+  [ -n "$cached" ] || die "no $kind for the VM: $why; nothing cached in $CACHE/$kind"
+  pkg_dir=$cached
+  say "warning: $why; using the cached $kind $(basename "$pkg_dir")"
+}
+
+t0=$(date +%s.%N)
+# Debian's stock kernel: the one linux-image-amd64 currently depends on.
+kpkg=${CHAOSD_VM_KERNEL:-$(apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }' || true)}
+cached_pkg kernel "$kpkg" "${kpkg#linux-image-}"
+kdir=$pkg_dir
+kver=$(basename "$kdir")
+vmlinuz=$kdir/boot/vmlinuz-$kver
+
+# Debian's regular (dynamic) busybox, not busybox-static: the static build is
+# configured to prefer its own applets over PATH (FEATURE_SH_STANDALONE,
+# FEATURE_PREFER_APPLETS), so in its shell `tc` and `ip` would always be the
+# busybox applets, never iproute2's. The two packages conflict, hence a
+# download instead of an install.
+bbver=$(apt-cache show --no-all-versions busybox 2>/dev/null | awk '$1 == "Version:" { print $2; exit }' || true)
+cached_pkg busybox busybox "$bbver"
+busybox_bin=$pkg_dir/bin/busybox
+[ -x "$busybox_bin" ] || die "$busybox_bin missing from the busybox package"
+say "packages ready in $(elapsed "$t0")s"
+
+# ------------------------------------------------------------------ initramfs
+# Rebuilt on every run (a few seconds), so it always holds the current
+# binaries, tests and module list. Layout follows Debian's merged /usr.
+t0=$(date +%s.%N)
+root=$work/root
+mkdir -p "$root"/{bin,dev,etc,proc,root,run,sys,tmp,usr/bin,usr/sbin,usr/lib,usr/lib64,var/lib,vm-tests/tests,etc/vm-tests}
+ln -s usr/lib "$root/lib"
+ln -s usr/lib64 "$root/lib64"
+ln -s usr/sbin "$root/sbin"
+ln -s ../run "$root/var/run"
+
+# copy_libs FILE: the shared libraries FILE needs, at the paths ldd names.
+copy_libs() {
+  local lib
+  for lib in $(ldd "$1" 2>/dev/null | grep -oE '/[^ ]+' | sort -u); do
+    [ -e "$root$lib" ] && continue
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
+
+cp "$busybox_bin" "$root/bin/busybox"
+copy_libs "$busybox_bin"
+
+for tool in ip tc; do
+  src=$(command -v "$tool")
+  cp -L "$src" "$root/usr/sbin/$tool"
+  copy_libs "$src"
+done
+# tc's netem distribution tables (delay ... distribution normal) and its
+# name tables.
+tc_lib=$(dpkg -L iproute2 2>/dev/null | grep -m1 '/tc/normal.dist$' || true)
+if [ -n "$tc_lib" ]; then
+  mkdir -p "$root$(dirname "$tc_lib")"
+  cp "$(dirname "$tc_lib")"/*.dist "$root$(dirname "$tc_lib")/"
+fi
+[ -d /etc/iproute2 ] && cp -r /etc/iproute2 "$root/etc/"
+
+for b in "${BINARIES[@]}"; do
+  # Debug info is most of a release binary's size; the guest does not need it.
+  objcopy --strip-debug "$BIN_DIR/$b" "$root/usr/bin/$b"
+  copy_libs "$BIN_DIR/$b"
+done
+
+# Busybox applets for everything else; no /bin/ip or /bin/tc, so iproute2's
+# are found whatever PATH a program uses.
+for applet in $("$busybox_bin" --list); do
+  [ "$applet" = busybox ] && continue
+  [ -e "$root/usr/sbin/$applet" ] || [ -e "$root/usr/bin/$applet" ] && continue
+  ln -s busybox "$root/bin/$applet"
+done
+
+# Kernel modules of modules.list plus their dependencies, then depmod so that
+# busybox modprobe resolves them in the guest.
+mods=()
+while read -r mod _; do
+  case "$mod" in ''|'#'*) continue ;; esac
+  deps=$(modprobe -d "$kdir" -S "$kver" --show-depends "$mod" 2>&1) \
+    || die "kernel module $mod: not in $kver ($deps); fix vm-tests/modules.list"
+  while read -r kind path _; do
+    case "$kind" in
+      insmod)
+        rel=${path#"$kdir"/}
+        mkdir -p "$root/$(dirname "$rel")"
+        cp "$path" "$root/$rel" ;;
+      builtin) say "note: $mod is built into $kver" ;;
+    esac
+  done <<< "$deps"
+  mods+=("$mod")
+done < "$here/modules.list"
+for f in modules.order modules.builtin modules.builtin.modinfo; do
+  cp "$kdir/lib/modules/$kver/$f" "$root/lib/modules/$kver/"
+done
+depmod -b "$root" "$kver" || die "depmod for the initramfs failed"
+cp "$here/modules.list" "$root/etc/vm-tests/modules.list"
+
+cat > "$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+cat > "$root/etc/group" <<'EOF'
+root:x:0:
+nogroup:x:65534:
+EOF
+printf '127.0.0.1 localhost chaosd-vm\n::1 localhost ip6-localhost\n' > "$root/etc/hosts"
+printf 'hosts: files\n' > "$root/etc/nsswitch.conf"
+
+install -m 0755 "$here/guest/init" "$root/init"
+install -m 0644 "$here/guest/lib.sh" "$root/vm-tests/lib.sh"
+for t in "${tests[@]}"; do
+  install -m 0755 "$here/tests/$t.sh" "$root/vm-tests/tests/$t.sh"
+done
+
+initrd=$work/initramfs.cpio.gz
+# gzip -1: the kernel's inflate under TCG is the cost that matters, and a
+# lighter level barely changes it; -1 keeps the build quick.
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio -o -0 -H newc -R 0:0 --quiet) | gzip -1 > "$initrd"
+say "initramfs: $(du -h "$initrd" | cut -f1) ($(du -sh "$root" | cut -f1) unpacked), modules: ${mods[*]}; built in $(elapsed "$t0")s"
+
+# ------------------------------------------------------------------ run
+# run_test NAME: one VM boot; sets result_line and returns 0 on PASS.
+run_test() {
+  local name=$1 t_limit nonce log rc line t0
+  t_limit=$(sed -n 's/^# *vm-test-timeout: *\([0-9][0-9]*\).*/\1/p' "$here/tests/$name.sh" | head -1)
+  t_limit=${t_limit:-$TIMEOUT}
+  nonce=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+  log=$LOGS/$name.log
+  t0=$(date +%s.%N)
+  say "run $name (timeout ${t_limit}s, console log $log)"
+  # -nic none: tests build their own networks (netns, veth) inside the guest.
+  # KVM aborts on these machines (ENVIRONMENT.md), hence TCG.
+  timeout -k 5 "$t_limit" qemu-system-x86_64 \
+      -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
+      -nographic -no-reboot -nic none -pidfile "$work/qemu.pid" \
+      -kernel "$vmlinuz" -initrd "$initrd" \
+      -append "console=ttyS0 quiet panic=-1 chaosd.test=$name chaosd.nonce=$nonce" \
+      < /dev/null > "$log" 2>&1 &
+  qemu_group=$!
+  if [ "${CHAOSD_VM_VERBOSE:-0}" = 1 ]; then
+    tail -n +1 -f --pid="$qemu_group" "$log" &
+  fi
+  rc=0
+  wait "$qemu_group" || rc=$?
+  qemu_group=""
+  rm -f "$work/qemu.pid"
+  line=$(tr -d '\r' < "$log" | grep -a -E "^VM-TEST-RESULT: (PASS|FAIL) $name .* id=$nonce\$" | tail -1 || true)
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    result_line="FAIL $name: no result within ${t_limit}s (VM killed)"
+  elif [ -z "$line" ]; then
+    result_line="FAIL $name: the guest printed no result line (qemu exit $rc; kernel panic or /init crash?)"
+  else
+    result_line=${line#VM-TEST-RESULT: }
+  fi
+  result_line="$result_line, wall $(elapsed "$t0")s"
+  case "$result_line" in
+    PASS*) say "$result_line"; return 0 ;;
+    *)
+      say "$result_line"
+      echo "----- last 40 lines of $log"
+      tr -d '\r' < "$log" | tail -n 40
+      echo "-----"
+      return 1 ;;
+  esac
+}
+
+passed=()
+failed=()
+for t in "${tests[@]}"; do
+  if run_test "$t"; then passed+=("$t"); else failed+=("$t"); fi
+done
+
+echo "vm-tests: ${#passed[@]} passed, ${#failed[@]} failed in $(elapsed "$t_total")s (kernel $kver)${failed[*]:+; failed: ${failed[*]}}"
+[ ${#failed[@]} -eq 0 ]
