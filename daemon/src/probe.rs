@@ -226,7 +226,12 @@ pub fn probe_cgroup(mounts: &Path, cgroup_root: &Path) -> CgroupProbe {
             "cgroup2" => v2_elsewhere = Some(mountpoint.to_string()),
             "cgroup" => {
                 for o in opts.split(',') {
-                    if !matches!(o, "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime" | "noatime")
+                    // Mount options that are not controllers.
+                    if !matches!(
+                        o,
+                        "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime" | "noatime" | "xattr"
+                            | "clone_children" | "noprefix" | "cpuset_v2_mode" | "favordynmods"
+                    )
                         && !o.starts_with("name=")
                         && !o.contains('=')
                     {
