@@ -3,12 +3,15 @@
 //! gRPC shell that reaches it through dedicated threads or `spawn_blocking`.
 //! See architecture.md.
 
+pub mod driver;
 pub mod error;
+pub mod experiment;
 pub mod netlink;
 pub mod netns;
 pub mod privilege;
 pub mod probe;
 pub mod server;
+pub mod spec;
 pub mod tc;
 pub mod service;
 

@@ -1,0 +1,72 @@
+//! The contract between the engine and the fault drivers (network, stress,
+//! process). Drivers are synchronous: the engine calls them from blocking
+//! threads, one request per target at a time.
+//!
+//! Every kernel object a driver creates is described by a JSON value the
+//! driver defines, recorded in the journal through `Recorder` BEFORE the
+//! object is created (intent first), so that a crash at any point leaves a
+//! journal entry from which the object can be found and removed.
+
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+use crate::{
+    error::ApiError,
+    experiment::{Counters, Experiment},
+};
+
+/// Writes an object description to the journal. Fails when the journal
+/// cannot be written; the driver must then not create the object.
+pub trait Recorder {
+    fn record(&mut self, object: Value) -> Result<(), ApiError>;
+}
+
+/// What the engine knows when it asks a driver to apply a fault.
+pub struct ApplyContext<'a> {
+    /// The other active experiments of this driver kind (for conflicts).
+    pub active: &'a [Experiment],
+    /// Deadline of the fault in wall-clock time, if it has one.
+    pub ends_at: Option<SystemTime>,
+}
+
+/// Whether a reverted experiment's target still exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// The pid exited, the namespace or cgroup was removed.
+    Gone,
+}
+
+pub trait Driver: Send + Sync {
+    /// Applies the fault. All-or-nothing: when it returns an error, whatever
+    /// it created has been removed again (and the error says what went
+    /// wrong and what to do).
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError>;
+
+    /// Removes every recorded object. Keeps going past failures and returns
+    /// them all. Objects already gone (target exited) are not errors.
+    fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>>;
+
+    /// Current counters (best effort; zero where unknown).
+    fn counters(&self, exp: &Experiment, objects: &[Value]) -> Counters;
+
+    /// Whether the target still exists.
+    fn liveness(&self, exp: &Experiment, objects: &[Value]) -> Liveness;
+
+    /// After a daemon restart: takes over a still-due experiment whose
+    /// objects are in place (re-arming timers, heartbeats, guardians).
+    /// An error means it could not be resumed; the engine then reverts it.
+    fn adopt(&self, exp: &Experiment, objects: &[Value]) -> Result<(), ApiError>;
+
+    /// After reconciliation: removes objects that carry chaosd's marks but
+    /// belong to no journal entry in `known`. Returns what it removed.
+    fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String>;
+
+    /// Periodic work (every ~100 ms): e.g. refreshing the BPF heartbeat.
+    /// Returns experiments whose fault ended by itself (e.g. OOM-killed
+    /// stressors), with the reason.
+    fn tick(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
