@@ -1,8 +1,15 @@
 //! chaosctl: the command-line client of chaosd.
 
 mod client;
+mod experiment;
+mod get;
+mod inject;
+mod list;
 mod output;
+mod parse;
+mod recover;
 mod status;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -26,6 +33,25 @@ struct Cli {
 enum Command {
     /// Show the daemon's version, uptime and what this host can do.
     Status,
+    /// Start an experiment; prints its id.
+    #[command(subcommand)]
+    Inject(inject::InjectCommand),
+    /// List active experiments (with --all, also ended ones).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one experiment with its counters.
+    Get { id: String },
+    /// End an experiment (or all) and restore the target.
+    Recover {
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Stream experiment events (all, or one id).
+    Watch { id: Option<String> },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +73,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Status => status::run(&cli.socket, cli.output).await,
+            Command::Inject(cmd) => inject::run(&cli.socket, cli.output, cmd).await,
+            Command::List { all } => list::run(&cli.socket, cli.output, all).await,
+            Command::Get { id } => get::run(&cli.socket, cli.output, id).await,
+            Command::Recover { id, all } => recover::run(&cli.socket, cli.output, id, all).await,
+            Command::Watch { id } => watch::run(&cli.socket, cli.output, id).await,
         }
     });
     match result {

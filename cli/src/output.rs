@@ -77,3 +77,15 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(3720)), "1h2m");
     }
 }
+
+/// "512MiB", "1.5GiB", "812KiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b}B") } else { format!("{v:.1}{}", UNITS[u]) }
+}

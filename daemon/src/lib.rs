@@ -3,9 +3,12 @@
 //! gRPC shell that reaches it through dedicated threads or `spawn_blocking`.
 //! See architecture.md.
 
+pub mod convert;
 pub mod driver;
+pub mod engine;
 pub mod error;
 pub mod experiment;
+pub mod journal;
 pub mod netlink;
 pub mod netns;
 pub mod privilege;

@@ -8,7 +8,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use chaosd::{privilege, probe, server, service::ChaosdService};
+use chaosd::{
+    engine::{Drivers, Engine, Slot},
+    journal::{self, Journal},
+    privilege, probe, server,
+    service::ChaosdService,
+};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -62,18 +67,35 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dropped = privilege::drop_unneeded().context("dropping unneeded capabilities")?;
     tracing::debug!(?dropped, "dropped capabilities");
 
-    let host = probe::probe_host();
+    let host = Arc::new(probe::probe_host());
     log_probe(&host);
-    let service = ChaosdService::new(Arc::new(host), args.state_dir.display().to_string());
+    let journal = Journal::open(&args.state_dir, journal::current_boot_id())?;
+    let engine = Arc::new(Engine::new(journal, build_drivers(&host)));
+    let reconciled = engine.reconcile().context("reconciling the journal with the kernel")?;
+    for id in &reconciled.resumed {
+        tracing::info!(%id, "experiment resumed");
+    }
+    for (id, reason) in &reconciled.reverted {
+        tracing::info!(%id, %reason, "experiment ended at start");
+    }
+    for what in &reconciled.swept {
+        tracing::info!(%what, "removed an object chaosd left without a journal entry");
+    }
+    let ticker = Ticker::start(engine.clone());
+    let service = ChaosdService::new(host.clone(), engine.clone(), args.state_dir.display().to_string());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let socket_path = socket.path().to_path_buf();
+    let listener = {
+        let _guard = runtime.enter();
+        socket.take_listener().context("registering the API socket")?
+    };
     runtime.block_on(async move {
-        let listener = socket.take_listener().context("registering the API socket")?;
-        tracing::info!(socket = %socket.path().display(), version = chaosd::VERSION, "chaosd serving");
+        tracing::info!(socket = %socket_path.display(), version = chaosd::VERSION, "chaosd serving");
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
@@ -83,10 +105,64 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         };
         server::run(listener, service, shutdown).await.context("serving the API")?;
-        drop(socket);
-        tracing::info!("chaosd stopped");
-        Ok(())
-    })
+        anyhow::Ok(())
+    })?;
+    // Recover before the socket goes away: nothing of ours stays in the
+    // kernel after a clean stop.
+    ticker.stop();
+    let errors = engine.shutdown();
+    drop(socket);
+    if !errors.is_empty() {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("stopped, but recovery was incomplete: {}", list.join("; "));
+    }
+    tracing::info!("chaosd stopped");
+    Ok(())
+}
+
+/// The drivers this host can run.
+fn build_drivers(_host: &probe::HostProbe) -> Drivers {
+    Drivers {
+        network: Slot::Unavailable("network faults are not available in this build".into()),
+        stress: Slot::Unavailable("stress faults are not available in this build".into()),
+        process: Slot::Unavailable("process faults are not available in this build".into()),
+    }
+}
+
+/// Background thread driving the engine's periodic work: expiry and driver
+/// ticks every 100 ms, liveness and counter events every second.
+struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(engine: Arc<Engine>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("chaosd-ticker".into())
+            .spawn(move || {
+                let mut n: u64 = 0;
+                while !flag.load(Ordering::SeqCst) {
+                    let each_second = n % 10 == 0;
+                    engine.tick(each_second);
+                    if each_second {
+                        engine.publish_counters();
+                    }
+                    n += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            })
+            .expect("spawning the ticker thread");
+        Self { stop, handle }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.handle.join();
+    }
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -1,24 +1,48 @@
 //! The gRPC service: converts wire types at the edge and calls the engine.
 //! The only place errors become `tonic::Status` is `From<ApiError>`.
 
-use std::{pin::Pin, sync::Arc, time::Instant};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use chaos_proto::chaosd::v1 as pb;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
-use crate::probe::{CgroupVersion, HostProbe, Probe};
+use crate::{
+    convert,
+    engine::{Engine, EventKind, InjectSpec},
+    error::ApiError,
+    probe::{CgroupVersion, HostProbe, Probe},
+};
 
 /// State shared by all requests.
 pub struct ChaosdService {
     started: Instant,
     probe: Arc<HostProbe>,
+    engine: Arc<Engine>,
     state_dir: String,
 }
 
 impl ChaosdService {
-    pub fn new(probe: Arc<HostProbe>, state_dir: String) -> Self {
-        Self { started: Instant::now(), probe, state_dir }
+    pub fn new(probe: Arc<HostProbe>, engine: Arc<Engine>, state_dir: String) -> Self {
+        Self { started: Instant::now(), probe, engine, state_dir }
+    }
+
+    /// Runs engine work on a blocking thread: the engine does syscalls and
+    /// journal writes and must never block a runtime worker.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Engine) -> Result<T, ApiError> + Send + 'static,
+    {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| Status::internal(format!("request worker failed: {e}")))?
+            .map_err(Status::from)
     }
 }
 
@@ -55,20 +79,54 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExperimentEvent, Status>
 
 #[tonic::async_trait]
 impl pb::chaosd_server::Chaosd for ChaosdService {
-    async fn inject(&self, _req: Request<pb::InjectRequest>) -> Result<Response<pb::Experiment>, Status> {
-        Err(Status::unimplemented("inject is not implemented in this build"))
+    async fn inject(&self, req: Request<pb::InjectRequest>) -> Result<Response<pb::Experiment>, Status> {
+        let req = req.into_inner();
+        let target = convert::target_from_pb(req.target)?;
+        let fault = convert::fault_from_pb(req.fault, &target)?;
+        let duration = convert::duration_from_pb(req.duration.as_ref())?;
+        let spec = InjectSpec { target, fault, duration, force: req.force };
+        let exp = self.blocking(move |e| e.inject(spec)).await?;
+        Ok(Response::new(convert::experiment_to_pb(&exp, SystemTime::now())))
     }
 
-    async fn list(&self, _req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
-        Ok(Response::new(pb::ListResponse::default()))
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let include_ended = req.into_inner().include_ended;
+        let list = self.blocking(move |e| e.list(include_ended)).await?;
+        let now = SystemTime::now();
+        Ok(Response::new(pb::ListResponse {
+            experiments: list.iter().map(|e| convert::experiment_to_pb(e, now)).collect(),
+        }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Experiment>, Status> {
-        Err(Status::not_found(format!("no experiment with id '{}'", req.into_inner().id)))
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(ApiError::InvalidArgument("no experiment id given".into()).into());
+        }
+        let exp = self.blocking(move |e| e.get(&id)).await?;
+        Ok(Response::new(convert::experiment_to_pb(&exp, SystemTime::now())))
     }
 
-    async fn recover(&self, _req: Request<pb::RecoverRequest>) -> Result<Response<pb::RecoverResponse>, Status> {
-        Err(Status::unimplemented("recover is not implemented in this build"))
+    async fn recover(&self, req: Request<pb::RecoverRequest>) -> Result<Response<pb::RecoverResponse>, Status> {
+        use pb::recover_request::Which;
+        let recovered = match req.into_inner().which {
+            Some(Which::Id(id)) if !id.is_empty() => vec![self.blocking(move |e| e.recover(&id)).await?],
+            Some(Which::All(true)) => {
+                self.blocking(|e| {
+                    let (done, errors) = e.recover_all("recovered on request (all)");
+                    match errors.into_iter().next() {
+                        Some(err) => Err(err),
+                        None => Ok(done),
+                    }
+                })
+                .await?
+            }
+            _ => return Err(ApiError::InvalidArgument("give an experiment id or --all".into()).into()),
+        };
+        let now = SystemTime::now();
+        Ok(Response::new(pb::RecoverResponse {
+            recovered: recovered.iter().map(|e| convert::experiment_to_pb(e, now)).collect(),
+        }))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
@@ -83,7 +141,7 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
             uptime: Some(chaos_proto::duration_to_proto(self.started.elapsed())),
             capabilities: Some(status_to_pb(&self.probe)),
             faults,
-            active_experiments: 0,
+            active_experiments: self.engine.active_count() as u32,
             pid: std::process::id(),
             state_dir: self.state_dir.clone(),
         }))
@@ -91,7 +149,25 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
 
     type WatchStream = EventStream;
 
-    async fn watch(&self, _req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("watch is not implemented in this build"))
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let only = req.into_inner().id;
+        let rx = self.engine.subscribe();
+        let stream = BroadcastStream::new(rx).filter_map(move |ev| {
+            // A slow watcher that lagged just misses events; it is not an error.
+            let ev = ev.ok()?;
+            if !only.is_empty() && ev.experiment.id != only {
+                return None;
+            }
+            let kind = match ev.kind {
+                EventKind::StateChanged => pb::EventKind::StateChanged,
+                EventKind::Counters => pb::EventKind::Counters,
+            };
+            Some(Ok(pb::ExperimentEvent {
+                at: Some(chaos_proto::timestamp_to_proto(ev.at)),
+                kind: kind as i32,
+                experiment: Some(convert::experiment_to_pb(&ev.experiment, ev.at)),
+            }))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,0 +1,18 @@
+//! `chaosctl list`: active experiments with their counters.
+
+use chaos_proto::chaosd::v1 as pb;
+
+use crate::{client::CliError, experiment, output::{self, Output}};
+
+pub async fn run(socket: &std::path::Path, out: Output, all: bool) -> Result<(), CliError> {
+    let mut client = crate::client::connect(socket).await?;
+    let list = client.list(pb::ListRequest { include_ended: all }).await?.into_inner().experiments;
+    match out {
+        Output::Json => output::print_json(&serde_json::Value::Array(list.iter().map(experiment::to_json).collect())),
+        Output::Table if list.is_empty() => {
+            println!("no {}experiments", if all { "" } else { "active " });
+        }
+        Output::Table => output::print_rows(&experiment::table(&list)),
+    }
+    Ok(())
+}

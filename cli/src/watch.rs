@@ -1,0 +1,30 @@
+//! `chaosctl watch [ID]`: stream state changes and counters.
+
+use chaos_proto::chaosd::v1 as pb;
+
+use crate::{client::CliError, experiment, output::{self, Output}};
+
+pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> Result<(), CliError> {
+    let mut client = crate::client::connect(socket).await?;
+    let mut stream = client.watch(pb::WatchRequest { id: id.unwrap_or_default() }).await?.into_inner();
+    while let Some(ev) = stream.message().await? {
+        let kind = match ev.kind() {
+            pb::EventKind::Counters => "counters",
+            _ => "state",
+        };
+        let Some(exp) = ev.experiment else { continue };
+        match out {
+            Output::Json => {
+                let mut v = experiment::to_json(&exp);
+                v["event"] = serde_json::Value::String(kind.into());
+                println!("{}", serde_json::to_string(&v).expect("JSON values serialize"));
+            }
+            Output::Table => {
+                let rows = experiment::table(std::slice::from_ref(&exp));
+                let row = &rows[1];
+                output::print_rows(&[vec![kind.to_string(), row[0].clone(), row[1].clone(), row[2].clone(), row[3].clone(), row[4].clone()]]);
+            }
+        }
+    }
+    Ok(())
+}

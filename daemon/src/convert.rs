@@ -1,0 +1,607 @@
+//! Wire types (chaosd.v1) to the daemon's validated types and back. Every
+//! check that needs no live system happens here, so a bad request is refused
+//! before anything is journaled or touched.
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use chaos_proto::{chaosd::v1 as pb, duration_from_proto, duration_to_proto, timestamp_to_proto};
+use ipnet::IpNet;
+
+use crate::{
+    error::ApiError,
+    experiment::{Counters, Experiment, State},
+    spec::*,
+};
+
+/// Longest delay a fault may add: more is a typo, not an experiment.
+pub const MAX_LATENCY: Duration = Duration::from_secs(60);
+/// Longest experiment duration.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::InvalidArgument(msg.into())
+}
+
+pub fn target_from_pb(t: Option<pb::Target>) -> Result<Target, ApiError> {
+    use pb::target::Kind;
+    let kind = t.and_then(|t| t.kind).ok_or_else(|| bad("no target: give --pid, --netns, --netns-path, --cgroup, --name or --host"))?;
+    Ok(match kind {
+        Kind::Pid(0) => return Err(bad("pid 0 is not a process: give the pid of the target process")),
+        Kind::Pid(p) => Target::Pid(p),
+        Kind::NetnsName(n) => {
+            if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+                return Err(bad(format!("invalid netns name '{n}': use the name shown by `ip netns list`, or --netns-path for a path")));
+            }
+            Target::NetnsName(n)
+        }
+        Kind::NetnsPath(p) => {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err(bad(format!("netns path '{}' must be absolute (e.g. /proc/PID/ns/net)", p.display())));
+            }
+            Target::NetnsPath(p)
+        }
+        Kind::CgroupPath(p) => {
+            let path = PathBuf::from(&p);
+            let under = path.starts_with("/sys/fs/cgroup") && path.components().all(|c| c != std::path::Component::ParentDir);
+            if !under {
+                return Err(bad(format!("cgroup path '{p}' must be a directory under /sys/fs/cgroup (no '..')")));
+            }
+            Target::Cgroup(path)
+        }
+        Kind::Host(_) => Target::Host,
+        Kind::ProcessName(n) => {
+            if n.is_empty() || n.len() > 15 {
+                return Err(bad(format!("process name '{n}' must be 1 to 15 characters (the kernel's comm)")));
+            }
+            Target::ProcessName(n)
+        }
+    })
+}
+
+fn percent(what: &str, v: f64, allow_zero: bool) -> Result<f64, ApiError> {
+    let ok = v.is_finite() && v <= 100.0 && (if allow_zero { v >= 0.0 } else { v > 0.0 });
+    if ok {
+        Ok(v)
+    } else if allow_zero {
+        Err(bad(format!("{what} {v} is outside 0..100")))
+    } else {
+        Err(bad(format!("{what} {v} must be above 0 and at most 100")))
+    }
+}
+
+fn latency(what: &str, d: Option<&prost_types::Duration>, required: bool) -> Result<Duration, ApiError> {
+    let Some(d) = d else {
+        return if required { Err(bad(format!("{what} is required (e.g. --latency 100ms)"))) } else { Ok(Duration::ZERO) };
+    };
+    let d = duration_from_proto(d).ok_or_else(|| bad(format!("{what} must not be negative")))?;
+    if required && d.is_zero() {
+        return Err(bad(format!("{what} must be above 0")));
+    }
+    if d > MAX_LATENCY {
+        return Err(bad(format!("{what} {d:?} is absurd: at most {}s", MAX_LATENCY.as_secs())));
+    }
+    Ok(d)
+}
+
+fn ports(what: &str, ranges: &[pb::PortRange]) -> Result<Vec<PortRange>, ApiError> {
+    ranges
+        .iter()
+        .map(|r| {
+            for p in [r.first, r.last] {
+                if p == 0 || p > 65535 {
+                    return Err(bad(format!("{what} {p} is not a port: ports are 1..65535")));
+                }
+            }
+            if r.first > r.last {
+                return Err(bad(format!("{what} range {}-{} is inverted: write it low-high", r.first, r.last)));
+            }
+            Ok(PortRange { first: r.first as u16, last: r.last as u16 })
+        })
+        .collect()
+}
+
+fn selector_from_pb(s: Option<pb::Selector>) -> Result<Selector, ApiError> {
+    let s = s.unwrap_or_default();
+    for d in &s.devices {
+        if d.is_empty() || d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
+            return Err(bad(format!("invalid device name '{d}'")));
+        }
+    }
+    let peers = s
+        .peers
+        .iter()
+        .map(|p| {
+            let net = IpNet::from_str(p)
+                .or_else(|_| std::net::IpAddr::from_str(p).map(IpNet::from))
+                .map_err(|_| bad(format!("malformed peer '{p}': give a CIDR such as 10.0.0.0/24 or fd00::/64, or an address")))?;
+            Ok(net.trunc())
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Selector {
+        devices: s.devices.clone(),
+        protocol: match s.protocol() {
+            pb::Protocol::Unspecified | pb::Protocol::All => Protocol::All,
+            pb::Protocol::Tcp => Protocol::Tcp,
+            pb::Protocol::Udp => Protocol::Udp,
+            pb::Protocol::Icmp => Protocol::Icmp,
+        },
+        ports: ports("port", &s.ports)?,
+        source_ports: ports("source port", &s.source_ports)?,
+        destination_ports: ports("destination port", &s.destination_ports)?,
+        peers,
+        direction: match s.direction() {
+            pb::Direction::Unspecified | pb::Direction::Egress => Direction::Egress,
+            pb::Direction::Ingress => Direction::Ingress,
+            pb::Direction::Both => Direction::Both,
+        },
+    })
+}
+
+fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
+    use pb::network_action::Kind;
+    let kind = a.and_then(|a| a.kind).ok_or_else(|| bad("no network action: delay, loss, partition, bandwidth, duplicate, corrupt or reorder"))?;
+    Ok(match kind {
+        Kind::Delay(d) => {
+            let jitter = latency("jitter", d.jitter.as_ref(), false)?;
+            if d.latency.is_none() || d.latency.as_ref().and_then(duration_from_proto).is_some_and(|l| l.is_zero()) {
+                if !jitter.is_zero() {
+                    return Err(bad("jitter without latency: give --latency too (jitter varies around it)"));
+                }
+            }
+            let latency = latency("latency", d.latency.as_ref(), true)?;
+            let distribution = match d.distribution() {
+                pb::Distribution::Unspecified => None,
+                pb::Distribution::Uniform => Some(Distribution::Uniform),
+                pb::Distribution::Normal => Some(Distribution::Normal),
+                pb::Distribution::Pareto => Some(Distribution::Pareto),
+                pb::Distribution::Paretonormal => Some(Distribution::ParetoNormal),
+            };
+            if distribution.is_some() && jitter.is_zero() {
+                return Err(bad("a delay distribution needs --jitter"));
+            }
+            NetAction::Delay { latency, jitter, correlation: percent("correlation", d.correlation_percent, true)?, distribution }
+        }
+        Kind::Loss(l) => NetAction::Loss {
+            percent: percent("loss percent", l.percent, false)?,
+            correlation: percent("correlation", l.correlation_percent, true)?,
+        },
+        Kind::Partition(_) => NetAction::Partition,
+        Kind::Bandwidth(b) => {
+            if b.rate_bits_per_second < 8_000 {
+                return Err(bad(format!("rate {} bit/s is below the minimum 8kbit", b.rate_bits_per_second)));
+            }
+            if b.rate_bits_per_second > 400_000_000_000 {
+                return Err(bad(format!("rate {} bit/s is absurd: at most 400gbit", b.rate_bits_per_second)));
+            }
+            NetAction::Bandwidth { rate_bps: b.rate_bits_per_second, burst_bytes: b.burst_bytes }
+        }
+        Kind::Duplicate(d) => NetAction::Duplicate {
+            percent: percent("duplicate percent", d.percent, false)?,
+            correlation: percent("correlation", d.correlation_percent, true)?,
+        },
+        Kind::Corrupt(c) => NetAction::Corrupt {
+            percent: percent("corrupt percent", c.percent, false)?,
+            correlation: percent("correlation", c.correlation_percent, true)?,
+        },
+        Kind::Reorder(r) => NetAction::Reorder {
+            percent: percent("reorder percent", r.percent, false)?,
+            correlation: percent("correlation", r.correlation_percent, true)?,
+            latency: latency("reorder latency (the delay of the packets not sent at once)", r.latency.as_ref(), true)?,
+        },
+    })
+}
+
+/// Parses "KILL", "SIGKILL", "kill" or "9".
+pub fn parse_signal(s: &str) -> Result<i32, ApiError> {
+    if s.is_empty() {
+        return Ok(libc::SIGKILL);
+    }
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) { Ok(n) } else { Err(bad(format!("signal {n} does not exist: signals are 1..64"))) };
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    nix::sys::signal::Signal::from_str(&name)
+        .map(|s| s as i32)
+        .map_err(|_| bad(format!("unknown signal '{s}': use a name such as KILL, TERM, INT, HUP or a number")))
+}
+
+pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, ApiError> {
+    use pb::fault::Kind;
+    let kind = f.and_then(|f| f.kind).ok_or_else(|| bad("no fault: network, stress or process"))?;
+    let fault = match kind {
+        Kind::Network(n) => {
+            Fault::Network(NetworkFault { selector: selector_from_pb(n.selector)?, action: action_from_pb(n.action)? })
+        }
+        Kind::Stress(s) => {
+            use pb::stress_fault::Kind as S;
+            match s.kind.ok_or_else(|| bad("no stress kind: cpu or memory"))? {
+                S::Cpu(c) => {
+                    if c.workers == 0 {
+                        return Err(bad("workers must be at least 1"));
+                    }
+                    if c.load_percent == 0 || c.load_percent > 100 {
+                        return Err(bad(format!("load {} is outside 1..100 (percent of one CPU per worker)", c.load_percent)));
+                    }
+                    Fault::Stress(StressFault::Cpu { workers: c.workers, load_percent: c.load_percent })
+                }
+                S::Memory(m) => {
+                    if m.workers == 0 {
+                        return Err(bad("workers must be at least 1"));
+                    }
+                    use pb::memory_stress::Size;
+                    let size = match m.size.ok_or_else(|| bad("memory size is required (e.g. --size 512MiB or --size 90%)"))? {
+                        Size::Bytes(0) => return Err(bad("memory size must be above 0")),
+                        Size::Bytes(b) => MemorySize::Bytes(b),
+                        Size::PercentOfLimit(p) => MemorySize::PercentOfLimit(percent("memory size percent", p, false)?),
+                    };
+                    Fault::Stress(StressFault::Memory { size, workers: m.workers, oom_target: m.oom_target })
+                }
+            }
+        }
+        Kind::Process(p) => {
+            use pb::process_fault::Kind as P;
+            match p.kind.ok_or_else(|| bad("no process fault kind: kill or pause"))? {
+                P::Kill(k) => Fault::Process(ProcessFault::Kill { signal: parse_signal(&k.signal)? }),
+                P::Pause(_) => Fault::Process(ProcessFault::Pause),
+            }
+        }
+    };
+    let fits = match (&fault, target) {
+        (Fault::Network(_), Target::Pid(_) | Target::NetnsName(_) | Target::NetnsPath(_) | Target::Host) => true,
+        (Fault::Stress(_), Target::Pid(_) | Target::Cgroup(_) | Target::Host) => true,
+        (Fault::Process(_), Target::Pid(_) | Target::Cgroup(_) | Target::ProcessName(_)) => true,
+        _ => false,
+    };
+    if !fits {
+        let allowed = match fault {
+            Fault::Network(_) => "--pid, --netns, --netns-path or --host",
+            Fault::Stress(_) => "--pid, --cgroup or --host",
+            Fault::Process(_) => "--pid, --name or --cgroup",
+        };
+        return Err(bad(format!("a {} fault cannot target {target}: use {allowed}", fault.name())));
+    }
+    Ok(fault)
+}
+
+pub fn duration_from_pb(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, ApiError> {
+    let Some(d) = d else { return Ok(None) };
+    let d = duration_from_proto(d).ok_or_else(|| bad("duration must not be negative"))?;
+    if d.is_zero() {
+        return Err(bad("duration 0 would end the fault at once: omit --duration to keep it until recovered"));
+    }
+    if d > MAX_DURATION {
+        return Err(bad(format!("duration {}s is longer than the maximum of 7 days", d.as_secs())));
+    }
+    Ok(Some(d))
+}
+
+// ------------------------------------------------------------ back to the wire
+
+pub fn target_to_pb(t: &Target) -> pb::Target {
+    use pb::target::Kind;
+    let kind = match t {
+        Target::Pid(p) => Kind::Pid(*p),
+        Target::NetnsName(n) => Kind::NetnsName(n.clone()),
+        Target::NetnsPath(p) => Kind::NetnsPath(p.display().to_string()),
+        Target::Cgroup(p) => Kind::CgroupPath(p.display().to_string()),
+        Target::Host => Kind::Host(pb::Host {}),
+        Target::ProcessName(n) => Kind::ProcessName(n.clone()),
+    };
+    pb::Target { kind: Some(kind) }
+}
+
+fn ports_to_pb(r: &[PortRange]) -> Vec<pb::PortRange> {
+    r.iter().map(|r| pb::PortRange { first: r.first.into(), last: r.last.into() }).collect()
+}
+
+pub fn fault_to_pb(f: &Fault) -> pb::Fault {
+    use pb::fault::Kind;
+    let kind = match f {
+        Fault::Network(n) => {
+            use pb::network_action::Kind as A;
+            let s = &n.selector;
+            let selector = pb::Selector {
+                devices: s.devices.clone(),
+                protocol: match s.protocol {
+                    Protocol::All => pb::Protocol::All,
+                    Protocol::Tcp => pb::Protocol::Tcp,
+                    Protocol::Udp => pb::Protocol::Udp,
+                    Protocol::Icmp => pb::Protocol::Icmp,
+                } as i32,
+                ports: ports_to_pb(&s.ports),
+                source_ports: ports_to_pb(&s.source_ports),
+                destination_ports: ports_to_pb(&s.destination_ports),
+                peers: s.peers.iter().map(|p| p.to_string()).collect(),
+                direction: match s.direction {
+                    Direction::Egress => pb::Direction::Egress,
+                    Direction::Ingress => pb::Direction::Ingress,
+                    Direction::Both => pb::Direction::Both,
+                } as i32,
+            };
+            let action = match &n.action {
+                NetAction::Delay { latency, jitter, correlation, distribution } => A::Delay(pb::Delay {
+                    latency: Some(duration_to_proto(*latency)),
+                    jitter: Some(duration_to_proto(*jitter)),
+                    correlation_percent: *correlation,
+                    distribution: match distribution {
+                        None => pb::Distribution::Unspecified,
+                        Some(Distribution::Uniform) => pb::Distribution::Uniform,
+                        Some(Distribution::Normal) => pb::Distribution::Normal,
+                        Some(Distribution::Pareto) => pb::Distribution::Pareto,
+                        Some(Distribution::ParetoNormal) => pb::Distribution::Paretonormal,
+                    } as i32,
+                }),
+                NetAction::Loss { percent, correlation } => {
+                    A::Loss(pb::Loss { percent: *percent, correlation_percent: *correlation })
+                }
+                NetAction::Partition => A::Partition(pb::Partition {}),
+                NetAction::Bandwidth { rate_bps, burst_bytes } => {
+                    A::Bandwidth(pb::Bandwidth { rate_bits_per_second: *rate_bps, burst_bytes: *burst_bytes })
+                }
+                NetAction::Duplicate { percent, correlation } => {
+                    A::Duplicate(pb::Duplicate { percent: *percent, correlation_percent: *correlation })
+                }
+                NetAction::Corrupt { percent, correlation } => {
+                    A::Corrupt(pb::Corrupt { percent: *percent, correlation_percent: *correlation })
+                }
+                NetAction::Reorder { percent, correlation, latency } => A::Reorder(pb::Reorder {
+                    percent: *percent,
+                    correlation_percent: *correlation,
+                    latency: Some(duration_to_proto(*latency)),
+                }),
+            };
+            Kind::Network(pb::NetworkFault { selector: Some(selector), action: Some(pb::NetworkAction { kind: Some(action) }) })
+        }
+        Fault::Stress(StressFault::Cpu { workers, load_percent }) => Kind::Stress(pb::StressFault {
+            kind: Some(pb::stress_fault::Kind::Cpu(pb::CpuStress { workers: *workers, load_percent: *load_percent })),
+        }),
+        Fault::Stress(StressFault::Memory { size, workers, oom_target }) => Kind::Stress(pb::StressFault {
+            kind: Some(pb::stress_fault::Kind::Memory(pb::MemoryStress {
+                size: Some(match size {
+                    MemorySize::Bytes(b) => pb::memory_stress::Size::Bytes(*b),
+                    MemorySize::PercentOfLimit(p) => pb::memory_stress::Size::PercentOfLimit(*p),
+                }),
+                workers: *workers,
+                oom_target: *oom_target,
+            })),
+        }),
+        Fault::Process(ProcessFault::Kill { signal }) => Kind::Process(pb::ProcessFault {
+            kind: Some(pb::process_fault::Kind::Kill(pb::Kill { signal: signal_name(*signal) })),
+        }),
+        Fault::Process(ProcessFault::Pause) => {
+            Kind::Process(pb::ProcessFault { kind: Some(pb::process_fault::Kind::Pause(pb::Pause {})) })
+        }
+    };
+    pb::Fault { kind: Some(kind) }
+}
+
+pub fn signal_name(n: i32) -> String {
+    nix::sys::signal::Signal::try_from(n)
+        .map(|s| s.as_str().trim_start_matches("SIG").to_string())
+        .unwrap_or_else(|_| n.to_string())
+}
+
+pub fn state_to_pb(s: State) -> pb::State {
+    match s {
+        State::Pending => pb::State::Pending,
+        State::Injecting => pb::State::Injecting,
+        State::Active => pb::State::Active,
+        State::Recovering => pb::State::Recovering,
+        State::Recovered => pb::State::Recovered,
+        State::Failed => pb::State::Failed,
+        State::Expired => pb::State::Expired,
+    }
+}
+
+pub fn counters_to_pb(c: &Counters) -> pb::Counters {
+    pb::Counters {
+        packets_matched: c.packets_matched,
+        packets_dropped: c.packets_dropped,
+        packets_delayed: c.packets_delayed,
+        stress_cpu_time_ns: c.stress_cpu_time_ns,
+        stress_resident_bytes: c.stress_resident_bytes,
+        oom_kills: c.oom_kills,
+        processes_signalled: c.processes_signalled,
+    }
+}
+
+fn fmt_pct(p: f64) -> String {
+    let s = format!("{p:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string() + "%"
+}
+
+fn fmt_ports(label: &str, r: &[PortRange]) -> Option<String> {
+    if r.is_empty() {
+        return None;
+    }
+    let list: Vec<String> =
+        r.iter().map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }).collect();
+    Some(format!("{label} {}", list.join(",")))
+}
+
+/// One line a person reads in `chaosctl list`.
+pub fn summary(exp: &Experiment) -> String {
+    let what = match &exp.fault {
+        Fault::Network(n) => {
+            let action = match &n.action {
+                NetAction::Delay { latency, jitter, correlation, .. } => {
+                    let mut s = format!("delay {latency:?}");
+                    if !jitter.is_zero() {
+                        s += &format!(" ±{jitter:?}");
+                    }
+                    if *correlation > 0.0 {
+                        s += &format!(" (corr {})", fmt_pct(*correlation));
+                    }
+                    s
+                }
+                NetAction::Loss { percent, correlation } if *correlation > 0.0 => {
+                    format!("loss {} (corr {})", fmt_pct(*percent), fmt_pct(*correlation))
+                }
+                NetAction::Loss { percent, .. } => format!("loss {}", fmt_pct(*percent)),
+                NetAction::Partition => "partition".into(),
+                NetAction::Bandwidth { rate_bps, .. } => format!("bandwidth {}", fmt_rate(*rate_bps)),
+                NetAction::Duplicate { percent, .. } => format!("duplicate {}", fmt_pct(*percent)),
+                NetAction::Corrupt { percent, .. } => format!("corrupt {}", fmt_pct(*percent)),
+                NetAction::Reorder { percent, latency, .. } => format!("reorder {} (others {latency:?})", fmt_pct(*percent)),
+            };
+            let s = &n.selector;
+            let mut parts = vec![action];
+            if s.protocol != Protocol::All {
+                parts.push(format!("{:?}", s.protocol).to_lowercase());
+            }
+            parts.extend(fmt_ports("port", &s.ports));
+            parts.extend(fmt_ports("sport", &s.source_ports));
+            parts.extend(fmt_ports("dport", &s.destination_ports));
+            if !s.peers.is_empty() {
+                parts.push(format!("peer {}", s.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")));
+            }
+            if !s.devices.is_empty() {
+                parts.push(format!("dev {}", s.devices.join(",")));
+            }
+            parts.push(format!("{:?}", s.direction).to_lowercase());
+            parts.join(" ")
+        }
+        Fault::Stress(StressFault::Cpu { workers, load_percent }) => format!("cpu {workers} worker(s) at {load_percent}%"),
+        Fault::Stress(StressFault::Memory { size, workers, .. }) => match size {
+            MemorySize::Bytes(b) => format!("memory {} in {workers} worker(s)", fmt_bytes(*b)),
+            MemorySize::PercentOfLimit(p) => format!("memory {} of limit in {workers} worker(s)", fmt_pct(*p)),
+        },
+        Fault::Process(ProcessFault::Kill { signal }) => format!("kill SIG{}", signal_name(*signal)),
+        Fault::Process(ProcessFault::Pause) => "pause".into(),
+    };
+    format!("{}: {what}", exp.target)
+}
+
+pub fn fmt_rate(bps: u64) -> String {
+    match bps {
+        b if b >= 1_000_000_000 && b % 1_000_000_000 == 0 => format!("{}gbit", b / 1_000_000_000),
+        b if b >= 1_000_000 && b % 1_000_000 == 0 => format!("{}mbit", b / 1_000_000),
+        b if b >= 1_000 && b % 1_000 == 0 => format!("{}kbit", b / 1_000),
+        b => format!("{b}bit"),
+    }
+}
+
+pub fn fmt_bytes(b: u64) -> String {
+    const GI: u64 = 1 << 30;
+    const MI: u64 = 1 << 20;
+    const KI: u64 = 1 << 10;
+    match b {
+        b if b >= GI && b % GI == 0 => format!("{}GiB", b / GI),
+        b if b >= MI && b % MI == 0 => format!("{}MiB", b / MI),
+        b if b >= KI && b % KI == 0 => format!("{}KiB", b / KI),
+        b => format!("{b}B"),
+    }
+}
+
+pub fn experiment_to_pb(exp: &Experiment, now: std::time::SystemTime) -> pb::Experiment {
+    pb::Experiment {
+        id: exp.id.clone(),
+        target: Some(target_to_pb(&exp.target)),
+        fault: Some(fault_to_pb(&exp.fault)),
+        state: state_to_pb(exp.state) as i32,
+        reason: exp.reason.clone(),
+        created_at: Some(timestamp_to_proto(exp.created_at)),
+        duration: exp.duration.map(duration_to_proto),
+        ends_at: exp.ends_at.map(timestamp_to_proto),
+        remaining: if exp.state.is_terminal() { None } else { exp.remaining(now).map(duration_to_proto) },
+        ended_at: exp.ended_at.map(timestamp_to_proto),
+        counters: Some(counters_to_pb(&exp.counters)),
+        forced: exp.forced,
+        summary: summary(exp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(action: pb::network_action::Kind, selector: pb::Selector) -> Option<pb::Fault> {
+        Some(pb::Fault {
+            kind: Some(pb::fault::Kind::Network(pb::NetworkFault {
+                selector: Some(selector),
+                action: Some(pb::NetworkAction { kind: Some(action) }),
+            })),
+        })
+    }
+
+    fn loss(p: f64) -> pb::network_action::Kind {
+        pb::network_action::Kind::Loss(pb::Loss { percent: p, correlation_percent: 0.0 })
+    }
+
+    fn err_of(f: Option<pb::Fault>) -> String {
+        match fault_from_pb(f, &Target::NetnsName("n".into())) {
+            Err(ApiError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    fn ms(ms: i32) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds: 0, nanos: ms * 1_000_000 })
+    }
+
+    #[test]
+    fn bad_ports_are_refused_with_what_was_wrong() {
+        let sel = |first, last| pb::Selector { ports: vec![pb::PortRange { first, last }], ..Default::default() };
+        assert!(err_of(net(loss(10.0), sel(0, 0))).contains("0 is not a port"));
+        assert!(err_of(net(loss(10.0), sel(70000, 70000))).contains("70000 is not a port"));
+        assert!(err_of(net(loss(10.0), sel(9000, 8000))).contains("inverted"));
+    }
+
+    #[test]
+    fn bad_percentages_latencies_and_peers_are_refused() {
+        assert!(err_of(net(loss(0.0), Default::default())).contains("above 0"));
+        assert!(err_of(net(loss(101.0), Default::default())).contains("at most 100"));
+        assert!(err_of(net(loss(f64::NAN), Default::default())).contains("NaN"));
+        let delay = |latency, jitter| {
+            pb::network_action::Kind::Delay(pb::Delay { latency, jitter, correlation_percent: 0.0, distribution: 0 })
+        };
+        assert!(err_of(net(delay(None, ms(10)), Default::default())).contains("jitter without latency"));
+        assert!(
+            err_of(net(delay(Some(prost_types::Duration { seconds: -1, nanos: 0 }), None), Default::default()))
+                .contains("negative")
+        );
+        assert!(
+            err_of(net(delay(Some(prost_types::Duration { seconds: 3600, nanos: 0 }), None), Default::default()))
+                .contains("absurd")
+        );
+        let peers = pb::Selector { peers: vec!["10.0.0.0/33".into()], ..Default::default() };
+        assert!(err_of(net(loss(5.0), peers)).contains("malformed peer"));
+    }
+
+    #[test]
+    fn peers_are_normalised_and_both_families_accepted() {
+        let sel = pb::Selector { peers: vec!["10.77.0.9/24".into(), "fd00:77::1".into()], ..Default::default() };
+        let Fault::Network(n) = fault_from_pb(net(loss(5.0), sel), &Target::Host).unwrap() else { panic!() };
+        let peers: Vec<String> = n.selector.peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(peers, ["10.77.0.0/24", "fd00:77::1/128"]);
+    }
+
+    #[test]
+    fn zero_duration_and_wrong_target_kind_are_refused() {
+        let zero = prost_types::Duration { seconds: 0, nanos: 0 };
+        assert!(matches!(duration_from_pb(Some(&zero)), Err(ApiError::InvalidArgument(m)) if m.contains("duration 0")));
+        assert_eq!(duration_from_pb(None).unwrap(), None);
+        let err = fault_from_pb(net(loss(5.0), Default::default()), &Target::Cgroup("/sys/fs/cgroup/x".into()));
+        assert!(matches!(err, Err(ApiError::InvalidArgument(m)) if m.contains("cannot target")));
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("sigterm").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("15").unwrap(), 15);
+        assert!(parse_signal("BOGUS").is_err());
+        assert!(parse_signal("99").is_err());
+        assert_eq!(signal_name(libc::SIGKILL), "KILL");
+    }
+
+    #[test]
+    fn cgroup_paths_outside_the_hierarchy_are_refused() {
+        for p in ["/tmp/x", "/sys/fs/cgroup/../../etc", "relative"] {
+            let t = Some(pb::Target { kind: Some(pb::target::Kind::CgroupPath(p.into())) });
+            assert!(matches!(target_from_pb(t), Err(ApiError::InvalidArgument(_))), "{p}");
+        }
+    }
+}

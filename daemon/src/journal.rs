@@ -1,0 +1,304 @@
+//! The journal: SQLite under the state directory. An experiment is written
+//! before the kernel is touched, every object a driver creates is recorded
+//! before it is created, and the boot id is stamped so that entries from an
+//! earlier boot can be closed as ended by reboot.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use crate::experiment::{Experiment, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("journal {path}: another chaosd uses this state directory (lock {lock} is held); stop it or pass --state-dir")]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path}: undecodable entry {id}: {source}")]
+    Decode {
+        path: PathBuf,
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+    boot_id: String,
+    _lock: Flock<File>,
+}
+
+/// An experiment that had not ended when the journal was last written.
+pub struct Unfinished {
+    pub experiment: Experiment,
+    pub boot_id: String,
+    pub objects: Vec<Value>,
+}
+
+/// Terminal experiments kept for `list --all` and `get`.
+const KEEP_ENDED: i64 = 1000;
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Pending => "pending",
+        State::Injecting => "injecting",
+        State::Active => "active",
+        State::Recovering => "recovering",
+        State::Recovered => "recovered",
+        State::Failed => "failed",
+        State::Expired => "expired",
+    }
+}
+
+/// The kernel's id of the current boot.
+pub fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl Journal {
+    /// Opens (or creates) `dir/journal.sqlite3`, locking the directory
+    /// against a second daemon.
+    pub fn open(dir: &Path, boot_id: String) -> Result<Self, JournalError> {
+        let path = dir.join("journal.sqlite3");
+        let lock_path = dir.join("journal.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| JournalError::Io { path: lock_path.clone(), source })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| JournalError::Locked { path: path.clone(), lock: lock_path.clone() })?;
+        let sql = |source| JournalError::Sql { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS experiments (
+                 id TEXT PRIMARY KEY,
+                 boot_id TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 created_ns INTEGER NOT NULL,
+                 body TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS objects (
+                 experiment_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 body TEXT NOT NULL,
+                 PRIMARY KEY (experiment_id, seq)
+             );",
+        )
+        .map_err(sql)?;
+        Ok(Self { conn, path, boot_id, _lock: lock })
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
+        |source| JournalError::Sql { path: self.path.clone(), source }
+    }
+
+    fn encode(exp: &Experiment) -> String {
+        serde_json::to_string(exp).expect("experiments serialize")
+    }
+
+    fn decode(&self, id: &str, body: &str) -> Result<Experiment, JournalError> {
+        serde_json::from_str(body).map_err(|source| JournalError::Decode { path: self.path.clone(), id: id.into(), source })
+    }
+
+    /// Writes a new experiment (the intent).
+    pub fn insert(&self, exp: &Experiment) -> Result<(), JournalError> {
+        let created = exp.created_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        self.conn
+            .execute(
+                "INSERT INTO experiments (id, boot_id, state, created_ns, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![exp.id, self.boot_id, state_name(exp.state), created, Self::encode(exp)],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Rewrites an experiment (state, reason, counters). When it ended, its
+    /// objects are dropped: they no longer exist in the kernel.
+    pub fn update(&mut self, exp: &Experiment) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        let sql = |source| JournalError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "UPDATE experiments SET state = ?2, body = ?3 WHERE id = ?1",
+            params![exp.id, state_name(exp.state), Self::encode(exp)],
+        )
+        .map_err(sql)?;
+        if exp.state.is_terminal() {
+            tx.execute("DELETE FROM objects WHERE experiment_id = ?1", params![exp.id]).map_err(sql)?;
+            tx.execute(
+                "DELETE FROM experiments WHERE state IN ('recovered','failed','expired') AND id NOT IN
+                   (SELECT id FROM experiments WHERE state IN ('recovered','failed','expired')
+                    ORDER BY created_ns DESC LIMIT ?1)",
+                params![KEEP_ENDED],
+            )
+            .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Records one kernel object of an experiment, before it is created.
+    pub fn add_object(&self, id: &str, object: &Value) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO objects (experiment_id, seq, body)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM objects WHERE experiment_id = ?1), ?2)",
+                params![id, object.to_string()],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    pub fn objects(&self, id: &str) -> Result<Vec<Value>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT body FROM objects WHERE experiment_id = ?1 ORDER BY seq")
+            .map_err(self.sql())?;
+        let rows = stmt.query_map(params![id], |r| r.get::<_, String>(0)).map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let body = row.map_err(self.sql())?;
+            out.push(serde_json::from_str(&body).unwrap_or(Value::String(body)));
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Experiment>, JournalError> {
+        let body: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM experiments WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()
+            .map_err(self.sql())?;
+        body.map(|b| self.decode(id, &b)).transpose()
+    }
+
+    /// Experiments newest first; only unfinished ones unless `include_ended`.
+    pub fn list(&self, include_ended: bool) -> Result<Vec<Experiment>, JournalError> {
+        let query = if include_ended {
+            "SELECT id, body FROM experiments ORDER BY created_ns DESC"
+        } else {
+            "SELECT id, body FROM experiments WHERE state NOT IN ('recovered','failed','expired') ORDER BY created_ns DESC"
+        };
+        let mut stmt = self.conn.prepare(query).map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, body) = row.map_err(self.sql())?;
+            out.push(self.decode(&id, &body)?);
+        }
+        Ok(out)
+    }
+
+    /// Every experiment that had not ended, with its boot id and objects.
+    pub fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, boot_id, body FROM experiments
+                 WHERE state NOT IN ('recovered','failed','expired') ORDER BY created_ns",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(self.sql())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql())?;
+        drop(stmt);
+        let mut out = Vec::new();
+        for (id, boot_id, body) in rows {
+            let experiment = self.decode(&id, &body)?;
+            let objects = self.objects(&id)?;
+            out.push(Unfinished { experiment, boot_id, objects });
+        }
+        Ok(out)
+    }
+
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        experiment::Counters,
+        spec::{Fault, ProcessFault, Target},
+    };
+
+    fn exp(id: &str) -> Experiment {
+        Experiment {
+            id: id.into(),
+            target: Target::Pid(42),
+            fault: Fault::Process(ProcessFault::Pause),
+            state: State::Injecting,
+            reason: String::new(),
+            created_at: SystemTime::now(),
+            duration: Some(Duration::from_secs(30)),
+            ends_at: None,
+            ended_at: None,
+            forced: false,
+            counters: Counters::default(),
+        }
+    }
+
+    #[test]
+    fn intent_and_objects_survive_reopen_and_end_drops_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path(), "boot-a".into()).unwrap();
+            j.insert(&exp("e1")).unwrap();
+            j.add_object("e1", &serde_json::json!({"paused": 7})).unwrap();
+            j.add_object("e1", &serde_json::json!({"paused": 8})).unwrap();
+        }
+        let mut j = Journal::open(dir.path(), "boot-b".into()).unwrap();
+        let un = j.unfinished().unwrap();
+        assert_eq!(un.len(), 1);
+        assert_eq!(un[0].boot_id, "boot-a");
+        assert_eq!(un[0].objects, vec![serde_json::json!({"paused": 7}), serde_json::json!({"paused": 8})]);
+        let mut e = un[0].experiment.clone();
+        e.state = State::Recovered;
+        j.update(&e).unwrap();
+        assert!(j.unfinished().unwrap().is_empty());
+        assert!(j.objects("e1").unwrap().is_empty());
+        assert_eq!(j.list(true).unwrap().len(), 1);
+        assert!(j.list(false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_daemon_cannot_open_the_same_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Journal::open(dir.path(), "b".into()).unwrap();
+        let err = Journal::open(dir.path(), "b".into()).err().expect("second open must fail");
+        assert!(err.to_string().contains("another chaosd"), "{err}");
+    }
+}
