@@ -42,9 +42,18 @@ cleanup() {
   if [ -n "$qemu_group" ]; then
     # `timeout` makes itself a process-group leader with qemu inside; the
     # pid file covers the moment before it did.
+    local qpid=""
+    [ -s "$work/qemu.pid" ] && qpid=$(cat "$work/qemu.pid")
     kill -KILL -- "-$qemu_group" 2>/dev/null || kill -KILL "$qemu_group" 2>/dev/null || true
-    if [ -s "$work/qemu.pid" ]; then kill -KILL "$(cat "$work/qemu.pid")" 2>/dev/null || true; fi
+    [ -n "$qpid" ] && { kill -KILL "$qpid" 2>/dev/null || true; }
     wait "$qemu_group" 2>/dev/null || true
+    # qemu is timeout's child, not ours: wait until it is really gone (tearing
+    # down 1 GiB of guest RAM takes a moment), so nothing outlives this script.
+    local n=100
+    while [ -n "$qpid" ] && [ $n -gt 0 ] && kill -0 "$qpid" 2>/dev/null; do
+      sleep 0.1
+      n=$((n - 1))
+    done
     qemu_group=""
   fi
   [ -n "$work" ] && rm -rf -- "$work"
@@ -91,12 +100,13 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/chaosd-vm.XXXXXX")
 # installed) into $CACHE/<kind>/<version>/; .complete marks a finished unpack,
 # so a second run downloads nothing.
 
-# cached_pkg KIND PKG VERSION: unpack PKG into $CACHE/KIND/VERSION unless it
-# is there; sets pkg_dir. Offline (or with stale package lists) it falls back
-# to the newest VERSION cached earlier, with a warning; with nothing cached it
-# stops with the reason.
+# cached_pkg KIND PKG VERSION PINNED: unpack PKG into $CACHE/KIND/VERSION
+# unless it is there; sets pkg_dir. Offline (or with stale package lists) it
+# falls back to the newest VERSION cached earlier, with a warning, unless
+# PINNED is 1 (the user asked for this package); otherwise it stops with the
+# reason.
 cached_pkg() {
-  local kind=$1 pkg=$2 ver=$3 why=""
+  local kind=$1 pkg=$2 ver=$3 pinned=$4 why=""
   if [ -n "$pkg" ] && [ -n "$ver" ]; then
     pkg_dir=$CACHE/$kind/${ver//:/_}
     if [ -f "$pkg_dir/.complete" ]; then
@@ -129,7 +139,8 @@ cached_pkg() {
     why="apt-cache does not know ${pkg:-the package} (run apt-get update?)"
   fi
   local cached
-  cached=$(ls -d "$CACHE/$kind"/*/.complete 2>/dev/null | sed 's|/.complete$||' | sort -V | tail -1)
+  [ "$pinned" = 1 ] && die "no $kind for the VM: $why"
+  cached=$( (ls -d "$CACHE/$kind"/*/.complete 2>/dev/null || true) | sed 's|/.complete$||' | sort -V | tail -1)
   [ -n "$cached" ] || die "no $kind for the VM: $why; nothing cached in $CACHE/$kind"
   pkg_dir=$cached
   say "warning: $why; using the cached $kind $(basename "$pkg_dir")"
@@ -139,7 +150,7 @@ t0=$(date +%s.%N)
 # Debian's stock kernel: the one linux-image-amd64 currently depends on.
 kpkg=${CHAOSD_VM_KERNEL:-$(apt-cache depends linux-image-amd64 2>/dev/null \
         | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }' || true)}
-cached_pkg kernel "$kpkg" "${kpkg#linux-image-}"
+cached_pkg kernel "$kpkg" "${kpkg#linux-image-}" "$([ -n "${CHAOSD_VM_KERNEL:-}" ] && echo 1 || echo 0)"
 kdir=$pkg_dir
 kver=$(basename "$kdir")
 vmlinuz=$kdir/boot/vmlinuz-$kver
@@ -150,7 +161,7 @@ vmlinuz=$kdir/boot/vmlinuz-$kver
 # busybox applets, never iproute2's. The two packages conflict, hence a
 # download instead of an install.
 bbver=$(apt-cache show --no-all-versions busybox 2>/dev/null | awk '$1 == "Version:" { print $2; exit }' || true)
-cached_pkg busybox busybox "$bbver"
+cached_pkg busybox busybox "$bbver" 0
 busybox_bin=$pkg_dir/bin/busybox
 [ -x "$busybox_bin" ] || die "$busybox_bin missing from the busybox package"
 say "packages ready in $(elapsed "$t0")s"
@@ -255,6 +266,12 @@ initrd=$work/initramfs.cpio.gz
 say "initramfs: $(du -h "$initrd" | cut -f1) ($(du -sh "$root" | cut -f1) unpacked), modules: ${mods[*]}; built in $(elapsed "$t0")s"
 
 # ------------------------------------------------------------------ run
+# clean_log FILE: the console log without CRs and terminal escapes (SeaBIOS
+# clears the screen, colour in program logs).
+clean_log() {
+  tr -d '\r' < "$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
+}
+
 # run_test NAME: one VM boot; sets result_line and returns 0 on PASS.
 run_test() {
   local name=$1 t_limit nonce log rc line t0
@@ -280,7 +297,7 @@ run_test() {
   wait "$qemu_group" || rc=$?
   qemu_group=""
   rm -f "$work/qemu.pid"
-  line=$(tr -d '\r' < "$log" | grep -a -E "^VM-TEST-RESULT: (PASS|FAIL) $name .* id=$nonce\$" | tail -1 || true)
+  line=$(clean_log "$log" | grep -a -E "^VM-TEST-RESULT: (PASS|FAIL) $name .* id=$nonce\$" | tail -1 || true)
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     result_line="FAIL $name: no result within ${t_limit}s (VM killed)"
   elif [ -z "$line" ]; then
@@ -288,13 +305,19 @@ run_test() {
   else
     result_line=${line#VM-TEST-RESULT: }
   fi
-  result_line="$result_line, wall $(elapsed "$t0")s"
+  # Guest uptime when /init started and when the test started: kernel boot,
+  # and boot plus mounts and module loading.
+  local boot
+  boot=$(clean_log "$log" | sed -n \
+    -e 's/^vm-init: kernel .*init started at \([0-9.]*\)s uptime.*/init at \1s/p' \
+    -e 's/^vm-init: running .* at \([0-9.]*\)s uptime.*/test at \1s/p' | tr '\n' ' ')
+  result_line="$result_line, guest ${boot:-never booted }(uptime), wall $(elapsed "$t0")s"
   case "$result_line" in
     PASS*) say "$result_line"; return 0 ;;
     *)
       say "$result_line"
       echo "----- last 40 lines of $log"
-      tr -d '\r' < "$log" | tail -n 40
+      clean_log "$log" | tail -n 40
       echo "-----"
       return 1 ;;
   esac
