@@ -13,8 +13,10 @@ pub mod netlink;
 pub mod netns;
 pub mod privilege;
 pub mod probe;
+pub mod process;
 pub mod server;
 pub mod spec;
+pub mod stress;
 pub mod tc;
 pub mod service;
 

@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Serve the chaosd API (needs root).
     Serve(ServeArgs),
+    /// A stressor started by the daemon (internal).
+    #[command(hide = true)]
+    Stressor(chaosd::stress::worker::StressorArgs),
 }
 
 #[derive(clap::Args)]
@@ -42,6 +45,9 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Stressor(args) = cli.command {
+        return chaosd::stress::worker::run(args);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CHAOSD_LOG").unwrap_or_else(|_| "info".into()),
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Stressor(_) => unreachable!("dispatched before logging is set up"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

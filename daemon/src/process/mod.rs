@@ -1,0 +1,6 @@
+//! Process faults: kill (a signal) and pause (SIGSTOP for the duration, then
+//! SIGCONT), with a guardian process that resumes paused processes even when
+//! the daemon dies. See ../stress/architecture.md.
+
+pub mod procfs;
+pub mod targets;
