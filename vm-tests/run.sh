@@ -219,9 +219,11 @@ for applet in $("$busybox_bin" --list); do
 done
 
 # Kernel modules of modules.list plus their dependencies, then depmod so that
-# busybox modprobe resolves them in the guest.
+# busybox modprobe resolves them in the guest; parameters go to
+# /etc/modprobe.d as on any host.
 mods=()
-while read -r mod _; do
+mkdir -p "$root/etc/modprobe.d"
+while read -r mod params; do
   case "$mod" in ''|'#'*) continue ;; esac
   deps=$(modprobe -d "$kdir" -S "$kver" --show-depends "$mod" 2>&1) \
     || die "kernel module $mod: not in $kver ($deps); fix vm-tests/modules.list"
@@ -235,12 +237,13 @@ while read -r mod _; do
     esac
   done <<< "$deps"
   mods+=("$mod")
+  if [ -n "$params" ]; then echo "options $mod $params" >> "$root/etc/modprobe.d/vm-tests.conf"; fi
 done < "$here/modules.list"
 for f in modules.order modules.builtin modules.builtin.modinfo; do
   cp "$kdir/lib/modules/$kver/$f" "$root/lib/modules/$kver/"
 done
 depmod -b "$root" "$kver" || die "depmod for the initramfs failed"
-cp "$here/modules.list" "$root/etc/vm-tests/modules.list"
+printf '%s\n' "${mods[@]}" > "$root/etc/vm-tests/modules"
 
 cat > "$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
