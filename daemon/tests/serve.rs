@@ -1,110 +1,11 @@
 //! `chaosd serve` and `chaosctl` as a user runs them: real binaries, a real
 //! socket, real probes. Needs root (CI is root); fails saying so otherwise.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+mod common;
 
-fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("this test needs root (it starts chaosd, which loads BPF and creates namespaces): run `sudo ./scripts/test.sh`");
-    }
-}
+use std::process::{Command, Stdio};
 
-fn chaosd() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_chaosd"))
-}
-
-fn chaosctl() -> PathBuf {
-    let p = chaosd().with_file_name("chaosctl");
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
-    p
-}
-
-/// A daemon on a private socket and state dir, killed and cleaned on drop.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run/chaosd.sock");
-        let child = Command::new(chaosd())
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn chaosd");
-        let d = Self { child: Some(child), socket, _dir: dir };
-        d.wait_for_socket();
-        d
-    }
-
-    fn wait_for_socket(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        panic!("chaosd did not open {} within 20 s", self.socket.display());
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(chaosctl()).arg("--socket").arg(&self.socket).args(args).output().unwrap()
-    }
-
-    /// SIGTERM and wait; returns the exit status and stderr.
-    fn stop(&mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
-        let out = wait_with_timeout(&mut child, Duration::from_secs(20));
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status, stderr)
-    }
-}
-
-fn wait_with_timeout(child: &mut Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {limit:?}", child.id());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut stderr = Vec::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_end(&mut stderr);
-    }
-    Output { status: child.wait().unwrap(), stdout: Vec::new(), stderr }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{Daemon, chaosctl, chaosd, require_root, text};
 
 /// Whether `tc` can create netem in a namespace of our own: the truth the
 /// daemon's probe must match.
