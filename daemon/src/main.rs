@@ -41,6 +41,13 @@ struct ServeArgs {
     /// Directory of the journal.
     #[arg(long, default_value = "/var/lib/chaosd")]
     state_dir: PathBuf,
+    /// Dead man's switch: network faults stop this long after the daemon
+    /// stops refreshing its heartbeat (e.g. killed).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// Ports never matched by a network fault (repeatable).
+    #[arg(long = "protect-port", default_values_t = [22u16])]
+    protect_ports: Vec<u16>,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +84,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let host = Arc::new(probe::probe_host());
     log_probe(&host);
     let journal = Journal::open(&args.state_dir, journal::current_boot_id())?;
-    let engine = Arc::new(Engine::new(journal, build_drivers(&host)));
+    let engine = Arc::new(Engine::new(journal, build_drivers(&host, &args)));
     let reconciled = engine.reconcile().context("reconciling the journal with the kernel")?;
     for id in &reconciled.resumed {
         tracing::info!(%id, "experiment resumed");
@@ -128,7 +135,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The drivers this host can run.
-fn build_drivers(_host: &probe::HostProbe) -> Drivers {
+fn build_drivers(_host: &probe::HostProbe, _args: &ServeArgs) -> Drivers {
     Drivers {
         network: Slot::Unavailable("network faults are not available in this build".into()),
         stress: Slot::Unavailable("stress faults are not available in this build".into()),
