@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod experiment;
 pub mod journal;
+pub mod net;
 pub mod netlink;
 pub mod netns;
 pub mod privilege;

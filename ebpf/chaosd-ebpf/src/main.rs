@@ -1,13 +1,309 @@
+//! chaosd's network fault classifiers: one for egress (`chaosd_tc`) and one
+//! for ingress (`chaosd_tc_ingress`), attached once per device and driven
+//! entirely by maps (see chaosd-common for the lookup scheme). Each loaded
+//! copy serves one network namespace: `NETNS` is set by the loader, because
+//! ifindexes repeat across namespaces and tc programs on older kernels (6.1)
+//! have no bpf_get_netns_cookie.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_redirect},
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use chaosd_common::*;
 
-/// Placeholder classifier: passes every packet. The network fault datapath
-/// replaces it.
+/// Inode of the network namespace this copy serves (set at load time).
+#[unsafe(no_mangle)]
+static NETNS: u32 = 0;
+
+#[map]
+static CHAOSD_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+#[map]
+static CHAOSD_DEVICES: HashMap<DevKey, DevConf> = HashMap::with_max_entries(MAX_DEVICES, 0);
+/// BPF_F_NO_PREALLOC: large, sparsely used.
+#[map]
+static CHAOSD_INDEX: HashMap<IndexKey, Slot> = HashMap::with_max_entries(MAX_INDEX, 1);
+#[map]
+static CHAOSD_RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, 0);
+#[map]
+static CHAOSD_PEERS: LpmTrie<PeerKey, u8> = LpmTrie::with_max_entries(MAX_PEERS, 1);
+#[map]
+static CHAOSD_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+#[map]
+static CHAOSD_PROTECTED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PROTECTED, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// What the parser learned about a packet.
+struct Packet {
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    /// The other end: destination on egress, source on ingress (IPv4 mapped).
+    peer: [u8; 16],
+}
+
 #[classifier]
-pub fn chaosd_tc(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn chaosd_tc(ctx: TcContext) -> i32 {
+    classify(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn chaosd_tc_ingress(ctx: TcContext) -> i32 {
+    classify(&ctx, DIR_INGRESS)
+}
+
+#[inline(always)]
+fn netns() -> u32 {
+    // SAFETY: a plain read of a loader-patched .rodata constant; volatile so
+    // the compiler does not fold the placeholder value.
+    unsafe { core::ptr::read_volatile(&NETNS) }
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed in; the verifier
+    // checks every field access.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ns = netns();
+    let dev_key = DevKey { netns: ns, ifindex, dir: dir as u32 };
+    // SAFETY: the value is copied out at once; updates race only with the
+    // daemon replacing the whole value, which is atomic for 8 bytes.
+    let dev = match unsafe { CHAOSD_DEVICES.get(&dev_key) } {
+        Some(d) => *d,
+        None => return TC_ACT_OK,
+    };
+    if !heartbeat_fresh() {
+        return TC_ACT_OK;
+    }
+    let pkt = match parse(ctx, dir) {
+        Some(p) => p,
+        None => return TC_ACT_OK,
+    };
+    let (id, rule) = match find_rule(ns, ifindex, dir, dev.mask, &pkt) {
+        Some(r) => r,
+        None => return TC_ACT_OK,
+    };
+    if protected(pkt.sport) || protected(pkt.dport) {
+        return TC_ACT_OK;
+    }
+    act(ctx, dir, &dev, id, &rule)
+}
+
+#[inline(always)]
+fn heartbeat_fresh() -> bool {
+    let Some(c) = CHAOSD_CONTROL.get(CONTROL_HEARTBEAT) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    c.heartbeat_ns != 0 && now.saturating_sub(c.heartbeat_ns) <= c.grace_ns
+}
+
+#[inline(always)]
+fn protected(port: u16) -> bool {
+    // SAFETY: presence check only.
+    port != 0 && unsafe { CHAOSD_PROTECTED.get(&(port as u32)) }.is_some()
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
+    // SAFETY: reading a field of the kernel-provided __sk_buff.
+    let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let mut peer = [0u8; 16];
+    let (proto, l4) = match eth_proto {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            if vihl >> 4 != 4 {
+                return None;
+            }
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
+            let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+            let addr: [u8; 4] = ctx.load(ETH_HLEN + if dir == DIR_EGRESS { 16 } else { 12 }).ok()?;
+            peer[10] = 0xff;
+            peer[11] = 0xff;
+            peer[12] = addr[0];
+            peer[13] = addr[1];
+            peer[14] = addr[2];
+            peer[15] = addr[3];
+            // Later fragments carry no L4 header: match them on protocol and
+            // peer only (port 0).
+            let l4 = if frag & 0x1fff != 0 { None } else { Some(ETH_HLEN + ihl) };
+            (proto, l4)
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+            peer = ctx.load(ETH_HLEN + if dir == DIR_EGRESS { 24 } else { 8 }).ok()?;
+            (next, Some(ETH_HLEN + 40))
+        }
+        _ => return None,
+    };
+    let (sport, dport) = match (proto, l4) {
+        (PROTO_TCP | PROTO_UDP, Some(off)) => {
+            let ports: [u8; 4] = ctx.load(off).ok()?;
+            (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
+        }
+        _ => (0, 0),
+    };
+    Some(Packet { proto, sport, dport, peer })
+}
+
+/// Looks the packet up in the (at most six) index tables the device uses.
+#[inline(always)]
+fn find_rule(ns: u32, ifindex: u32, dir: u8, mask: u32, pkt: &Packet) -> Option<(u32, Rule)> {
+    let protos = [pkt.proto, PROTO_ALL];
+    let mut p = 0;
+    while p < 2 {
+        let proto = protos[p];
+        let all = p == 1;
+        let roles = [(ROLE_DPORT, pkt.dport), (ROLE_SPORT, pkt.sport), (ROLE_ANY, 0u16)];
+        let mut r = 0;
+        while r < 3 {
+            let (role, port) = roles[r];
+            r += 1;
+            if mask & mask_bit(all, role) == 0 || (role != ROLE_ANY && port == 0) {
+                continue;
+            }
+            let key = IndexKey { netns: ns, ifindex, dir, proto, role, _pad: 0, port, _pad2: 0 };
+            // SAFETY: the slot is copied out before use.
+            let slot = match unsafe { CHAOSD_INDEX.get(&key) } {
+                Some(s) => *s,
+                None => continue,
+            };
+            let mut i = 0;
+            while i < SLOT_RULES {
+                let id = slot.rules[i];
+                i += 1;
+                if id == 0 {
+                    continue;
+                }
+                if let Some(rule) = CHAOSD_RULES.get(id) {
+                    if rule_matches(id, rule, pkt) {
+                        return Some((id, *rule));
+                    }
+                }
+            }
+        }
+        p += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn in_spans(spans: &[PortSpan; MAX_RANGES], n: u8, port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_RANGES {
+        if i >= n as usize {
+            return false;
+        }
+        let s = spans[i];
+        if port >= s.first && port <= s.last {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(never)]
+fn rule_matches(id: u32, rule: &Rule, pkt: &Packet) -> bool {
+    if rule.action == ACTION_NONE {
+        return false;
+    }
+    if rule.deadline_ns != 0 {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if now >= rule.deadline_ns {
+            return false;
+        }
+    }
+    if rule.proto != PROTO_ALL && rule.proto != pkt.proto {
+        return false;
+    }
+    let has_ports = rule.n_either != 0 || rule.n_src != 0 || rule.n_dst != 0;
+    if has_ports && pkt.sport == 0 && pkt.dport == 0 {
+        return false;
+    }
+    if rule.n_either != 0
+        && !in_spans(&rule.either, rule.n_either, pkt.sport)
+        && !in_spans(&rule.either, rule.n_either, pkt.dport)
+    {
+        return false;
+    }
+    if rule.n_src != 0 && !in_spans(&rule.src, rule.n_src, pkt.sport) {
+        return false;
+    }
+    if rule.n_dst != 0 && !in_spans(&rule.dst, rule.n_dst, pkt.dport) {
+        return false;
+    }
+    if rule.flags & FLAG_PEERS != 0 {
+        let key = Key::new(32 + 128, PeerKey { rule: id.to_ne_bytes(), addr: pkt.peer });
+        if CHAOSD_PEERS.get(&key).is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+/// netem's get_crandom: a random u32 correlated with the previous one.
+#[inline(always)]
+fn correlated_random(rho: u32, last: &mut u32) -> u32 {
+    // SAFETY: helper without arguments.
+    let value = unsafe { bpf_get_prandom_u32() };
+    if rho == 0 {
+        return value;
+    }
+    let rho = rho as u64 + 1;
+    let answer = ((value as u64) * ((1u64 << 32) - rho) + (*last as u64) * rho) >> 32;
+    *last = answer as u32;
+    answer as u32
+}
+
+#[inline(always)]
+fn act(ctx: &TcContext, dir: u8, dev: &DevConf, id: u32, rule: &Rule) -> i32 {
+    let stats = match CHAOSD_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot of this rule; tc programs run with
+        // preemption disabled, so nothing else touches it meanwhile.
+        Some(s) => unsafe { &mut *s },
+        None => return TC_ACT_OK,
+    };
+    stats.matched += 1;
+    match rule.action {
+        ACTION_PARTITION => {
+            stats.dropped += 1;
+            TC_ACT_SHOT
+        }
+        ACTION_LOSS => {
+            let rnd = correlated_random(rule.correlation, &mut stats.last_random);
+            if (rnd as u64) < rule.loss_threshold {
+                stats.dropped += 1;
+                TC_ACT_SHOT
+            } else {
+                TC_ACT_OK
+            }
+        }
+        ACTION_CLASSIFY => {
+            stats.delayed += 1;
+            // SAFETY: priority is writable for tc programs.
+            unsafe { (*ctx.skb.skb).priority = rule.classid };
+            if dir == DIR_INGRESS {
+                if dev.ifb_ifindex == 0 {
+                    return TC_ACT_OK;
+                }
+                // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
+                return unsafe { bpf_redirect(dev.ifb_ifindex, 0) } as i32;
+            }
+            TC_ACT_OK
+        }
+        _ => TC_ACT_OK,
+    }
 }
 
 #[cfg(not(test))]

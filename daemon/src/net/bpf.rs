@@ -1,0 +1,435 @@
+//! The BPF side of the datapath: the shared maps (pinned under the
+//! daemon's bpffs directory so that a restarted daemon finds them again),
+//! one pinned copy of the classifiers per target network namespace, and
+//! attaching them to devices (TCX links, pinned; or cls_bpf filters under
+//! clsact on kernels without TCX).
+//!
+//! Map file descriptors are global, so map updates happen on any thread;
+//! attaching and detaching run on a namespace thread (see `netns`).
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, TcAttachOptions},
+    },
+    util::nr_cpus,
+};
+use chaosd_common::*;
+
+/// Priority and handle of chaosd's cls_bpf filters under clsact (they also
+/// carry the program name, which is how they are found again).
+pub const FILTER_PRIORITY: u16 = 0xc4a0;
+pub const PROG_EGRESS: &str = "chaosd_tc";
+pub const PROG_INGRESS: &str = "chaosd_tc_ingress";
+
+const MAP_NAMES: [&str; 7] = [
+    "CHAOSD_CONTROL",
+    "CHAOSD_DEVICES",
+    "CHAOSD_INDEX",
+    "CHAOSD_RULES",
+    "CHAOSD_PEERS",
+    "CHAOSD_STATS",
+    "CHAOSD_PROTECTED",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading chaosd's BPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BpfError {
+    let what = what.into();
+    move |source| BpfError::Io { what, source }
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { map, source }
+}
+
+/// The shared maps, opened from (or created at) their pins.
+pub struct Maps {
+    pub control: Array<MapData, Control>,
+    pub devices: HashMap<MapData, DevKey, DevConf>,
+    pub index: HashMap<MapData, IndexKey, Slot>,
+    pub rules: Array<MapData, Rule>,
+    pub peers: LpmTrie<MapData, PeerKey, u8>,
+    pub stats: PerCpuArray<MapData, RuleStats>,
+    pub protected: HashMap<MapData, u32, u8>,
+    /// Rule ids in use (from the RULES map at start, then kept here).
+    pub used_ids: BTreeSet<u32>,
+}
+
+pub struct Datapath {
+    dir: PathBuf,
+    pub maps: Mutex<Maps>,
+    grace: Duration,
+    /// TCX links where the kernel has them (6.6+), clsact otherwise.
+    pub tcx: bool,
+    /// The heartbeat found in the pinned control map at start was older
+    /// than the grace period: the dead man's switch had fired.
+    pub stale_at_start: bool,
+}
+
+/// CLOCK_BOOTTIME now, as `bpf_ktime_get_boot_ns` sees it.
+pub fn boot_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Mounts bpffs on `mountpoint` unless it already is one.
+pub fn ensure_bpffs(mountpoint: &Path) -> Result<(), BpfError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    fs::create_dir_all(mountpoint).map_err(io(format!("create {}", mountpoint.display())))?;
+    let st = nix::sys::statfs::statfs(mountpoint)
+        .map_err(|e| BpfError::Other(format!("statfs {}: {e}", mountpoint.display())))?;
+    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), mountpoint, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| BpfError::Other(format!("mount bpffs on {}: {e}", mountpoint.display())))
+}
+
+impl Datapath {
+    /// Opens (or creates and pins) the maps under `dir`, records the grace
+    /// period and refreshes the heartbeat.
+    pub fn open(dir: &Path, grace: Duration, protected: &[u16], tcx: bool) -> Result<Self, BpfError> {
+        if let Some(parent) = dir.parent() {
+            ensure_bpffs(parent)?;
+        }
+        fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(BpfError::Load)?;
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| BpfError::Other(format!("BPF object has no map {name}")))
+        };
+        let control: Array<MapData, Control> = take("CHAOSD_CONTROL")?.try_into().map_err(map_err("CONTROL"))?;
+        let devices = take("CHAOSD_DEVICES")?.try_into().map_err(map_err("DEVICES"))?;
+        let index = take("CHAOSD_INDEX")?.try_into().map_err(map_err("INDEX"))?;
+        let rules: Array<MapData, Rule> = take("CHAOSD_RULES")?.try_into().map_err(map_err("RULES"))?;
+        let peers = take("CHAOSD_PEERS")?.try_into().map_err(map_err("PEERS"))?;
+        let stats = take("CHAOSD_STATS")?.try_into().map_err(map_err("STATS"))?;
+        let mut protected_map: HashMap<MapData, u32, u8> =
+            take("CHAOSD_PROTECTED")?.try_into().map_err(map_err("PROTECTED"))?;
+
+        let old = control.get(&CONTROL_HEARTBEAT, 0).map_err(map_err("CONTROL"))?;
+        let stale_at_start =
+            old.heartbeat_ns != 0 && boot_ns().saturating_sub(old.heartbeat_ns) > old.grace_ns;
+        let mut used_ids = BTreeSet::new();
+        for id in 1..MAX_RULES {
+            if let Ok(r) = rules.get(&id, 0) {
+                if r.action != ACTION_NONE {
+                    used_ids.insert(id);
+                }
+            }
+        }
+        // Protected ports are configuration: replace whatever was there.
+        let old_ports: Vec<u32> = protected_map.keys().filter_map(Result::ok).collect();
+        for p in old_ports {
+            let _ = protected_map.remove(&p);
+        }
+        for p in protected {
+            protected_map.insert(*p as u32, 1, 0).map_err(map_err("PROTECTED"))?;
+        }
+        let dp = Self {
+            dir: dir.to_path_buf(),
+            maps: Mutex::new(Maps { control, devices, index, rules, peers, stats, protected: protected_map, used_ids }),
+            grace,
+            tcx,
+            stale_at_start,
+        };
+        dp.heartbeat()?;
+        Ok(dp)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refreshes the dead man's switch.
+    pub fn heartbeat(&self) -> Result<(), BpfError> {
+        let c = Control { heartbeat_ns: boot_ns(), grace_ns: self.grace.as_nanos() as u64 };
+        self.lock().control.set(CONTROL_HEARTBEAT, c, 0).map_err(map_err("CONTROL"))
+    }
+
+    /// Directory of the pins of one namespace's programs and links.
+    pub fn ns_dir(&self, netns: u32) -> PathBuf {
+        self.dir.join(format!("ns-{netns}"))
+    }
+
+    pub fn prog_pin(&self, netns: u32, dir: u8) -> PathBuf {
+        self.ns_dir(netns).join(if dir == DIR_EGRESS { "prog-egress" } else { "prog-ingress" })
+    }
+
+    pub fn link_pin(&self, netns: u32, ifindex: u32, dir: u8) -> PathBuf {
+        self.ns_dir(netns).join(format!("link-{ifindex}-{}", if dir == DIR_EGRESS { "egress" } else { "ingress" }))
+    }
+
+    /// Loads the classifiers for one namespace (sharing the pinned maps)
+    /// and pins them, unless they are pinned already.
+    pub fn ensure_programs(&self, netns: u32) -> Result<(), BpfError> {
+        if self.prog_pin(netns, DIR_EGRESS).exists() && self.prog_pin(netns, DIR_INGRESS).exists() {
+            return Ok(());
+        }
+        let ns_dir = self.ns_dir(netns);
+        fs::create_dir_all(&ns_dir).map_err(io(format!("create {}", ns_dir.display())))?;
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, self.dir.join(n))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global("NETNS", &netns, true);
+        let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(BpfError::Load)?;
+        for (name, dir) in [(PROG_EGRESS, DIR_EGRESS), (PROG_INGRESS, DIR_INGRESS)] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| BpfError::Other(format!("BPF object has no program {name}")))?
+                .try_into()
+                .map_err(|source| BpfError::Program { what: format!("program {name}"), source })?;
+            prog.load().map_err(|source| BpfError::Program { what: format!("BPF_PROG_LOAD {name}"), source })?;
+            let pin = self.prog_pin(netns, dir);
+            let _ = fs::remove_file(&pin);
+            prog.pin(&pin)
+                .map_err(|e| BpfError::Other(format!("pin {name} at {}: {e}", pin.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the namespace's program pins and directory (links must be
+    /// gone already; the programs unload with their last reference).
+    pub fn remove_programs(&self, netns: u32) -> Result<(), BpfError> {
+        let dir = self.ns_dir(netns);
+        match fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(format!("read {}", dir.display()))(e)),
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let name = e.file_name();
+                    // A link pin left here means something is still attached.
+                    if name.to_string_lossy().starts_with("link-") {
+                        unpin_link(&e.path())?;
+                    } else {
+                        fs::remove_file(e.path()).map_err(io(format!("unpin {}", e.path().display())))?;
+                    }
+                }
+            }
+        }
+        fs::remove_dir(&dir).map_err(io(format!("remove {}", dir.display())))
+    }
+
+    /// Namespaces that have program pins.
+    pub fn pinned_namespaces(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return vec![] };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("ns-")?.parse().ok())
+            .collect()
+    }
+
+    /// Sum of a rule's per-CPU counters.
+    pub fn rule_stats(&self, id: u32) -> RuleStats {
+        let maps = self.lock();
+        let mut sum = RuleStats::default();
+        if let Ok(values) = maps.stats.get(&id, 0) {
+            for v in values.iter() {
+                sum.matched += v.matched;
+                sum.dropped += v.dropped;
+                sum.delayed += v.delayed;
+            }
+        }
+        sum
+    }
+
+    /// Zeroes a rule's per-CPU counters (ids are reused).
+    pub fn reset_stats(maps: &mut Maps, id: u32) -> Result<(), BpfError> {
+        let n = nr_cpus().map_err(|(p, e)| BpfError::Io { what: p.to_string(), source: e })?;
+        let values = PerCpuValues::try_from(vec![RuleStats::default(); n]).map_err(io("per-CPU counters"))?;
+        maps.stats.set(id, values, 0).map_err(map_err("STATS"))
+    }
+}
+
+/// Which attach mechanism an attachment used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AttachKind {
+    Tcx,
+    Clsact,
+}
+
+fn attach_type(dir: u8) -> TcAttachType {
+    if dir == DIR_EGRESS { TcAttachType::Egress } else { TcAttachType::Ingress }
+}
+
+/// Attaches the namespace's pinned classifier to `ifname`. Must run on a
+/// thread inside the namespace. TCX links are pinned at `link_pin`.
+pub fn attach(prog_pin: &Path, link_pin: &Path, ifname: &str, dir: u8, kind: AttachKind) -> Result<(), BpfError> {
+    let mut prog = SchedClassifier::from_pin(prog_pin)
+        .map_err(|source| BpfError::Program { what: format!("open pinned program {}", prog_pin.display()), source })?;
+    let what = format!("attach chaosd's classifier to {ifname} {:?}", attach_type(dir));
+    match kind {
+        AttachKind::Tcx => {
+            let id = prog
+                .attach_with_options(ifname, attach_type(dir), TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .map_err(|source| BpfError::Program { what: what.clone(), source })?;
+            let link = prog.take_link(id).map_err(|source| BpfError::Program { what: what.clone(), source })?;
+            let fd: FdLink = link.try_into().map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
+            let _ = fs::remove_file(link_pin);
+            fd.pin(link_pin).map_err(|e| BpfError::Other(format!("pin link at {}: {e}", link_pin.display())))?;
+        }
+        AttachKind::Clsact => {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    attach_type(dir),
+                    TcAttachOptions::Netlink(NlOptions { priority: FILTER_PRIORITY, ..Default::default() }),
+                )
+                .map_err(|source| BpfError::Program { what: what.clone(), source })?;
+            let link = prog.take_link(id).map_err(|source| BpfError::Program { what, source })?;
+            // Dropping the link would detach the filter: it must outlive the
+            // daemon, and is removed by name in `detach`.
+            std::mem::forget(link);
+        }
+    }
+    Ok(())
+}
+
+/// Removes a pinned TCX link (detaching it); a missing pin is not an error.
+pub fn unpin_link(link_pin: &Path) -> Result<(), BpfError> {
+    match PinnedLink::from_pin(link_pin) {
+        Ok(link) => {
+            let fd = link.unpin().map_err(io(format!("unpin {}", link_pin.display())))?;
+            drop(fd);
+            Ok(())
+        }
+        Err(_) if !link_pin.exists() => Ok(()),
+        // A link whose device is gone still has a pin file: remove it.
+        Err(_) => fs::remove_file(link_pin).map_err(io(format!("remove {}", link_pin.display()))),
+    }
+}
+
+/// Removes chaosd's cls_bpf filter from `ifname` (namespace thread). A
+/// filter that is not there is not an error.
+pub fn detach_filter(ifname: &str, dir: u8) -> Result<(), BpfError> {
+    let name = if dir == DIR_EGRESS { PROG_EGRESS } else { PROG_INGRESS };
+    match aya::programs::tc::qdisc_detach_program(ifname, attach_type(dir), name) {
+        Ok(()) => Ok(()),
+        Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BpfError::Other(format!("detach chaosd's filter from {ifname}: {e}"))),
+    }
+}
+
+/// Runs a pinned classifier once on `packet` as if on device `ifindex`
+/// (BPF_PROG_TEST_RUN; namespace thread, since the ifindex is resolved in
+/// the caller's namespace). Returns the verdict and the time per run.
+pub fn test_run(prog_pin: &Path, ifindex: u32, packet: &[u8], repeat: u32) -> Result<(u32, Duration), BpfError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let prog = SchedClassifier::from_pin(prog_pin)
+        .map_err(|source| BpfError::Program { what: format!("open pinned program {}", prog_pin.display()), source })?;
+    // struct __sk_buff up to and including ifindex (offset 40).
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    let r = prog
+        .test_run(opts)
+        .map_err(|source| BpfError::Program { what: "BPF_PROG_TEST_RUN".into(), source })?;
+    Ok((r.return_value, r.duration))
+}
+
+/// A minimal Ethernet + IP + TCP/UDP packet for `test_run`.
+pub fn synth_packet(src: std::net::IpAddr, dst: std::net::IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    let l4_len = if proto == PROTO_TCP { 20 } else { 8 };
+    let mut l4 = vec![0u8; l4_len];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    }
+    match (src, dst) {
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            p.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let mut h = vec![0u8; 40];
+            h[0] = 0x60;
+            h[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            h[6] = proto;
+            h[7] = 64;
+            h[8..24].copy_from_slice(&s.octets());
+            h[24..40].copy_from_slice(&d.octets());
+            p.extend_from_slice(&h);
+        }
+        (s, d) => {
+            let (s, d) = (to_v4(s), to_v4(d));
+            p.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut h = vec![0u8; 20];
+            h[0] = 0x45;
+            h[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+            h[8] = 64;
+            h[9] = proto;
+            h[12..16].copy_from_slice(&s.octets());
+            h[16..20].copy_from_slice(&d.octets());
+            p.extend_from_slice(&h);
+        }
+    }
+    p.extend_from_slice(&l4);
+    p
+}
+
+fn to_v4(a: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match a {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => a.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+    }
+}
+
+/// A peer-trie key.
+pub fn peer_key(id: u32, len: u32, addr: [u8; 16]) -> Key<PeerKey> {
+    Key::new(32 + len, PeerKey { rule: id.to_ne_bytes(), addr })
+}

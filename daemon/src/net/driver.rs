@@ -1,0 +1,608 @@
+//! `NetworkDriver`: the `Driver` for network faults. Validates against the
+//! live namespace, enters the rule in the maps, sets up shaping for the
+//! delay family and bandwidth, attaches the classifiers where a device had
+//! none, checks that protected ports still pass, and undoes all of it on
+//! failure, revert or sweep.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use chaosd_common::{DIR_EGRESS, DIR_INGRESS, DevKey, PROTO_TCP, PROTO_UDP};
+use serde_json::Value;
+
+use super::{
+    bpf::{self, AttachKind, Datapath},
+    maps::{self as rulemaps, Placement},
+    objects::NetObject,
+    rules::{self, Compiled},
+    shaping,
+    target::{self, Device, TargetNs},
+};
+use crate::{
+    driver::{ApplyContext, Driver, Liveness, Recorder},
+    error::ApiError,
+    experiment::{Counters, Experiment},
+    probe::HostProbe,
+    spec::{Fault, NetAction, NetworkFault, Protocol, Target},
+};
+
+/// Configuration of the network driver.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Dead man's switch: rules are ignored once the heartbeat is older.
+    pub grace: Duration,
+    /// Ports never matched (22 by default, plus the API's TCP port if any).
+    pub protected_ports: Vec<u16>,
+    /// The API's unix socket (its traffic never crosses a tc hook; kept to
+    /// name it in errors).
+    pub api_socket: PathBuf,
+    /// chaosd's directory on bpffs (e.g. /sys/fs/bpf/chaosd); bpffs is
+    /// mounted on its parent when absent.
+    pub bpffs: PathBuf,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            protected_ports: vec![22],
+            api_socket: PathBuf::from("/run/chaosd/chaosd.sock"),
+            bpffs: PathBuf::from("/sys/fs/bpf/chaosd"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("network driver: {0}")]
+pub struct NetInitError(#[from] pub bpf::BpfError);
+
+/// What the host can do, from the probe.
+#[derive(Clone, Debug)]
+struct Caps {
+    netem: Result<(), String>,
+    htb: Result<(), String>,
+    ifb: Result<(), String>,
+}
+
+pub struct NetworkDriver {
+    dp: Datapath,
+    config: NetConfig,
+    caps: Caps,
+}
+
+fn api_internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+impl NetworkDriver {
+    pub fn new(probe: &HostProbe, config: NetConfig) -> Result<Self, NetInitError> {
+        let dp = Datapath::open(&config.bpffs, config.grace, &config.protected_ports, probe.tcx.available)?;
+        let avail = |p: &crate::probe::Probe| if p.available { Ok(()) } else { Err(p.detail.clone()) };
+        let caps = Caps { netem: avail(&probe.netem), htb: avail(&probe.htb), ifb: avail(&probe.ifb) };
+        Ok(Self { dp, config, caps })
+    }
+
+    /// The datapath (benchmarks and tests read counters and pins from it).
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    fn attach_kind(&self) -> AttachKind {
+        if self.dp.tcx { AttachKind::Tcx } else { AttachKind::Clsact }
+    }
+
+    fn check_host(&self, action: &NetAction, ingress: bool) -> Result<(), ApiError> {
+        if action.needs_netem() {
+            if let Err(why) = &self.caps.netem {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{} needs the kernel's netem qdisc (sch_netem), which this host lacks ({why}); \
+                     loss, partition and bandwidth still work; nothing was changed",
+                    action.name()
+                )));
+            }
+        }
+        let shaping = action.needs_netem() || matches!(action, NetAction::Bandwidth { .. });
+        if shaping {
+            if let Err(why) = &self.caps.htb {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{} needs the HTB qdisc, which this host lacks ({why}); loss and partition still work",
+                    action.name()
+                )));
+            }
+            if ingress {
+                if let Err(why) = &self.caps.ifb {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "ingress {} needs IFB devices, which this host lacks ({why}); use --direction egress, \
+                         or loss/partition which work on ingress",
+                        action.name()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(
+        &self,
+        exp: &Experiment,
+        fault: &NetworkFault,
+        ns: &TargetNs,
+        devices: &[Device],
+        active: &[Experiment],
+    ) -> Result<Vec<Device>, ApiError> {
+        let sel = &fault.selector;
+        let selected: Vec<Device> =
+            target::select(devices, &sel.devices, ns.netns.label())?.into_iter().cloned().collect();
+        // Peers of a family no selected device speaks can never match.
+        let has_v4 = selected.iter().any(|d| d.v4);
+        let has_v6 = selected.iter().any(|d| d.v6);
+        let names = || selected.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+        for p in &sel.peers {
+            match p {
+                ipnet::IpNet::V4(_) if !has_v4 => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "peer {p} is IPv4 but device(s) {} have no IPv4 address; give an IPv6 peer or another device",
+                        names()
+                    )));
+                }
+                ipnet::IpNet::V6(_) if !has_v6 && !has_v4 => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "peer {p} is IPv6 but device(s) {} have no IP address", names()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if rules::only_protected(sel, &self.config.protected_ports) {
+            return Err(ApiError::InvalidArgument(format!(
+                "the only ports selected are protected ({:?}): chaosd never touches them (its API on {} \
+                 and --protect-port ports); select other ports",
+                self.config.protected_ports,
+                self.config.api_socket.display()
+            )));
+        }
+        // Conflicts: another fault on the same namespace acting on the same packets.
+        let mine: Vec<String> = selected.iter().map(|d| d.name.clone()).collect();
+        for other in active {
+            if other.id == exp.id {
+                continue;
+            }
+            let Fault::Network(of) = &other.fault else { continue };
+            let Ok(ons) = target::resolve(&other.target) else { continue };
+            if ons.inode != ns.inode {
+                continue;
+            }
+            let Ok(odevs) = target::select(devices, &of.selector.devices, ns.netns.label()) else { continue };
+            let theirs: Vec<String> = odevs.iter().map(|d| d.name.clone()).collect();
+            if rules::overlaps(sel, &mine, &of.selector, &theirs) {
+                return Err(ApiError::AlreadyExists(format!(
+                    "experiment {} ({} on {}) already acts on the same packets; recover it first or narrow the \
+                     selector (ports, peers, direction, device)",
+                    other.id,
+                    of.action.name(),
+                    other.target
+                )));
+            }
+        }
+        // Shaping replaces the root qdisc: never clobber the user's own.
+        let shaping = fault.action.needs_netem() || matches!(fault.action, NetAction::Bandwidth { .. });
+        if shaping && sel.direction.egress() && !exp.forced {
+            for d in &selected {
+                let ours = matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR);
+                if !ours && !d.root_is_default() {
+                    let (k, m) = d.root_qdisc.clone().unwrap_or_default();
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "device {} has its own root qdisc ({k} {m:x}:), which {} would replace; remove it, \
+                         use loss/partition (no qdisc needed), or --force to replace it",
+                        d.name,
+                        fault.action.name()
+                    )));
+                }
+            }
+        }
+        Ok(selected)
+    }
+
+    fn record(&self, rec: &mut dyn Recorder, done: &mut Vec<NetObject>, obj: NetObject) -> Result<(), ApiError> {
+        rec.record(obj.to_value())?;
+        done.push(obj);
+        Ok(())
+    }
+
+    fn apply_inner(
+        &self,
+        exp: &Experiment,
+        fault: &NetworkFault,
+        ctx: &ApplyContext<'_>,
+        rec: &mut dyn Recorder,
+        done: &mut Vec<NetObject>,
+    ) -> Result<(), ApiError> {
+        let ns = target::resolve(&exp.target)?;
+        let devices = target::inspect(&ns)?;
+        let selected = self.validate(exp, fault, &ns, &devices, ctx.active)?;
+        let sel = &fault.selector;
+        let dirs: Vec<u8> = [(sel.direction.egress(), DIR_EGRESS), (sel.direction.ingress(), DIR_INGRESS)]
+            .into_iter()
+            .filter_map(|(on, d)| on.then_some(d))
+            .collect();
+        let deadline_ns = ctx.ends_at.map(|end| {
+            let left = end.duration_since(SystemTime::now()).unwrap_or_default();
+            bpf::boot_ns() + left.as_nanos() as u64
+        });
+        let id = rulemaps::alloc_id(&mut self.dp.lock())
+            .ok_or_else(|| ApiError::Unavailable("all rule slots are in use; recover some faults first".into()))?;
+        let shaping = fault.action.needs_netem() || matches!(fault.action, NetAction::Bandwidth { .. });
+        let classid = if shaping { shaping::classid(id) } else { 0 };
+        let compiled = match rules::compile(fault, classid, deadline_ns.unwrap_or(0)) {
+            Ok(c) => c,
+            Err(e) => {
+                self.dp.lock().used_ids.remove(&id);
+                return Err(ApiError::InvalidArgument(e.to_string()));
+            }
+        };
+        let rule_obj = NetObject::Rule {
+            netns: ns.inode,
+            rule: id,
+            devices: selected.iter().map(|d| (d.ifindex, d.name.clone())).collect(),
+            egress: sel.direction.egress(),
+            ingress: sel.direction.ingress(),
+            classid,
+        };
+        if let Err(e) = rec.record(rule_obj.to_value()) {
+            self.dp.lock().used_ids.remove(&id);
+            return Err(e);
+        }
+        done.push(rule_obj);
+
+        // Shaping first, so the classes exist before packets are steered.
+        if shaping {
+            let plan = shaping::Plan::new(id, &fault.action, sel.direction, &selected);
+            for obj in plan.objects(ns.inode) {
+                self.record(rec, done, obj)?;
+            }
+            let ifbs = shaping::apply(&ns, &plan, exp.forced)?;
+            let mut maps = self.dp.lock();
+            for (dev_ifindex, ifb_ifindex) in ifbs {
+                rulemaps::set_ifb(&mut maps, DevKey { netns: ns.inode, ifindex: dev_ifindex, dir: DIR_INGRESS as u32 }, ifb_ifindex)
+                    .map_err(api_internal)?;
+            }
+        }
+
+        self.record(rec, done, NetObject::Programs { netns: ns.inode })?;
+        self.dp.ensure_programs(ns.inode).map_err(api_internal)?;
+
+        let ifindexes: Vec<u32> = selected.iter().map(|d| d.ifindex).collect();
+        let at = Placement { netns: ns.inode, ifindexes: &ifindexes, dirs: &dirs };
+        let fresh = {
+            let mut maps = self.dp.lock();
+            match rulemaps::install(&mut maps, id, &compiled, &at).map_err(api_internal)? {
+                Ok(fresh) => fresh,
+                Err(full) => {
+                    let dev = selected.iter().find(|d| d.ifindex == full.key.ifindex).map(|d| d.name.clone());
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "{} faults already select port {} on device {} ({}); recover one of them first",
+                        full.rules.len(),
+                        full.key.port,
+                        dev.unwrap_or_default(),
+                        if full.key.dir == DIR_EGRESS { "egress" } else { "ingress" }
+                    )));
+                }
+            }
+        };
+        let how = self.attach_kind();
+        let mut attach = Vec::new();
+        for dk in &fresh {
+            let name = selected.iter().find(|d| d.ifindex == dk.ifindex).map(|d| d.name.clone()).unwrap_or_default();
+            if how == AttachKind::Clsact {
+                self.record(rec, done, NetObject::Clsact { netns: ns.inode, ifindex: dk.ifindex, ifname: name.clone() })?;
+            }
+            let obj = NetObject::Attach { netns: ns.inode, ifindex: dk.ifindex, ifname: name, dir: dk.dir as u8, how };
+            self.record(rec, done, obj.clone())?;
+            attach.push(obj);
+        }
+        let checks = self.protected_checks(&compiled, fault, &selected, &dirs);
+        let pins: Vec<_> = [DIR_EGRESS, DIR_INGRESS].iter().map(|d| self.dp.prog_pin(ns.inode, *d)).collect();
+        let links: Vec<_> = attach
+            .iter()
+            .map(|o| match o {
+                NetObject::Attach { ifindex, dir, .. } => self.dp.link_pin(ns.inode, *ifindex, *dir),
+                _ => unreachable!(),
+            })
+            .collect();
+        let kernel = ns
+            .netns
+            .run(move || -> Result<(), String> {
+                for (o, link) in attach.iter().zip(&links) {
+                    let NetObject::Attach { ifname, dir, how, .. } = o else { continue };
+                    if *how == AttachKind::Clsact {
+                        shaping::ensure_clsact(ifname).map_err(|e| e.to_string())?;
+                    }
+                    bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how).map_err(|e| e.to_string())?;
+                }
+                for c in &checks {
+                    let (verdict, _) =
+                        bpf::test_run(&pins[c.dir as usize], c.ifindex, &c.packet, 1).map_err(|e| e.to_string())?;
+                    if verdict != 0 {
+                        return Err(format!(
+                            "protected port {} would not pass on {} (verdict {verdict})",
+                            c.port, c.ifname
+                        ));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| ApiError::NotFound(format!("the target's network namespace went away during injection: {e}")))?;
+        kernel.map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))?;
+
+        // A pid that exited meanwhile leaves a namespace nobody uses.
+        if let Target::Pid(pid) = exp.target {
+            let still = target::resolve(&exp.target).map(|t| t.inode == ns.inode).unwrap_or(false);
+            if !still {
+                return Err(ApiError::NotFound(format!("pid {pid} exited during injection; nothing was left in place")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Synthetic packets on protected ports that must pass after injection.
+    fn protected_checks(&self, c: &Compiled, fault: &NetworkFault, devices: &[Device], dirs: &[u8]) -> Vec<Check> {
+        let sel = &fault.selector;
+        let proto = match sel.protocol {
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Icmp => return vec![],
+            _ => PROTO_TCP,
+        };
+        // A port the rule would otherwise match, so that only protection
+        // can make the packet pass.
+        let other = [&sel.destination_ports, &sel.source_ports, &sel.ports]
+            .iter()
+            .find_map(|l| l.first().map(|r| r.first))
+            .unwrap_or(40000);
+        let _ = c;
+        let peer4: IpAddr = sel
+            .peers
+            .iter()
+            .find(|p| p.addr().is_ipv4())
+            .map(|p| p.addr())
+            .unwrap_or(IpAddr::from([192, 0, 2, 1]));
+        let peer6: IpAddr = sel
+            .peers
+            .iter()
+            .find(|p| p.addr().is_ipv6())
+            .map(|p| p.addr())
+            .unwrap_or("2001:db8::1".parse().unwrap());
+        let mut out = Vec::new();
+        for d in devices {
+            for &dir in dirs {
+                for &port in &self.config.protected_ports {
+                    for (me, peer) in [(IpAddr::from([192, 0, 2, 2]), peer4), ("2001:db8::2".parse().unwrap(), peer6)] {
+                        let (src, dst) = if dir == DIR_EGRESS { (me, peer) } else { (peer, me) };
+                        // Protected as destination, the rule's port as source
+                        // and the other way round.
+                        for (sp, dp) in [(other, port), (port, other)] {
+                            out.push(Check {
+                                ifindex: d.ifindex,
+                                ifname: d.name.clone(),
+                                dir,
+                                port,
+                                packet: bpf::synth_packet(src, dst, proto, sp, dp),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Undoes `objects` (any subset, any order); collects every error.
+    fn undo(&self, exp: &Experiment, objects: &[NetObject]) -> Vec<String> {
+        let mut errors = Vec::new();
+        let ns = target::resolve(&exp.target).ok();
+        let ns_alive = |netns: u32| ns.as_ref().filter(|t| t.inode == netns);
+        // 1. Rules out of the maps.
+        for o in objects {
+            if let NetObject::Rule { netns, rule, devices, egress, ingress, classid } = o {
+                let Fault::Network(fault) = &exp.fault else { continue };
+                let compiled = match rules::compile(fault, *classid, 0) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(format!("rule {rule}: {e}"));
+                        continue;
+                    }
+                };
+                let dirs: Vec<u8> = [(*egress, DIR_EGRESS), (*ingress, DIR_INGRESS)]
+                    .into_iter()
+                    .filter_map(|(on, d)| on.then_some(d))
+                    .collect();
+                let ifindexes: Vec<u32> = devices.iter().map(|d| d.0).collect();
+                let at = Placement { netns: *netns, ifindexes: &ifindexes, dirs: &dirs };
+                errors.extend(rulemaps::remove(&mut self.dp.lock(), *rule, &compiled, &at));
+            }
+        }
+        // 2. Kernel objects in the namespace that no rule needs any more.
+        let mut detach: Vec<(String, u8, AttachKind, PathBuf)> = Vec::new();
+        let mut clsact: Vec<String> = Vec::new();
+        let mut netns_ids = BTreeSet::new();
+        {
+            let maps = self.dp.lock();
+            for o in objects {
+                match o {
+                    NetObject::Attach { netns, ifindex, ifname, dir, how } => {
+                        netns_ids.insert(*netns);
+                        let dk = DevKey { netns: *netns, ifindex: *ifindex, dir: *dir as u32 };
+                        if !rulemaps::device_in_use(&maps, &dk) {
+                            detach.push((ifname.clone(), *dir, *how, self.dp.link_pin(*netns, *ifindex, *dir)));
+                        }
+                    }
+                    NetObject::Clsact { netns, ifindex, ifname } => {
+                        let used = [DIR_EGRESS, DIR_INGRESS].iter().any(|d| {
+                            rulemaps::device_in_use(&maps, &DevKey { netns: *netns, ifindex: *ifindex, dir: *d as u32 })
+                        });
+                        if !used {
+                            clsact.push(ifname.clone());
+                        }
+                    }
+                    NetObject::Programs { netns } => {
+                        netns_ids.insert(*netns);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // TCX links go with their pins, wherever the namespace is.
+        for (_, _, how, pin) in &detach {
+            if *how == AttachKind::Tcx {
+                if let Err(e) = bpf::unpin_link(pin) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        let shaping_objs: Vec<NetObject> = objects
+            .iter()
+            .filter(|o| matches!(o, NetObject::Htb { .. } | NetObject::Class { .. } | NetObject::Ifb { .. }))
+            .cloned()
+            .collect();
+        let needs_ns = !shaping_objs.is_empty() || !clsact.is_empty() || detach.iter().any(|d| d.2 == AttachKind::Clsact);
+        let ns_inode = objects.iter().find_map(|o| match o {
+            NetObject::Rule { netns, .. } | NetObject::Programs { netns } => Some(*netns),
+            NetObject::Attach { netns, .. } | NetObject::Clsact { netns, .. } => Some(*netns),
+            NetObject::Htb { netns, .. } | NetObject::Class { netns, .. } | NetObject::Ifb { netns, .. } => Some(*netns),
+        });
+        if needs_ns {
+            if let Some(t) = ns_inode.and_then(ns_alive) {
+                let res = t.netns.run(move || {
+                    let mut errs = Vec::new();
+                    for (ifname, dir, how, _) in &detach {
+                        if *how == AttachKind::Clsact {
+                            if let Err(e) = bpf::detach_filter(ifname, *dir) {
+                                errs.push(e.to_string());
+                            }
+                        }
+                    }
+                    for ifname in &clsact {
+                        if let Err(e) = shaping::remove_clsact(ifname) {
+                            errs.push(e);
+                        }
+                    }
+                    errs.extend(shaping::undo_here(&shaping_objs));
+                    errs
+                });
+                match res {
+                    Ok(errs) => errors.extend(errs),
+                    // The namespace is gone, and everything in it with it.
+                    Err(_) => {}
+                }
+            }
+        }
+        // 3. The namespace's programs when nothing there has rules left.
+        for netns in netns_ids {
+            if !rulemaps::netns_in_use(&self.dp.lock(), netns) {
+                if let Err(e) = self.dp.remove_programs(netns) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        errors
+    }
+}
+
+struct Check {
+    ifindex: u32,
+    ifname: String,
+    dir: u8,
+    port: u16,
+    packet: Vec<u8>,
+}
+
+fn parse_objects(objects: &[Value]) -> Vec<NetObject> {
+    objects.iter().filter_map(NetObject::from_value).collect()
+}
+
+impl Driver for NetworkDriver {
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+        let Fault::Network(fault) = &exp.fault else {
+            return Err(ApiError::InvalidArgument(format!("the network driver cannot apply a {} fault", exp.fault.name())));
+        };
+        self.check_host(&fault.action, fault.selector.direction.ingress())?;
+        let mut done = Vec::new();
+        let result = self.apply_inner(exp, fault, ctx, rec, &mut done);
+        if result.is_err() {
+            // All-or-nothing: whatever was created goes again. Errors of the
+            // roll-back are secondary to the one that caused it.
+            let _ = self.undo(exp, &done);
+        }
+        result
+    }
+
+    fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
+        let errors = self.undo(exp, &parse_objects(objects));
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn counters(&self, _exp: &Experiment, objects: &[Value]) -> Counters {
+        let mut c = Counters::default();
+        for o in parse_objects(objects) {
+            if let NetObject::Rule { rule, .. } = o {
+                let s = self.dp.rule_stats(rule);
+                c.packets_matched += s.matched;
+                c.packets_dropped += s.dropped;
+                c.packets_delayed += s.delayed;
+            }
+        }
+        c
+    }
+
+    fn liveness(&self, exp: &Experiment, objects: &[Value]) -> Liveness {
+        let recorded = parse_objects(objects).iter().find_map(|o| match o {
+            NetObject::Rule { netns, .. } => Some(*netns),
+            _ => None,
+        });
+        match (target::resolve(&exp.target), recorded) {
+            (Ok(t), Some(n)) if t.inode == n => Liveness::Alive,
+            (Ok(_), None) => Liveness::Alive,
+            _ => Liveness::Gone,
+        }
+    }
+
+    fn adopt(&self, exp: &Experiment, objects: &[Value]) -> Result<(), ApiError> {
+        if self.dp.stale_at_start {
+            return Err(ApiError::FailedPrecondition(format!(
+                "chaosd was down longer than the grace period ({:?}): the kernel had already stopped every \
+                 network fault, so {} is not resumed",
+                self.config.grace, exp.id
+            )));
+        }
+        let objs = parse_objects(objects);
+        let Some(NetObject::Rule { netns, rule, .. }) = objs.iter().find(|o| matches!(o, NetObject::Rule { .. })).cloned()
+        else {
+            return Err(ApiError::FailedPrecondition(format!("{}: no rule recorded, nothing to resume", exp.id)));
+        };
+        let t = target::resolve(&exp.target)?;
+        if t.inode != netns {
+            return Err(ApiError::NotFound(format!("the target of {} is a different network namespace now", exp.id)));
+        }
+        let mut maps = self.dp.lock();
+        let live = maps.rules.get(&rule, 0).map(|r| r.action != chaosd_common::ACTION_NONE).unwrap_or(false);
+        if !live {
+            return Err(ApiError::FailedPrecondition(format!("{}: rule {rule} is no longer in the kernel", exp.id)));
+        }
+        maps.used_ids.insert(rule);
+        Ok(())
+    }
+
+    fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+        super::sweep::sweep(&self.dp, known)
+    }
+
+    fn tick(&self) -> Vec<(String, String)> {
+        // A failed refresh lets the dead man's switch fire, which is the
+        // safe direction; nothing else to do here.
+        let _ = self.dp.heartbeat();
+        Vec::new()
+    }
+}

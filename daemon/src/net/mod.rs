@@ -1,0 +1,15 @@
+//! Network faults: an eBPF classifier per device and direction driven by
+//! pinned maps (loss, partition, steering), HTB/netem/IFB for the delay
+//! family and bandwidth, and the `Driver` that applies and reverts them.
+//! See architecture.md in this directory.
+
+pub mod bpf;
+pub mod driver;
+pub mod maps;
+pub mod objects;
+pub mod rules;
+pub mod shaping;
+pub mod sweep;
+pub mod target;
+
+pub use driver::{NetConfig, NetInitError, NetworkDriver};

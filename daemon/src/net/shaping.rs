@@ -1,0 +1,387 @@
+//! Qdiscs for the delay family and bandwidth: an HTB root (handle
+//! c4a0:) whose default class 1 never shapes, one class per rule
+//! (c4a0:<rule+1>) selected by the classifier through skb->priority, with a
+//! netem leaf for the delay family. Ingress goes through an IFB device
+//! per shaped device. All functions with `_here` or taking a socket run on
+//! a namespace thread.
+
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{InfoKind, LinkFlags, LinkMessage},
+    tc::{TcAttribute, TcHandle, TcMessage},
+};
+
+use super::{objects::NetObject, target::{Device, TargetNs}};
+use crate::{
+    error::ApiError,
+    netlink::{NetlinkError, RouteSocket},
+    spec::{Direction, NetAction},
+    tc::{self, QdiscSpec},
+};
+
+pub const HTB_MAJOR: u16 = 0xc4a0;
+/// Default class: unshaped (rate far above any link).
+const DEFAULT_MINOR: u16 = 1;
+/// 100 Gbit/s in bytes per second, the "never shapes" rate.
+const UNSHAPED_BPS: u64 = 100_000_000_000 / 8;
+
+pub fn classid(rule: u32) -> u32 {
+    ((HTB_MAJOR as u32) << 16) | (rule + 1)
+}
+
+pub fn ifb_name(ifindex: u32) -> String {
+    format!("chaosd-ifb{ifindex}")
+}
+
+/// What one fault needs on which device.
+pub struct Plan {
+    pub classid: u32,
+    pub action: NetAction,
+    /// (device that carries the HTB, IFB for which device if ingress).
+    pub targets: Vec<(String, Option<(String, u32)>)>,
+}
+
+impl Plan {
+    pub fn new(rule: u32, action: &NetAction, dir: Direction, devices: &[Device]) -> Self {
+        let mut targets = Vec::new();
+        for d in devices {
+            if dir.egress() {
+                targets.push((d.name.clone(), None));
+            }
+            if dir.ingress() {
+                targets.push((ifb_name(d.ifindex), Some((d.name.clone(), d.ifindex))));
+            }
+        }
+        Self { classid: classid(rule), action: action.clone(), targets }
+    }
+
+    /// The journal objects, in creation order.
+    pub fn objects(&self, netns: u32) -> Vec<NetObject> {
+        let mut out = Vec::new();
+        for (dev, ifb) in &self.targets {
+            if let Some((for_ifname, _)) = ifb {
+                out.push(NetObject::Ifb { netns, name: dev.clone(), for_ifname: for_ifname.clone() });
+            }
+            out.push(NetObject::Htb { netns, ifname: dev.clone() });
+            out.push(NetObject::Class { netns, ifname: dev.clone(), classid: self.classid });
+        }
+        out
+    }
+}
+
+fn ifindex_here(name: &str) -> Result<u32, String> {
+    nix::net::if_::if_nametoindex(name).map_err(|e| format!("device {name}: {e}"))
+}
+
+/// Sets everything up; returns (device ifindex, IFB ifindex) for ingress.
+pub fn apply(ns: &TargetNs, plan: &Plan, forced: bool) -> Result<Vec<(u32, u32)>, ApiError> {
+    let targets = plan.targets.clone();
+    let action = plan.action.clone();
+    let classid = plan.classid;
+    ns.netns
+        .run(move || -> Result<Vec<(u32, u32)>, String> {
+            let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+            let mut ifbs = Vec::new();
+            for (dev, ifb) in &targets {
+                if let Some((_, for_ifindex)) = ifb {
+                    if nix::net::if_::if_nametoindex(dev.as_str()).is_err() {
+                        tc::link_add(&mut sock, dev, InfoKind::Ifb).map_err(|e| e.to_string())?;
+                    }
+                    let idx = ifindex_here(dev)?;
+                    link_set_up(&mut sock, idx).map_err(|e| e.to_string())?;
+                    ifbs.push((*for_ifindex, idx));
+                }
+                let idx = ifindex_here(dev)?;
+                ensure_htb(&mut sock, idx, forced).map_err(|e| e.to_string())?;
+                add_class(&mut sock, idx, classid, &action).map_err(|e| e.to_string())?;
+            }
+            Ok(ifbs)
+        })
+        .map_err(|e| ApiError::NotFound(format!("the target's network namespace went away: {e}")))?
+        .map_err(ApiError::Internal)
+}
+
+fn link_set_up(sock: &mut RouteSocket, ifindex: u32) -> Result<(), NetlinkError> {
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    sock.request(&format!("set link {ifindex} up"), RouteNetlinkMessage::SetLink(msg), 0)
+}
+
+fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
+    let mut msg = TcMessage::default();
+    msg.header.index = ifindex as i32;
+    msg.header.parent = parent;
+    msg.header.handle = handle;
+    msg
+}
+
+fn handle(id: u32) -> TcHandle {
+    TcHandle { major: (id >> 16) as u16, minor: id as u16 }
+}
+
+/// Dumps (kind, handle, parent) of the qdiscs on a device.
+fn qdiscs(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<(String, TcHandle, TcHandle)>, NetlinkError> {
+    let mut req = TcMessage::default();
+    req.header.index = ifindex as i32;
+    let mut out = Vec::new();
+    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(req))? {
+        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
+            if q.header.index as u32 != ifindex {
+                continue;
+            }
+            let kind = q.attributes.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None });
+            out.push((kind.unwrap_or_default(), q.header.handle, q.header.parent));
+        }
+    }
+    Ok(out)
+}
+
+/// Class handles on a device.
+fn classes(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<TcHandle>, NetlinkError> {
+    let req = tc_msg(ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
+    let mut out = Vec::new();
+    for m in sock.dump("dump classes", RouteNetlinkMessage::GetTrafficClass(req))? {
+        if let RouteNetlinkMessage::NewTrafficClass(c) = m {
+            if c.header.index as u32 == ifindex {
+                out.push(c.header.handle);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// struct tc_ratespec + rate: Ethernet link layer, so no rate table needed.
+fn ratespec(bytes_per_sec: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[1] = 1; // TC_LINKLAYER_ETHERNET
+    b[8..12].copy_from_slice(&(bytes_per_sec.min(u32::MAX as u64) as u32).to_ne_bytes());
+    b
+}
+
+/// TCA_OPTIONS of an HTB class: rate = ceil = `bps` bytes/s, burst bytes.
+fn htb_class_options(bps: u64, burst: u32) -> Vec<u8> {
+    const TCA_HTB_PARMS: u16 = 1;
+    const TCA_HTB_RATE64: u16 = 6;
+    const TCA_HTB_CEIL64: u16 = 7;
+    // Buffer in psched ticks (64 ns): time to send `burst` at `bps`.
+    let ticks = ((burst as u128 * 1_000_000_000 / bps.max(1) as u128) / 64).min(u32::MAX as u128) as u32;
+    let quantum = (bps / 10).clamp(1600, 200_000) as u32;
+    let mut parms = Vec::with_capacity(44);
+    parms.extend_from_slice(&ratespec(bps));
+    parms.extend_from_slice(&ratespec(bps));
+    for v in [ticks, ticks, quantum, 0, 0] {
+        parms.extend_from_slice(&v.to_ne_bytes());
+    }
+    let mut out = Vec::new();
+    if bps > u32::MAX as u64 {
+        out.extend(tc::nla(TCA_HTB_RATE64, &bps.to_ne_bytes()));
+        out.extend(tc::nla(TCA_HTB_CEIL64, &bps.to_ne_bytes()));
+    }
+    out.extend(tc::nla(TCA_HTB_PARMS, &parms));
+    out
+}
+
+/// Puts chaosd's HTB at the root unless it is there already.
+fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), NetlinkError> {
+    let root = qdiscs(sock, ifindex)?.into_iter().find(|q| q.2 == TcHandle::ROOT);
+    if matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
+        return Ok(());
+    }
+    let mut msg = tc_msg(ifindex, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 });
+    msg.attributes.push(TcAttribute::Kind("htb".into()));
+    msg.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
+        2,
+        tc::htb_init_options(DEFAULT_MINOR as u32),
+    )));
+    // Replacing is only reached when forced or when the root is a kernel
+    // default (validated before).
+    let flags = if forced { NLM_F_CREATE | NLM_F_REPLACE } else { NLM_F_CREATE | NLM_F_REPLACE };
+    sock.request(&format!("add HTB root on ifindex {ifindex}"), RouteNetlinkMessage::NewQueueDiscipline(msg), flags)?;
+    let mut cls = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
+    cls.attributes.push(TcAttribute::Kind("htb".into()));
+    cls.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
+        2,
+        htb_class_options(UNSHAPED_BPS, 200_000),
+    )));
+    sock.request("add HTB default class", RouteNetlinkMessage::NewTrafficClass(cls), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// netem's TCA_OPTIONS: struct tc_netem_qopt followed by attributes.
+pub fn netem_options(action: &NetAction) -> Vec<u8> {
+    const TCA_NETEM_CORR: u16 = 1;
+    const TCA_NETEM_REORDER: u16 = 3;
+    const TCA_NETEM_CORRUPT: u16 = 4;
+    const TCA_NETEM_LATENCY64: u16 = 10;
+    const TCA_NETEM_JITTER64: u16 = 11;
+    let pct = |p: f64| (p / 100.0 * u32::MAX as f64).round() as u32;
+    let (mut latency, mut jitter, mut dup, mut corr) = (0u64, 0u64, 0u32, [0u32; 3]);
+    let mut extra = Vec::new();
+    match action {
+        NetAction::Delay { latency: l, jitter: j, correlation, .. } => {
+            latency = l.as_nanos() as u64;
+            jitter = j.as_nanos() as u64;
+            corr[0] = pct(*correlation);
+        }
+        NetAction::Duplicate { percent, correlation } => {
+            dup = pct(*percent);
+            corr[2] = pct(*correlation);
+        }
+        NetAction::Corrupt { percent, correlation } => {
+            let mut b = Vec::new();
+            b.extend_from_slice(&pct(*percent).to_ne_bytes());
+            b.extend_from_slice(&pct(*correlation).to_ne_bytes());
+            extra.extend(tc::nla(TCA_NETEM_CORRUPT, &b));
+        }
+        NetAction::Reorder { percent, correlation, latency: l } => {
+            latency = l.as_nanos() as u64;
+            let mut b = Vec::new();
+            b.extend_from_slice(&pct(*percent).to_ne_bytes());
+            b.extend_from_slice(&pct(*correlation).to_ne_bytes());
+            extra.extend(tc::nla(TCA_NETEM_REORDER, &b));
+        }
+        _ => {}
+    }
+    // Queue limit: enough packets for ~12 Gbit/s of 1500-byte packets
+    // during the longest delay, so netem itself never drops.
+    let hold_s = (latency + jitter) as f64 / 1e9;
+    let limit = ((hold_s * 1_000_000.0) as u64).clamp(10_000, 10_000_000) as u32;
+    let ticks = |ns: u64| (ns / 64).min(u32::MAX as u64) as u32;
+    let mut b = Vec::new();
+    // latency, limit, loss, gap, duplicate, jitter
+    for v in [ticks(latency), limit, 0, 0, dup, ticks(jitter)] {
+        b.extend_from_slice(&v.to_ne_bytes());
+    }
+    let mut c = Vec::new();
+    for v in corr {
+        c.extend_from_slice(&v.to_ne_bytes());
+    }
+    b.extend(tc::nla(TCA_NETEM_CORR, &c));
+    b.extend(tc::nla(TCA_NETEM_LATENCY64, &(latency as i64).to_ne_bytes()));
+    b.extend(tc::nla(TCA_NETEM_JITTER64, &(jitter as i64).to_ne_bytes()));
+    b.extend(extra);
+    b
+}
+
+/// The rule's class, with a netem leaf for the delay family.
+fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAction) -> Result<(), NetlinkError> {
+    let (bps, burst) = match action {
+        NetAction::Bandwidth { rate_bps, burst_bytes } => {
+            let bytes = (rate_bps / 8).max(1);
+            // tc's default: rate/HZ (250) plus one MTU.
+            let burst = if *burst_bytes > 0 { *burst_bytes } else { ((bytes / 250) as u32).max(1600) + 1514 };
+            (bytes, burst)
+        }
+        _ => (UNSHAPED_BPS, 200_000),
+    };
+    let mut cls = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(classid));
+    cls.attributes.push(TcAttribute::Kind("htb".into()));
+    cls.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, htb_class_options(bps, burst))));
+    sock.request(
+        &format!("add HTB class {:x}:{:x} on ifindex {ifindex}", classid >> 16, classid & 0xffff),
+        RouteNetlinkMessage::NewTrafficClass(cls),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )?;
+    if action.needs_netem() {
+        tc::qdisc_add(
+            sock,
+            ifindex,
+            &QdiscSpec {
+                kind: "netem",
+                parent: handle(classid),
+                handle: TcHandle { major: (classid & 0xffff) as u16, minor: 0 },
+                options: Some(netem_options(action)),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds a clsact qdisc unless the device has one.
+pub fn ensure_clsact(ifname: &str) -> Result<(), String> {
+    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    let idx = ifindex_here(ifname)?;
+    if qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.iter().any(|q| q.0 == "clsact") {
+        return Ok(());
+    }
+    tc::qdisc_add(
+        &mut sock,
+        idx,
+        &QdiscSpec { kind: "clsact", parent: TcHandle::CLSACT, handle: TcHandle { major: 0xffff, minor: 0 }, options: None },
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Removes the clsact qdisc of a device (one chaosd created).
+pub fn remove_clsact(ifname: &str) -> Result<(), String> {
+    let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
+    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    match tc::qdisc_del(&mut sock, idx, TcHandle::CLSACT, TcHandle { major: 0xffff, minor: 0 }) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Undoes shaping objects: classes first, then HTB roots without rule
+/// classes, then IFBs without rule classes. Missing things are fine.
+pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut sock = match RouteSocket::open() {
+        Ok(s) => s,
+        Err(e) => return vec![e.to_string()],
+    };
+    let gone = |e: &NetlinkError| matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL));
+    for o in objects {
+        if let NetObject::Class { ifname, classid, .. } = o {
+            let Ok(idx) = nix::net::if_::if_nametoindex(ifname.as_str()) else { continue };
+            let msg = tc_msg(idx, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(*classid));
+            match sock.request(&format!("delete class on {ifname}"), RouteNetlinkMessage::DelTrafficClass(msg), 0) {
+                Ok(()) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+    for o in objects {
+        if let NetObject::Htb { ifname, .. } = o {
+            let Ok(idx) = nix::net::if_::if_nametoindex(ifname.as_str()) else { continue };
+            let ours = qdiscs(&mut sock, idx)
+                .map(|q| q.iter().any(|(k, h, p)| k == "htb" && h.major == HTB_MAJOR && *p == TcHandle::ROOT))
+                .unwrap_or(false);
+            if !ours {
+                continue;
+            }
+            let busy = classes(&mut sock, idx)
+                .map(|c| c.iter().any(|h| h.major == HTB_MAJOR && h.minor != DEFAULT_MINOR && h.minor != 0))
+                .unwrap_or(true);
+            if busy {
+                continue;
+            }
+            match tc::qdisc_del(&mut sock, idx, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 }) {
+                Ok(()) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+    for o in objects {
+        if let NetObject::Ifb { name, .. } = o {
+            let Ok(idx) = nix::net::if_::if_nametoindex(name.as_str()) else { continue };
+            let busy = classes(&mut sock, idx)
+                .map(|c| c.iter().any(|h| h.major == HTB_MAJOR && h.minor != DEFAULT_MINOR && h.minor != 0))
+                .unwrap_or(false);
+            if busy {
+                continue;
+            }
+            if let Err(e) = tc::link_del_by_name(&mut sock, name) {
+                if !gone(&e) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    errors
+}
