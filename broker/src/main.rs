@@ -1,4 +1,127 @@
-fn main() {
-    eprintln!("broker: not built yet");
-    std::process::exit(2);
+//! `broker`: run a broker node, or `broker bench` to load any MQTT broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use broker::config::Config;
+
+#[derive(Parser)]
+#[command(name = "broker", about = "MQTT 3.1.1/5.0 broker node with durable sessions")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load client for any MQTT broker: throughput, latency, loss.
+    Bench(broker::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    node_name: Option<String>,
+    /// "every-ack" or "group".
+    #[arg(long)]
+    fsync: Option<String>,
+    #[arg(long)]
+    group_commit_ms: Option<u64>,
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    #[arg(long)]
+    max_packet_size: Option<u32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    match cli.cmd {
+        Some(Cmd::Bench(args)) => rt.block_on(broker::bench::run(args)),
+        None => rt.block_on(run_broker(cli.run)),
+    }
+}
+
+async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.mqtt_listen {
+        cfg.mqtt_listen = v;
+    }
+    if let Some(v) = a.http_listen {
+        cfg.http_listen = Some(v);
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = Some(v);
+    }
+    if let Some(v) = a.node_name {
+        cfg.node_name = v;
+    }
+    if let Some(v) = a.fsync {
+        cfg.fsync = v;
+    }
+    if let Some(v) = a.group_commit_ms {
+        cfg.group_commit_ms = v;
+    }
+    if let Some(v) = a.password_file {
+        cfg.password_file = Some(v);
+    }
+    if let Some(v) = a.max_packet_size {
+        cfg.max_packet_size = v;
+    }
+    cfg.fsync_policy()?;
+    let listener = tokio::net::TcpListener::bind(cfg.mqtt_listen)
+        .await
+        .with_context(|| format!("binding MQTT listener {}", cfg.mqtt_listen))?;
+    let http = match cfg.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP listener {addr}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(
+        node = %cfg.node_name,
+        mqtt = %listener.local_addr()?,
+        http = ?http.as_ref().and_then(|h| h.local_addr().ok()),
+        data_dir = ?cfg.data_dir,
+        fsync = %cfg.fsync,
+        auth = cfg.password_file.is_some(),
+        "broker listening (MQTT 3.1.1 and 5.0 on the same port)"
+    );
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    broker::server::run(cfg, listener, http, shutdown).await?;
+    Ok(())
 }

@@ -1,0 +1,104 @@
+//! Broker configuration: a TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("parsing config file {path}")]
+    Parse { path: PathBuf, #[source] source: toml::de::Error },
+    #[error("invalid fsync policy {0:?}: expected \"every-ack\" or \"group\"")]
+    Fsync(String),
+}
+
+/// When the store makes writes durable. Either way a QoS 1/2 message for a
+/// persistent session is fsynced before the publisher gets its PUBACK/PUBREC;
+/// the policies differ in how many writes share one fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Commit as soon as there is work; what arrives during an fsync goes
+    /// into the next one. Lowest ack latency, most fsyncs.
+    EveryAck,
+    /// Collect writes for this long, then one commit for all of them.
+    /// Fewer fsyncs under load, up to this much extra ack latency.
+    Group(Duration),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub mqtt_listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    /// Without a data directory sessions live in memory only.
+    pub data_dir: Option<PathBuf>,
+    pub node_name: String,
+    /// "every-ack" or "group".
+    pub fsync: String,
+    pub group_commit_ms: u64,
+    /// Largest packet accepted from clients (bytes, whole packet).
+    pub max_packet_size: u32,
+    /// Receive maximum announced to v5 clients: unacknowledged QoS 1/2
+    /// publishes a client may have outstanding towards the broker.
+    pub receive_maximum: u16,
+    /// Upper bound on outgoing unacknowledged QoS 1/2 messages per client.
+    pub max_inflight: u16,
+    /// Upper bound on messages queued per session; beyond it they are dropped
+    /// and counted.
+    pub max_queued: usize,
+    /// QoS 0 messages waiting in a connection's write queue before more are
+    /// dropped (slow consumer).
+    pub max_qos0_pending: usize,
+    pub topic_alias_maximum: u16,
+    /// Largest keep alive granted; 0 accepts whatever the client asks.
+    pub max_keep_alive: u16,
+    pub connect_timeout_ms: u64,
+    /// File of `user:password` or `user:sha256:HEX` lines; absent means
+    /// anonymous access.
+    pub password_file: Option<PathBuf>,
+    pub sys_interval_secs: u64,
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            mqtt_listen: "0.0.0.0:1883".parse().expect("constant address"),
+            http_listen: None,
+            data_dir: None,
+            node_name: "broker".into(),
+            fsync: "every-ack".into(),
+            group_commit_ms: 5,
+            max_packet_size: 1 << 20,
+            receive_maximum: 1024,
+            max_inflight: 256,
+            max_queued: 100_000,
+            max_qos0_pending: 10_000,
+            topic_alias_maximum: 64,
+            max_keep_alive: 0,
+            connect_timeout_ms: 10_000,
+            password_file: None,
+            sys_interval_secs: 10,
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn fsync_policy(&self) -> Result<FsyncPolicy, ConfigError> {
+        match self.fsync.as_str() {
+            "every-ack" => Ok(FsyncPolicy::EveryAck),
+            "group" => Ok(FsyncPolicy::Group(Duration::from_millis(self.group_commit_ms.max(1)))),
+            other => Err(ConfigError::Fsync(other.into())),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! One task pair per client connection: the reader (this module) decodes
+//! packets, enforces per-connection rules (keep alive, topic aliases, receive
+//! maximum, packet size) and forwards the rest to the router; the writer
+//! (`writer.rs`) encodes what the router and the store send back.
+
+mod connect;
+mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::codec::{self, DecodeError, Packet, QoS, Version, reason};
+use crate::config::Config;
+use crate::message::Outbound;
+use crate::metrics::{CloseReason, Metrics};
+use crate::router::{ConnHandle, ToRouter};
+
+/// What every connection task shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub router: mpsc::Sender<ToRouter>,
+    pub auth: Option<Auth>,
+    pub next_id: AtomicU64,
+}
+
+/// Why the reader stopped.
+struct End {
+    reason: CloseReason,
+    /// v5 reason code to send in a DISCONNECT, when the broker closes.
+    send: Option<u8>,
+    publish_will: bool,
+    session_expiry: Option<u32>,
+    detail: Option<String>,
+}
+
+impl End {
+    fn bad(reason: CloseReason, code: u8, detail: impl Into<String>) -> End {
+        End { reason, send: Some(code), publish_will: true, session_expiry: None, detail: Some(detail.into()) }
+    }
+    fn quiet(reason: CloseReason) -> End {
+        End { reason, send: None, publish_will: true, session_expiry: None, detail: None }
+    }
+}
+
+fn decode_end(e: &DecodeError) -> End {
+    let reason = match e {
+        DecodeError::Malformed(_) => CloseReason::Malformed,
+        DecodeError::Protocol(_) => CloseReason::ProtocolError,
+        DecodeError::TooLarge { .. } => CloseReason::PacketTooLarge,
+        DecodeError::UnsupportedVersion { .. } => CloseReason::UnsupportedVersion,
+    };
+    End::bad(reason, e.reason_code(), e.to_string())
+}
+
+pub async fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, shutdown: CancellationToken) {
+    sh.metrics.connections_total.fetch_add(1, Relaxed);
+    sh.metrics.connections_current.fetch_add(1, Relaxed);
+    let _ = stream.set_nodelay(true);
+    let reason = run(stream, peer, &sh, shutdown).await;
+    sh.metrics.closed(reason);
+    sh.metrics.connections_current.fetch_sub(1, Relaxed);
+}
+
+async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: CancellationToken) -> CloseReason {
+    let id = sh.next_id.fetch_add(1, Relaxed);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+    let accepted = match connect::accept(&mut rd, &mut wr, &mut buf, sh, id, peer).await {
+        Ok(a) => a,
+        Err(reason) => return reason,
+    };
+    let version = accepted.connect.version;
+    let client: Arc<str> = Arc::from(accepted.client_id.as_str());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let qos0_pending = Arc::new(AtomicUsize::new(0));
+    let inflight_in = Arc::new(AtomicUsize::new(0));
+    let conn = ConnHandle {
+        id,
+        tx: tx.clone(),
+        version,
+        receive_max: accepted.connect.props.receive_maximum.unwrap_or(u16::MAX).min(sh.cfg.max_inflight).max(1),
+        max_packet: accepted.connect.props.maximum_packet_size.unwrap_or(u32::MAX),
+        qos0_pending: qos0_pending.clone(),
+        acks_in_store: Arc::new(AtomicU64::new(0)),
+    };
+    let local = CancellationToken::new();
+    let close_code = Arc::new(AtomicU8::new(0));
+    let writer = tokio::spawn(writer::run(writer::Writer {
+        wr,
+        rx,
+        version,
+        alias_max: accepted.connect.props.topic_alias_maximum.unwrap_or(0),
+        metrics: sh.metrics.clone(),
+        qos0_pending,
+        inflight_in: inflight_in.clone(),
+        local: local.clone(),
+        close_code: close_code.clone(),
+    }));
+    let connect_expiry = accepted.connect.props.session_expiry.unwrap_or(0);
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let sent = sh
+        .router
+        .send(ToRouter::Connect {
+            conn,
+            connect: Box::new(accepted.connect),
+            connack: accepted.connack,
+            reply: reply_tx,
+        })
+        .await;
+    if sent.is_err() || reply_rx.await.is_err() {
+        local.cancel();
+        let _ = writer.await;
+        return CloseReason::Shutdown;
+    }
+    let mut reader = Reader {
+        sh,
+        id,
+        client: client.clone(),
+        version,
+        tx: tx.clone(),
+        aliases: std::collections::HashMap::new(),
+        inflight_in,
+        qos2_in: std::collections::HashSet::new(),
+        connect_expiry,
+    };
+    let ka = accepted.keep_alive;
+    let end = reader.read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code).await;
+    if let Some(detail) = &end.detail {
+        tracing::warn!(%peer, client = %client, reason = end.reason.label(), "closing connection: {detail}");
+    } else {
+        tracing::debug!(%peer, client = %client, reason = end.reason.label(), "connection closed");
+    }
+    match end.send {
+        Some(code) => {
+            let _ = tx.send(Outbound::Close(code));
+        }
+        None => local.cancel(),
+    }
+    let _ = sh
+        .router
+        .send(ToRouter::Disconnected {
+            conn: id,
+            client,
+            publish_will: end.publish_will,
+            session_expiry: end.session_expiry,
+        })
+        .await;
+    drop(tx);
+    // Let the writer flush the DISCONNECT; never wait on a peer that stopped reading.
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+        local.cancel();
+    }
+    end.reason
+}
+
+struct Reader<'a> {
+    sh: &'a Arc<Shared>,
+    id: u64,
+    client: Arc<str>,
+    version: Version,
+    tx: mpsc::UnboundedSender<Outbound>,
+    aliases: std::collections::HashMap<u16, String>,
+    /// Incoming QoS 1/2 publishes not yet acknowledged (receive maximum);
+    /// the writer decrements it as PUBACK/PUBCOMP go out.
+    inflight_in: Arc<AtomicUsize>,
+    qos2_in: std::collections::HashSet<u16>,
+    connect_expiry: u32,
+}
+
+impl Reader<'_> {
+    async fn read_loop(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        buf: &mut BytesMut,
+        keep_alive: u16,
+        local: &CancellationToken,
+        shutdown: &CancellationToken,
+        close_code: &AtomicU8,
+    ) -> End {
+        // MQTT 3.1.2.10: one and a half times the keep alive.
+        let timeout = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let max = self.sh.cfg.max_packet_size as usize;
+        loop {
+            loop {
+                match codec::decode(buf, self.version, max) {
+                    Ok(Some(p)) => {
+                        if let Some(end) = self.handle(p).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return decode_end(&e),
+                }
+            }
+            let read = async {
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, rd.read_buf(buf)).await.ok(),
+                    None => Some(rd.read_buf(buf).await),
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    None => return End::bad(CloseReason::KeepAliveTimeout, reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout"),
+                    Some(Ok(0)) => return End::quiet(CloseReason::Eof),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => return End::quiet(CloseReason::IoError),
+                },
+                _ = local.cancelled() => {
+                    let reason = if close_code.load(Relaxed) == reason::SESSION_TAKEN_OVER {
+                        CloseReason::Takeover
+                    } else {
+                        CloseReason::Shutdown
+                    };
+                    return End { reason, send: None, publish_will: false, session_expiry: None, detail: None };
+                }
+                _ = shutdown.cancelled() => {
+                    return End { send: Some(reason::SERVER_SHUTTING_DOWN), ..End::quiet(CloseReason::Shutdown) };
+                }
+            }
+        }
+    }
+
+    async fn to_router(&self, m: ToRouter) -> Option<End> {
+        match self.sh.router.send(m).await {
+            Ok(()) => None,
+            Err(_) => Some(End { send: Some(reason::SERVER_SHUTTING_DOWN), ..End::quiet(CloseReason::Shutdown) }),
+        }
+    }
+
+    /// Handles one packet; `Some` ends the connection.
+    async fn handle(&mut self, p: Packet) -> Option<End> {
+        tracing::trace!(client = %self.client, packet = p.name(), "received");
+        let (conn, client) = (self.id, self.client.clone());
+        let v5 = self.version == Version::V5;
+        match p {
+            Packet::Publish(mut p) => {
+                if let Some(a) = p.props.topic_alias {
+                    if a == 0 || a > self.sh.cfg.topic_alias_maximum {
+                        return Some(End::bad(CloseReason::TopicAliasInvalid, reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+                    }
+                    if p.topic.is_empty() {
+                        match self.aliases.get(&a) {
+                            Some(t) => p.topic = t.clone(),
+                            None => {
+                                return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "unknown topic alias"));
+                            }
+                        }
+                    } else {
+                        self.aliases.insert(a, p.topic.clone());
+                    }
+                }
+                if !crate::topic::valid_name(&p.topic) {
+                    return Some(End::bad(CloseReason::TopicNameInvalid, reason::TOPIC_NAME_INVALID, format!("invalid topic name {:?}", p.topic)));
+                }
+                let limit = usize::from(self.sh.cfg.receive_maximum);
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        if self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
+                            return Some(End::bad(CloseReason::ReceiveMaxExceeded, reason::RECEIVE_MAX_EXCEEDED, "receive maximum exceeded"));
+                        }
+                    }
+                    QoS::ExactlyOnce => {
+                        if self.qos2_in.insert(p.pid) && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
+                            return Some(End::bad(CloseReason::ReceiveMaxExceeded, reason::RECEIVE_MAX_EXCEEDED, "receive maximum exceeded"));
+                        }
+                    }
+                }
+                self.to_router(ToRouter::Publish { conn, client, publish: p }).await
+            }
+            Packet::PubAck(a) => self.to_router(ToRouter::PubAck { conn, client, pid: a.pid }).await,
+            Packet::PubRec(a) => self.to_router(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code }).await,
+            Packet::PubComp(a) => self.to_router(ToRouter::PubComp { conn, client, pid: a.pid }).await,
+            Packet::PubRel(a) => {
+                if !self.qos2_in.remove(&a.pid) {
+                    // PUBREL for a message of an earlier connection: the
+                    // writer will still decrement for its PUBCOMP.
+                    self.inflight_in.fetch_add(1, Relaxed);
+                }
+                self.to_router(ToRouter::PubRel { conn, client, pid: a.pid }).await
+            }
+            Packet::Subscribe(s) => {
+                if s.props.subscription_ids.len() > 1 {
+                    return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "several subscription identifiers"));
+                }
+                self.to_router(ToRouter::Subscribe { conn, client, sub: s }).await
+            }
+            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: u }).await,
+            Packet::PingReq => {
+                let _ = self.tx.send(Outbound::Packet(Packet::PingResp));
+                None
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.props.session_expiry
+                    && self.connect_expiry == 0
+                    && e != 0
+                {
+                    return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT"));
+                }
+                Some(End {
+                    reason: CloseReason::ClientDisconnect,
+                    send: None,
+                    publish_will: d.code == reason::DISCONNECT_WITH_WILL,
+                    session_expiry: d.props.session_expiry,
+                    detail: None,
+                })
+            }
+            other => Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, format!("unexpected {} from a client", other.name()))),
+        }
+    }
+}

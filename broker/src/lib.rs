@@ -1,0 +1,15 @@
+//! chaosd's MQTT broker node and its load client. See architecture.md.
+
+pub mod auth;
+pub mod bench;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod router;
+pub mod server;
+pub mod store;
+pub mod topic;

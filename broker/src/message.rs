@@ -1,0 +1,62 @@
+//! What the router moves around: an application message, and what a
+//! connection's writer is asked to send.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::codec::{Packet, Properties, QoS};
+
+/// One published message, shared by every subscriber it goes to.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// PUBLISH properties as received, without topic alias and subscription
+    /// identifiers (those belong to one hop).
+    pub props: Properties,
+    /// Absolute expiry (Unix seconds) from the message expiry interval.
+    pub expires_at: Option<u64>,
+    /// Client id of the publisher, for no-local.
+    pub publisher: Option<Arc<str>>,
+    /// When the broker received it, for the delivery latency histogram.
+    pub received_at: Instant,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Message {
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Seconds left, for the message expiry interval sent on.
+    pub fn remaining(&self, now: u64) -> Option<u32> {
+        self.expires_at.map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)
+    }
+}
+
+/// A PUBLISH for one subscriber.
+#[derive(Debug)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub pid: u16,
+    pub dup: bool,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// Work for a connection's writer task.
+#[derive(Debug)]
+pub enum Outbound {
+    Packet(Packet),
+    Deliver(Delivery),
+    /// Send DISCONNECT with this reason (v5) and close.
+    Close(u8),
+}

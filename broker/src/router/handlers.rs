@@ -1,0 +1,392 @@
+//! The router's reaction to each kind of request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::session::{ConnHandle, Session};
+use super::subs::Sub;
+use super::{Router, split_share};
+use crate::codec::{
+    Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will,
+    reason,
+};
+use crate::message::{Message, Outbound, unix_now};
+use crate::store::Op;
+use crate::store::record::{Entry, encode_message};
+
+impl Router {
+    pub(super) fn on_connect(&mut self, conn: ConnHandle, c: Connect, mut connack: ConnAck) {
+        let id: Arc<str> = Arc::from(c.client_id.as_str());
+        let v5 = c.version == Version::V5;
+        let expiry = if v5 {
+            c.props.session_expiry.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        self.pending_wills.retain(|(_, client, _)| *client != id);
+        let mut present = false;
+        if let Some(old) = self.sessions.get_mut(&id) {
+            if let Some(oc) = old.conn.take() {
+                let _ = oc.tx.send(Outbound::Close(reason::SESSION_TAKEN_OVER));
+                if let Some(w) = old.will.take()
+                    && (c.clean_start || w.props.will_delay.unwrap_or(0) == 0)
+                {
+                    self.publish_will(&id, w);
+                }
+            }
+            if c.clean_start {
+                self.end_session(&id);
+            } else {
+                present = true;
+            }
+        }
+        let ctx_store = self.store.clone();
+        let s = self.sessions.entry(id.clone()).or_insert_with(|| Session::new(id.clone()));
+        let was_stored = s.stored;
+        s.conn = Some(conn.clone());
+        s.disconnected_at = None;
+        s.expiry = expiry;
+        s.v5 = v5;
+        s.will = c.will;
+        connack.session_present = present;
+        let _ = conn.tx.send(Outbound::Packet(Packet::ConnAck(connack)));
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
+        if s.persistent() {
+            s.save(&ctx);
+        } else if was_stored {
+            if let Some(st) = &ctx_store {
+                st.send(Op::DelSession(id.clone()));
+            }
+            s.stored = false;
+        }
+        s.resume(&ctx);
+    }
+
+    pub(super) fn on_disconnected(&mut self, conn: u64, client: &Arc<str>, publish_will: bool, expiry: Option<u32>) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        if !s.conn_is(conn) {
+            return;
+        }
+        s.conn = None;
+        s.disconnected_at = Some(Instant::now());
+        if let Some(e) = expiry
+            && e != s.expiry
+        {
+            s.expiry = e;
+            let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+            s.save(&ctx);
+        }
+        let will = s.will.take();
+        let expiry = s.expiry;
+        if let Some(w) = will
+            && publish_will
+        {
+            let delay = w.props.will_delay.unwrap_or(0);
+            if delay == 0 || expiry == 0 {
+                self.publish_will(client, w);
+            } else {
+                let wait = delay.min(expiry);
+                self.pending_wills.push((Instant::now() + Duration::from_secs(u64::from(wait)), client.clone(), w));
+            }
+        }
+        if expiry == 0 {
+            self.end_session(client);
+        }
+    }
+
+    /// Removes a session, its subscriptions and its stored state; a will
+    /// still waiting for its delay goes out now (MQTT 5 3.1.3.2.2).
+    pub(super) fn end_session(&mut self, id: &Arc<str>) {
+        let Some(mut s) = self.sessions.remove(id) else { return };
+        for filter in s.subs.keys() {
+            let (share, f) = split_share(filter);
+            self.subs.remove(id, share, f);
+        }
+        if s.stored
+            && let Some(st) = &self.store
+        {
+            st.send(Op::DelSession(id.clone()));
+        }
+        s.clear_messages();
+        if let Some(pos) = self.pending_wills.iter().position(|(_, c, _)| c == id) {
+            let (_, c, w) = self.pending_wills.remove(pos);
+            self.publish_will(&c, w);
+        }
+    }
+
+    pub(super) fn publish_will(&mut self, client: &Arc<str>, w: Will) {
+        let mut props = w.props;
+        props.will_delay = None;
+        let msg = Message {
+            expires_at: props.message_expiry.map(|e| unix_now() + u64::from(e)),
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            props,
+            publisher: Some(client.clone()),
+            received_at: Instant::now(),
+        };
+        self.route(Arc::new(msg));
+    }
+
+    /// Sends an ack to a connection, behind the store when it must wait for
+    /// a commit or when earlier acks are still waiting there.
+    fn send_ack(&self, conn: &ConnHandle, pkt: Packet, needs_store: bool) {
+        match &self.store {
+            Some(st) if needs_store || conn.acks_in_store.load(Relaxed) > 0 => {
+                conn.acks_in_store.fetch_add(1, Relaxed);
+                st.send(Op::Then(conn.tx.clone(), Outbound::Packet(pkt), conn.acks_in_store.clone()));
+            }
+            _ => {
+                let _ = conn.tx.send(Outbound::Packet(pkt));
+            }
+        }
+    }
+
+    pub(super) fn on_publish(&mut self, conn: u64, client: &Arc<str>, p: Publish) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        self.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
+        let v5 = c.version == Version::V5;
+        let mut stored_in = false;
+        if p.qos == QoS::ExactlyOnce {
+            if s.incoming_qos2.contains(&p.pid) {
+                // A resend of a message we already have: acknowledge only.
+                self.send_ack(&c, Packet::PubRec(Ack::new(p.pid, 0)), false);
+                return;
+            }
+            if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+                self.send_ack(&c, Packet::PubRec(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
+                return;
+            }
+            s.incoming_qos2.insert(p.pid);
+            if s.persistent()
+                && let Some(st) = &self.store
+            {
+                st.send(Op::PutInQos2(client.clone(), p.pid));
+                stored_in = true;
+            }
+        } else if p.qos == QoS::AtLeastOnce
+            && p.props.payload_format == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            self.send_ack(&c, Packet::PubAck(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
+            return;
+        }
+        let (qos, pid) = (p.qos, p.pid);
+        let mut props = p.props;
+        props.topic_alias = None;
+        props.subscription_ids.clear();
+        let msg = Message {
+            expires_at: props.message_expiry.map(|e| unix_now() + u64::from(e)),
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            props,
+            publisher: Some(client.clone()),
+            received_at: Instant::now(),
+        };
+        let (matched, persisted) = self.route(Arc::new(msg));
+        let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send_ack(&c, Packet::PubAck(Ack::new(pid, code)), persisted),
+            QoS::ExactlyOnce => self.send_ack(&c, Packet::PubRec(Ack::new(pid, code)), persisted || stored_in),
+        }
+    }
+
+    pub(super) fn on_pubrel(&mut self, conn: u64, client: &Arc<str>, pid: u16) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let code = if s.incoming_qos2.remove(&pid) {
+            if s.stored
+                && let Some(st) = &self.store
+            {
+                st.send(Op::DelInQos2(client.clone(), pid));
+            }
+            0
+        } else {
+            reason::PACKET_ID_NOT_FOUND
+        };
+        self.send_ack(&c, Packet::PubComp(Ack::new(pid, code)), false);
+    }
+
+    pub(super) fn on_complete(&mut self, conn: u64, client: &Arc<str>, pid: u16, qos: QoS) {
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        if s.conn_is(conn) {
+            s.complete(&ctx, pid, qos);
+        }
+    }
+
+    pub(super) fn on_pubrec(&mut self, conn: u64, client: &Arc<str>, pid: u16, code: u8) {
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let mut acks = Vec::new();
+        s.received(&ctx, pid, code, &mut |pkt, stored| acks.push((pkt, stored)));
+        for (pkt, stored) in acks {
+            self.send_ack(&c, pkt, stored);
+        }
+    }
+
+    pub(super) fn on_subscribe(&mut self, conn: u64, client: &Arc<str>, sub: Subscribe) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let v5 = c.version == Version::V5;
+        let sub_id = sub.props.subscription_ids.first().copied();
+        let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut retained_for: Vec<(String, Sub)> = Vec::new();
+        for (filter, opts) in sub.filters {
+            let shared = crate::topic::parse_shared(&filter);
+            let (share, f) = match &shared {
+                Some(Ok((g, f))) => (Some(*g), *f),
+                Some(Err(())) => {
+                    codes.push(reason::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+                None => (None, filter.as_str()),
+            };
+            if !crate::topic::valid_filter(f) {
+                codes.push(reason::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if share.is_some() && opts.no_local {
+                // MQTT 5 3.8.3.1: a protocol error.
+                let _ = c.tx.send(Outbound::Close(reason::PROTOCOL_ERROR));
+                return;
+            }
+            let entry = Sub { opts, id: sub_id };
+            let new = self.subs.insert(client, share, f, entry);
+            s.subs.insert(filter.clone(), entry);
+            codes.push(opts.qos as u8);
+            if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
+                retained_for.push((f.to_owned(), entry));
+            }
+        }
+        let _ = c.tx.send(Outbound::Packet(Packet::SubAck(SubAck { pid: sub.pid, props: Properties::default(), codes })));
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        s.save(&ctx);
+        let _ = v5;
+        for (f, entry) in retained_for {
+            let mut matching: Vec<&Arc<Message>> =
+                self.retained.values().filter(|m| crate::topic::matches(&f, &m.topic)).collect();
+            matching.sort_by(|a, b| a.topic.cmp(&b.topic));
+            for m in matching {
+                let qos = entry.opts.qos.min(m.qos);
+                s.deliver(
+                    &ctx,
+                    Entry { msg: m.clone(), qos, retain: true, released: false, sub_ids: entry.id.into_iter().collect() },
+                );
+            }
+        }
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, conn: u64, client: &Arc<str>, u: Unsubscribe) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let (share, f) = split_share(filter);
+            let removed = s.subs.remove(filter).is_some();
+            self.subs.remove(client, share, f);
+            codes.push(if removed { 0 } else { reason::NO_SUBSCRIPTION_EXISTED });
+        }
+        let _ = c.tx.send(Outbound::Packet(Packet::UnsubAck(UnsubAck { pid: u.pid, props: Properties::default(), codes })));
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        s.save(&ctx);
+    }
+
+    /// Retained store update; returns whether a store write was issued.
+    fn set_retained(&mut self, msg: &Arc<Message>) -> bool {
+        let persist = !msg.topic.starts_with("$SYS");
+        let store = self.store.as_ref().filter(|_| persist);
+        if msg.payload.is_empty() {
+            let had = self.retained.remove(&msg.topic).is_some();
+            if had && let Some(st) = store {
+                st.send(Op::DelRetained(msg.topic.clone()));
+                return true;
+            }
+            return false;
+        }
+        self.retained.insert(msg.topic.clone(), msg.clone());
+        if let Some(st) = store {
+            let mut b = bytes::BytesMut::new();
+            encode_message(&mut b, msg);
+            st.send(Op::PutRetained(msg.topic.clone(), b.to_vec()));
+            return true;
+        }
+        false
+    }
+
+    /// Delivers to every matching session. Returns the number of sessions
+    /// and whether any store write was issued.
+    pub(super) fn route(&mut self, msg: Arc<Message>) -> (usize, bool) {
+        let mut persisted = false;
+        if msg.retain {
+            persisted |= self.set_retained(&msg) && msg.qos != QoS::AtMostOnce;
+        }
+        let mut targets: HashMap<Arc<str>, (QoS, bool, Vec<u32>)> = HashMap::new();
+        {
+            let sessions = &self.sessions;
+            let online = |c: &str| sessions.get(c).is_some_and(|s| s.conn.is_some());
+            self.subs.matches(&msg.topic, &online, &mut |c, sub| {
+                if sub.opts.no_local && msg.publisher.as_deref() == Some(&**c) {
+                    return;
+                }
+                let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new()));
+                e.0 = e.0.max(sub.opts.qos.min(msg.qos));
+                e.1 |= sub.opts.retain_as_published;
+                if let Some(id) = sub.id {
+                    e.2.push(id);
+                }
+            });
+        }
+        let n = targets.len();
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        for (client, (qos, rap, sub_ids)) in targets {
+            if let Some(s) = self.sessions.get_mut(&client) {
+                let retain = rap && msg.retain;
+                persisted |= s.deliver(&ctx, Entry { msg: msg.clone(), qos, retain, released: false, sub_ids });
+            }
+        }
+        (n, persisted)
+    }
+
+    pub(super) fn publish_sys(&mut self) {
+        let m = self.metrics.clone();
+        let online = self.sessions.values().filter(|s| s.conn.is_some()).count();
+        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|x| x.load(Relaxed)).sum::<u64>();
+        let stats = [
+            ("$SYS/broker/version", format!("chaosd-broker {}", env!("CARGO_PKG_VERSION"))),
+            ("$SYS/broker/uptime", format!("{} seconds", self.started.elapsed().as_secs())),
+            ("$SYS/broker/clients/connected", online.to_string()),
+            ("$SYS/broker/clients/total", self.sessions.len().to_string()),
+            ("$SYS/broker/messages/received", sum(&m.received).to_string()),
+            ("$SYS/broker/messages/sent", sum(&m.sent).to_string()),
+            ("$SYS/broker/subscriptions/count", self.subs.len().to_string()),
+            ("$SYS/broker/retained messages/count", self.retained.len().to_string()),
+        ];
+        for (topic, value) in stats {
+            let msg = Message {
+                topic: topic.to_owned(),
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                props: Properties::default(),
+                expires_at: None,
+                publisher: None,
+                received_at: Instant::now(),
+            };
+            self.route(Arc::new(msg));
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! One session's delivery state: subscriptions, outgoing QoS 1/2 messages in
+//! flight and queued, incoming QoS 2 packet ids awaiting PUBREL.
+//!
+//! Outgoing packet ids are a function of the per-session sequence number
+//! (`pid_of`), so they need not be stored: after a restart the broker resends
+//! a message with the same id it had, which is what lets a client recognise
+//! a QoS 2 duplicate.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::subs::Sub;
+use crate::codec::{Ack, Packet, QoS, Version, Will, publish_size};
+use crate::config::Config;
+use crate::message::{Delivery, Outbound, unix_now};
+use crate::metrics::{DropReason, Metrics};
+use crate::store::record::{Entry, SessionMeta, encode_entry, encode_meta};
+use crate::store::{Op, StoreHandle};
+
+/// The router's handle on a live connection.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub tx: UnboundedSender<Outbound>,
+    pub version: Version,
+    /// Outgoing window: the client's receive maximum, capped by config.
+    pub receive_max: u16,
+    /// The client's maximum packet size.
+    pub max_packet: u32,
+    /// QoS 0 deliveries not yet written (decremented by the writer).
+    pub qos0_pending: Arc<AtomicUsize>,
+    /// Acks waiting behind a store commit; while non-zero, later acks take
+    /// the same path so they stay in order (MQTT 4.6).
+    pub acks_in_store: Arc<AtomicU64>,
+}
+
+/// What a session needs from the router while delivering.
+pub struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub metrics: &'a Metrics,
+    pub store: Option<&'a StoreHandle>,
+}
+
+pub fn pid_of(seq: u64) -> u16 {
+    (seq % 65_535) as u16 + 1
+}
+
+pub struct Session {
+    pub id: Arc<str>,
+    pub conn: Option<ConnHandle>,
+    /// Session expiry interval in seconds; u32::MAX never expires.
+    pub expiry: u32,
+    pub v5: bool,
+    pub subs: HashMap<String, Sub>,
+    inflight: BTreeMap<u64, Entry>,
+    pids: HashMap<u16, u64>,
+    queue: VecDeque<(u64, Entry, bool)>,
+    next_seq: u64,
+    pub incoming_qos2: HashSet<u16>,
+    pub will: Option<Will>,
+    pub disconnected_at: Option<Instant>,
+    /// Whether the store holds this session.
+    pub stored: bool,
+}
+
+impl Session {
+    pub fn new(id: Arc<str>) -> Session {
+        Session {
+            id,
+            conn: None,
+            expiry: 0,
+            v5: false,
+            subs: HashMap::new(),
+            inflight: BTreeMap::new(),
+            pids: HashMap::new(),
+            queue: VecDeque::new(),
+            next_seq: 0,
+            incoming_qos2: HashSet::new(),
+            will: None,
+            disconnected_at: None,
+            stored: false,
+        }
+    }
+
+    /// Rebuilds a session from the store; every message is resent with DUP.
+    pub fn restore(id: Arc<str>, meta: SessionMeta, mut entries: Vec<(u64, Entry)>, in_qos2: Vec<u16>) -> Session {
+        let mut s = Session::new(id);
+        s.expiry = meta.expiry;
+        s.v5 = meta.v5;
+        s.subs = meta.subs.into_iter().collect();
+        s.stored = true;
+        s.disconnected_at = Some(Instant::now());
+        entries.sort_by_key(|(seq, _)| *seq);
+        s.next_seq = entries.last().map_or(0, |(seq, _)| seq + 1);
+        for (seq, e) in entries {
+            if e.released {
+                s.pids.insert(pid_of(seq), seq);
+                s.inflight.insert(seq, e);
+            } else {
+                s.queue.push_back((seq, e, true));
+            }
+        }
+        s.incoming_qos2 = in_qos2.into_iter().collect();
+        s
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
+    pub fn conn_is(&self, id: u64) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.id == id)
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn meta(&self) -> SessionMeta {
+        SessionMeta { expiry: self.expiry, v5: self.v5, subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect() }
+    }
+
+    /// Writes the session record if the session is persistent and a store exists.
+    pub fn save(&mut self, ctx: &Ctx) {
+        if let Some(store) = ctx.store
+            && self.persistent()
+        {
+            store.send(Op::PutSession(self.id.clone(), encode_meta(&self.meta())));
+            self.stored = true;
+        }
+    }
+
+    /// Queues a message for this session and sends what the window allows.
+    /// Returns whether a store write was issued (the publisher's ack must
+    /// then wait for the commit).
+    pub fn deliver(&mut self, ctx: &Ctx, e: Entry) -> bool {
+        if e.msg.expired(unix_now()) {
+            ctx.metrics.dropped(DropReason::Expired, e.qos as u8);
+            return false;
+        }
+        if e.qos == QoS::AtMostOnce {
+            let Some(c) = &self.conn else {
+                ctx.metrics.dropped(DropReason::OfflineQos0, 0);
+                return false;
+            };
+            if c.qos0_pending.load(Relaxed) >= ctx.cfg.max_qos0_pending {
+                ctx.metrics.dropped(DropReason::SlowConsumer, 0);
+                return false;
+            }
+            if !fits(c, &e) {
+                ctx.metrics.dropped(DropReason::PacketTooLarge, 0);
+                return false;
+            }
+            c.qos0_pending.fetch_add(1, Relaxed);
+            let _ = c.tx.send(Outbound::Deliver(Delivery {
+                msg: e.msg,
+                qos: QoS::AtMostOnce,
+                pid: 0,
+                dup: false,
+                retain: e.retain,
+                sub_ids: e.sub_ids,
+            }));
+            return false;
+        }
+        if self.queue.len() + self.inflight.len() >= ctx.cfg.max_queued {
+            ctx.metrics.dropped(DropReason::QueueFull, e.qos as u8);
+            return false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut persisted = false;
+        if let Some(store) = ctx.store
+            && self.persistent()
+        {
+            store.send(Op::PutEntry(self.id.clone(), seq, encode_entry(&e)));
+            persisted = true;
+        }
+        self.queue.push_back((seq, e, false));
+        self.pump(ctx);
+        persisted
+    }
+
+    fn forget(&mut self, ctx: &Ctx, seq: u64) {
+        if let Some(store) = ctx.store
+            && self.stored
+        {
+            store.send(Op::DelEntry(self.id.clone(), seq));
+        }
+    }
+
+    /// Moves queued messages into flight while the client's window allows.
+    pub fn pump(&mut self, ctx: &Ctx) {
+        let Some(c) = self.conn.clone() else { return };
+        while self.inflight.len() < usize::from(c.receive_max) {
+            let Some((seq, _, _)) = self.queue.front() else { break };
+            let pid = pid_of(*seq);
+            if self.pids.contains_key(&pid) {
+                // 65,535 messages behind a stuck one: wait for it.
+                break;
+            }
+            let Some((seq, e, dup)) = self.queue.pop_front() else { break };
+            if e.msg.expired(unix_now()) {
+                ctx.metrics.dropped(DropReason::Expired, e.qos as u8);
+                self.forget(ctx, seq);
+                continue;
+            }
+            if !fits(&c, &e) {
+                ctx.metrics.dropped(DropReason::PacketTooLarge, e.qos as u8);
+                self.forget(ctx, seq);
+                continue;
+            }
+            let _ = c.tx.send(Outbound::Deliver(Delivery {
+                msg: e.msg.clone(),
+                qos: e.qos,
+                pid,
+                dup,
+                retain: e.retain,
+                sub_ids: e.sub_ids.clone(),
+            }));
+            self.pids.insert(pid, seq);
+            self.inflight.insert(seq, e);
+        }
+    }
+
+    /// After a reconnect: resend everything in flight (PUBLISH with DUP, or
+    /// PUBREL), then continue with the queue.
+    pub fn resume(&mut self, ctx: &Ctx) {
+        let Some(c) = self.conn.clone() else { return };
+        for (seq, e) in &self.inflight {
+            let pid = pid_of(*seq);
+            if e.released {
+                let _ = c.tx.send(Outbound::Packet(Packet::PubRel(Ack::new(pid, 0))));
+            } else {
+                let _ = c.tx.send(Outbound::Deliver(Delivery {
+                    msg: e.msg.clone(),
+                    qos: e.qos,
+                    pid,
+                    dup: true,
+                    retain: e.retain,
+                    sub_ids: e.sub_ids.clone(),
+                }));
+            }
+        }
+        self.pump(ctx);
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
+    pub fn complete(&mut self, ctx: &Ctx, pid: u16, qos: QoS) {
+        let Some(&seq) = self.pids.get(&pid) else { return };
+        if self.inflight.get(&seq).map(|e| e.qos) != Some(qos) {
+            return;
+        }
+        self.pids.remove(&pid);
+        self.inflight.remove(&seq);
+        self.forget(ctx, seq);
+        self.pump(ctx);
+    }
+
+    /// PUBREC from the client: the message is delivered; answer PUBREL, once
+    /// the released state is durable for a stored session.
+    pub fn received(&mut self, ctx: &Ctx, pid: u16, code: u8, send_ack: &mut dyn FnMut(Packet, bool)) {
+        let Some(&seq) = self.pids.get(&pid) else {
+            send_ack(Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)), false);
+            return;
+        };
+        let Some(e) = self.inflight.get_mut(&seq) else { return };
+        if e.qos != QoS::ExactlyOnce {
+            return;
+        }
+        if code >= 0x80 {
+            self.pids.remove(&pid);
+            self.inflight.remove(&seq);
+            self.forget(ctx, seq);
+            self.pump(ctx);
+            return;
+        }
+        let mut stored = false;
+        if !e.released {
+            e.released = true;
+            if let Some(store) = ctx.store
+                && self.stored
+            {
+                store.send(Op::PutEntry(self.id.clone(), seq, encode_entry(e)));
+                stored = true;
+            }
+        }
+        send_ack(Packet::PubRel(Ack::new(pid, 0)), stored);
+    }
+
+    /// Drops all message state (session ended or clean start).
+    pub fn clear_messages(&mut self) {
+        self.inflight.clear();
+        self.pids.clear();
+        self.queue.clear();
+        self.incoming_qos2.clear();
+    }
+}
+
+fn fits(c: &ConnHandle, e: &Entry) -> bool {
+    // Subscription ids and expiry add a few bytes; 16 is a safe margin.
+    let size = publish_size(c.version, &e.msg.topic, e.qos, &e.msg.props, e.msg.payload.len()) + 16;
+    size <= c.max_packet as usize
+}

@@ -1,0 +1,246 @@
+//! Subscription table: a trie over topic levels, owned by the router.
+//!
+//! Subscribers are named by session (client id). A later cluster layer adds
+//! remote routes next to these as another kind of subscriber.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::codec::SubOptions;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sub {
+    pub opts: SubOptions,
+    pub id: Option<u32>,
+}
+
+#[derive(Default)]
+struct Shared {
+    members: Vec<(Arc<str>, Sub)>,
+    next: usize,
+}
+
+#[derive(Default)]
+struct Leaf {
+    subs: HashMap<Arc<str>, Sub>,
+    shared: HashMap<String, Shared>,
+}
+
+impl Leaf {
+    fn is_empty(&self) -> bool {
+        self.subs.is_empty() && self.shared.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<String, Node>,
+    plus: Option<Box<Node>>,
+    hash: Leaf,
+    here: Leaf,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.here.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub struct SubTable {
+    root: Node,
+    count: usize,
+}
+
+fn leaf_mut<'a>(mut node: &'a mut Node, filter: &str) -> &'a mut Leaf {
+    for level in filter.split('/') {
+        node = match level {
+            "#" => return &mut node.hash,
+            "+" => node.plus.get_or_insert_with(Box::default),
+            l => node.children.entry(l.to_owned()).or_default(),
+        };
+    }
+    &mut node.here
+}
+
+/// Removes from the leaf of `filter` with `f`; prunes empty nodes. Returns
+/// whether something was removed.
+fn remove_in(node: &mut Node, levels: &[&str], f: &mut dyn FnMut(&mut Leaf) -> bool) -> bool {
+    let Some((first, rest)) = levels.split_first() else { return f(&mut node.here) };
+    match *first {
+        "#" => f(&mut node.hash),
+        "+" => {
+            let Some(child) = node.plus.as_mut() else { return false };
+            let removed = remove_in(child, rest, f);
+            if child.is_empty() {
+                node.plus = None;
+            }
+            removed
+        }
+        l => {
+            let Some(child) = node.children.get_mut(l) else { return false };
+            let removed = remove_in(child, rest, f);
+            if child.is_empty() {
+                node.children.remove(l);
+            }
+            removed
+        }
+    }
+}
+
+impl SubTable {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds or replaces; returns true when the subscription is new.
+    pub fn insert(&mut self, client: &Arc<str>, share: Option<&str>, filter: &str, sub: Sub) -> bool {
+        let leaf = leaf_mut(&mut self.root, filter);
+        let new = match share {
+            None => leaf.subs.insert(client.clone(), sub).is_none(),
+            Some(g) => {
+                let group = leaf.shared.entry(g.to_owned()).or_default();
+                match group.members.iter_mut().find(|(c, _)| c == client) {
+                    Some(m) => {
+                        m.1 = sub;
+                        false
+                    }
+                    None => {
+                        group.members.push((client.clone(), sub));
+                        true
+                    }
+                }
+            }
+        };
+        if new {
+            self.count += 1;
+        }
+        new
+    }
+
+    pub fn remove(&mut self, client: &str, share: Option<&str>, filter: &str) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = remove_in(&mut self.root, &levels, &mut |leaf| match share {
+            None => leaf.subs.remove(client).is_some(),
+            Some(g) => {
+                let Some(group) = leaf.shared.get_mut(g) else { return false };
+                let before = group.members.len();
+                group.members.retain(|(c, _)| &**c != client);
+                let removed = group.members.len() != before;
+                if group.members.is_empty() {
+                    leaf.shared.remove(g);
+                }
+                removed
+            }
+        });
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    /// Calls `out` for every subscription matching `topic`. For each shared
+    /// group one member is chosen, round robin, preferring members for which
+    /// `online` holds.
+    pub fn matches(&mut self, topic: &str, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = topic.starts_with('$');
+        walk(&mut self.root, &levels, 0, dollar, online, out);
+    }
+}
+
+fn visit(leaf: &mut Leaf, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
+    for (c, s) in &leaf.subs {
+        out(c, s);
+    }
+    for group in leaf.shared.values_mut() {
+        let n = group.members.len();
+        if n == 0 {
+            continue;
+        }
+        let start = group.next % n;
+        let pick = (0..n).map(|i| (start + i) % n).find(|&i| online(&group.members[i].0)).unwrap_or(start);
+        group.next = pick + 1;
+        let (c, s) = &group.members[pick];
+        out(c, s);
+    }
+}
+
+fn walk(
+    node: &mut Node,
+    levels: &[&str],
+    idx: usize,
+    dollar: bool,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut dyn FnMut(&Arc<str>, &Sub),
+) {
+    let wild_ok = !(idx == 0 && dollar);
+    if wild_ok {
+        visit(&mut node.hash, online, out);
+    }
+    let Some(level) = levels.get(idx) else {
+        visit(&mut node.here, online, out);
+        return;
+    };
+    if let Some(child) = node.children.get_mut(*level) {
+        walk(child, levels, idx + 1, dollar, online, out);
+    }
+    if wild_ok && let Some(child) = node.plus.as_mut() {
+        walk(child, levels, idx + 1, dollar, online, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::QoS;
+
+    fn collect(t: &mut SubTable, topic: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        t.matches(topic, &|_| true, &mut |c, _| v.push(c.to_string()));
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn trie_matches_like_the_reference() {
+        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "a/+/c", "/a", "+/+"];
+        let topics = ["a/b", "a", "a/b/c", "$SYS/x", "b", "/a", "a/", "x/b"];
+        let mut t = SubTable::default();
+        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
+        for (i, f) in filters.iter().enumerate() {
+            t.insert(&Arc::from(format!("c{i}")), None, f, sub);
+        }
+        for topic in topics {
+            let mut want: Vec<String> = filters
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| crate::topic::matches(f, topic))
+                .map(|(i, _)| format!("c{i}"))
+                .collect();
+            want.sort();
+            assert_eq!(collect(&mut t, topic), want, "topic {topic}");
+        }
+        for (i, f) in filters.iter().enumerate() {
+            assert!(t.remove(&format!("c{i}"), None, f));
+        }
+        assert!(t.root.is_empty());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn shared_round_robin() {
+        let mut t = SubTable::default();
+        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
+        t.insert(&Arc::from("x"), Some("g"), "s/#", sub);
+        t.insert(&Arc::from("y"), Some("g"), "s/#", sub);
+        let a = collect(&mut t, "s/1");
+        let b = collect(&mut t, "s/1");
+        assert_eq!(a.len(), 1);
+        assert_ne!(a, b);
+    }
+}

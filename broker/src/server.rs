@@ -1,0 +1,94 @@
+//! Wires the parts together: store, router, listeners.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Auth, AuthError};
+use crate::config::{Config, ConfigError};
+use crate::conn::{self, Shared};
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::store::{Loaded, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// Runs a broker on `listener` (and `http` for metrics) until `shutdown`.
+/// Taking bound listeners lets tests use port 0.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<Arc<Metrics>, ServerError> {
+    let policy = cfg.fsync_policy()?;
+    let metrics = Arc::new(Metrics::default());
+    let auth = cfg.password_file.as_deref().map(Auth::load).transpose()?;
+    let (store, loaded) = match &cfg.data_dir {
+        Some(dir) => {
+            let store = Store::open(dir)?;
+            let loaded = store.load()?;
+            let n: usize = loaded.sessions.values().map(|s| s.entries.len()).sum();
+            tracing::info!(
+                dir = %dir.display(),
+                sessions = loaded.sessions.len(),
+                messages = n,
+                retained = loaded.retained.len(),
+                ?policy,
+                "store opened"
+            );
+            (Some(store.spawn(policy, metrics.clone())), loaded)
+        }
+        None => (None, Loaded::default()),
+    };
+    let cfg = Arc::new(cfg);
+    let (router_tx, router_rx) = mpsc::channel(8192);
+    let router = Router::new(cfg.clone(), metrics.clone(), store, loaded);
+    let router_stop = CancellationToken::new();
+    let router_task = tokio::spawn(router.run(router_rx, router_stop.clone()));
+    if let Some(h) = http {
+        tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
+    }
+    let shared = Arc::new(Shared { cfg: cfg.clone(), metrics: metrics.clone(), router: router_tx, auth, next_id: AtomicU64::new(1) });
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if metrics.connections_current.load(Relaxed) as usize >= cfg.max_connections {
+                    tracing::warn!(%peer, "closing connection: max_connections reached");
+                    continue;
+                }
+                tracker.spawn(conn::serve(stream, peer, shared.clone(), shutdown.clone()));
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    router_stop.cancel();
+    drop(shared);
+    let _ = router_task.await;
+    Ok(metrics)
+}

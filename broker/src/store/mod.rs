@@ -1,0 +1,255 @@
+//! Durable store: redb, written by one dedicated thread.
+//!
+//! The router sends `Op`s in order. The thread applies them in write
+//! transactions committed with `Durability::Immediate` (fsync) and only after
+//! the commit hands over the packets queued behind them (`Op::Then`): that is
+//! how a PUBACK/PUBREC waits for the message to be on disk without the router
+//! ever blocking on I/O.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::FsyncPolicy;
+use crate::message::{Message, Outbound};
+use crate::metrics::Metrics;
+use record::{Entry, SessionMeta};
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const INQOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("incoming_qos2");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening store {path}")]
+    Open { path: PathBuf, #[source] source: Box<redb::Error> },
+    #[error("creating data directory {path}")]
+    Dir { path: PathBuf, #[source] source: std::io::Error },
+    #[error("store operation failed")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record in table {table}: {source}")]
+    Corrupt { table: &'static str, #[source] source: crate::codec::DecodeError },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+pub enum Op {
+    PutSession(Arc<str>, Vec<u8>),
+    /// Removes a session with its messages and incoming QoS 2 state.
+    DelSession(Arc<str>),
+    PutEntry(Arc<str>, u64, Vec<u8>),
+    DelEntry(Arc<str>, u64),
+    PutInQos2(Arc<str>, u16),
+    DelInQos2(Arc<str>, u16),
+    PutRetained(String, Vec<u8>),
+    DelRetained(String),
+    /// Send this to a connection once everything before it is durable.
+    Then(UnboundedSender<Outbound>, Outbound, Arc<AtomicU64>),
+}
+
+#[derive(Default)]
+pub struct LoadedSession {
+    pub meta: Option<SessionMeta>,
+    pub entries: Vec<(u64, Entry)>,
+    pub incoming_qos2: Vec<u16>,
+}
+
+#[derive(Default)]
+pub struct Loaded {
+    pub sessions: HashMap<String, LoadedSession>,
+    pub retained: Vec<Message>,
+}
+
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl StoreHandle {
+    pub fn send(&self, op: Op) {
+        // The thread only exits when every handle is gone.
+        let _ = self.tx.send(op);
+    }
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.into(), source })?;
+        let path = dir.join("broker.redb");
+        let db = Database::create(&path).map_err(|e| StoreError::Open { path, source: Box::new(e.into()) })?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(SESSIONS).map_err(db_err)?;
+            txn.open_table(QUEUE).map_err(db_err)?;
+            txn.open_table(RETAINED).map_err(db_err)?;
+            txn.open_table(INQOS2).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Store { db })
+    }
+
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let mut out = Loaded::default();
+        for row in txn.open_table(SESSIONS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let meta = record::decode_meta(v.value()).map_err(|source| StoreError::Corrupt { table: "sessions", source })?;
+            out.sessions.entry(k.value().to_owned()).or_default().meta = Some(meta);
+        }
+        for row in txn.open_table(QUEUE).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (client, seq) = k.value();
+            let e = record::decode_entry(v.value()).map_err(|source| StoreError::Corrupt { table: "queue", source })?;
+            out.sessions.entry(client.to_owned()).or_default().entries.push((seq, e));
+        }
+        for row in txn.open_table(INQOS2).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, _) = row.map_err(db_err)?;
+            let (client, pid) = k.value();
+            out.sessions.entry(client.to_owned()).or_default().incoming_qos2.push(pid);
+        }
+        for row in txn.open_table(RETAINED).map_err(db_err)?.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let mut rd = crate::codec::Rd::new(bytes::Bytes::copy_from_slice(v.value()));
+            let m = record::decode_message(&mut rd).map_err(|source| StoreError::Corrupt { table: "retained", source })?;
+            out.retained.push(m);
+        }
+        // Sessions whose meta is gone were being deleted: drop their rest.
+        out.sessions.retain(|_, s| s.meta.is_some());
+        Ok(out)
+    }
+
+    /// Starts the writer thread.
+    pub fn spawn(self, policy: FsyncPolicy, metrics: Arc<Metrics>) -> StoreHandle {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("broker-store".into())
+            .spawn(move || self.run(rx, policy, &metrics))
+            .expect("spawning the store thread");
+        StoreHandle { tx }
+    }
+
+    fn run(self, rx: mpsc::Receiver<Op>, policy: FsyncPolicy, metrics: &Metrics) {
+        let mut batch: Vec<Op> = Vec::new();
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            match policy {
+                FsyncPolicy::EveryAck => batch.extend(rx.try_iter()),
+                FsyncPolicy::Group(window) => {
+                    let deadline = Instant::now() + window;
+                    loop {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline - now) {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            match self.commit(&mut batch) {
+                Ok(()) => {
+                    metrics.store_commits.fetch_add(1, Relaxed);
+                    for op in batch.drain(..) {
+                        if let Op::Then(tx, out, pending) = op {
+                            let _ = tx.send(out);
+                            pending.fetch_sub(1, Relaxed);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The acks behind a failed commit are never sent: the
+                    // publisher keeps the message and sends it again.
+                    metrics.store_errors.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store commit failed; acknowledgements withheld");
+                    for op in batch.drain(..) {
+                        if let Op::Then(_, _, pending) = op {
+                            pending.fetch_sub(1, Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&self, batch: &mut [Op]) -> Result<(), StoreError> {
+        if batch.iter().all(|op| matches!(op, Op::Then(..))) {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(db)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut sessions = txn.open_table(SESSIONS).map_err(db)?;
+            let mut queue = txn.open_table(QUEUE).map_err(db)?;
+            let mut retained = txn.open_table(RETAINED).map_err(db)?;
+            let mut inq = txn.open_table(INQOS2).map_err(db)?;
+            for op in batch.iter() {
+                match op {
+                    Op::PutSession(c, v) => {
+                        sessions.insert(&**c, v.as_slice()).map_err(db)?;
+                    }
+                    Op::DelSession(c) => {
+                        sessions.remove(&**c).map_err(db)?;
+                        let keys: Vec<u64> = queue
+                            .range((&**c, 0u64)..=(&**c, u64::MAX))
+                            .map_err(db)?
+                            .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
+                            .collect();
+                        for seq in keys {
+                            queue.remove((&**c, seq)).map_err(db)?;
+                        }
+                        let pids: Vec<u16> = inq
+                            .range((&**c, 0u16)..=(&**c, u16::MAX))
+                            .map_err(db)?
+                            .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
+                            .collect();
+                        for pid in pids {
+                            inq.remove((&**c, pid)).map_err(db)?;
+                        }
+                    }
+                    Op::PutEntry(c, seq, v) => {
+                        queue.insert((&**c, *seq), v.as_slice()).map_err(db)?;
+                    }
+                    Op::DelEntry(c, seq) => {
+                        queue.remove((&**c, *seq)).map_err(db)?;
+                    }
+                    Op::PutInQos2(c, pid) => {
+                        inq.insert((&**c, *pid), ()).map_err(db)?;
+                    }
+                    Op::DelInQos2(c, pid) => {
+                        inq.remove((&**c, *pid)).map_err(db)?;
+                    }
+                    Op::PutRetained(t, v) => {
+                        retained.insert(t.as_str(), v.as_slice()).map_err(db)?;
+                    }
+                    Op::DelRetained(t) => {
+                        retained.remove(t.as_str()).map_err(db)?;
+                    }
+                    Op::Then(..) => {}
+                }
+            }
+        }
+        txn.commit().map_err(db)?;
+        Ok(())
+    }
+}
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
+    db(e)
+}
