@@ -31,6 +31,9 @@ enum Command {
     /// A stressor started by the daemon (internal).
     #[command(hide = true)]
     Stressor(chaosd::stress::worker::StressorArgs),
+    /// Resumes paused processes if the daemon dies (internal).
+    #[command(hide = true)]
+    PauseGuardian(chaosd::process::guardian::GuardianArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +58,9 @@ fn main() -> ExitCode {
     if let Command::Stressor(args) = cli.command {
         return chaosd::stress::worker::run(args);
     }
+    if let Command::PauseGuardian(args) = cli.command {
+        return chaosd::process::guardian::run(args);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CHAOSD_LOG").unwrap_or_else(|_| "info".into()),
@@ -63,7 +69,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Stressor(_) => unreachable!("dispatched before logging is set up"),
+        Command::Stressor(_) | Command::PauseGuardian(_) => unreachable!("dispatched before logging is set up"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

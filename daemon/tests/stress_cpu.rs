@@ -107,7 +107,7 @@ fn read_pids_line(stdout: std::process::ChildStdout) -> Vec<u32> {
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix("PIDS ") {
+            if let Some((_, rest)) = line.split_once("PIDS ") {
                 let _ = tx.send(rest.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>());
                 break;
             }

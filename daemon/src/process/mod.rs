@@ -4,3 +4,8 @@
 
 pub mod procfs;
 pub mod targets;
+mod driver;
+pub mod guardian;
+pub mod signal;
+
+pub use driver::{DEFAULT_GRACE, ProcessDriver};

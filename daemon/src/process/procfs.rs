@@ -8,7 +8,7 @@ use std::{fs, io, path::Path};
 use serde::{Deserialize, Serialize};
 
 /// A process as recorded in the journal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ProcId {
     pub pid: u32,
     pub start_time: u64,

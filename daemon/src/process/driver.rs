@@ -1,0 +1,377 @@
+//! `ProcessDriver`: kill (one signal, nothing to revert) and pause
+//! (SIGSTOP, SIGCONT at revert, a guardian in between).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    guardian::{self, Guardian},
+    procfs::{self, ProcId},
+    signal, targets,
+};
+use crate::{
+    driver::{ApplyContext, Driver, Liveness, Recorder},
+    error::ApiError,
+    experiment::{Counters, Experiment},
+    spec::{Fault, ProcessFault, Target},
+    stress::cgroup::{Layout, Roots},
+};
+
+/// How long paused processes stay paused after the daemon died, when the
+/// deadline is later: long enough for a restart (systemd's default
+/// RestartSec plus chaosd's start-up), short enough that a crashed daemon
+/// does not leave a service frozen.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// The guardian resumes this long after the deadline: the engine ends the
+/// pause on time, the guardian is the backstop when it cannot.
+const GUARDIAN_SLACK: Duration = Duration::from_secs(1);
+
+const KIND_PAUSED: &str = "paused";
+const KIND_SIGNALLED: &str = "signalled";
+const KIND_GUARDIAN: &str = "pause-guardian";
+const KIND_GUARDIAN_INTENT: &str = "pause-guardian-intent";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ProcObject {
+    kind: String,
+    pid: u32,
+    start_time: u64,
+}
+
+struct Pause {
+    procs: Vec<ProcId>,
+    guardian: Option<Guardian>,
+    target_pid: Option<ProcId>,
+}
+
+pub struct ProcessDriver {
+    exe: PathBuf,
+    grace: Duration,
+    roots: Roots,
+    paused: Mutex<HashMap<String, Pause>>,
+}
+
+fn objects_of(objects: &[Value], kind: &str) -> Vec<ProcId> {
+    objects
+        .iter()
+        .filter_map(|o| serde_json::from_value::<ProcObject>(o.clone()).ok())
+        .filter(|o| o.kind == kind)
+        .map(|o| ProcId { pid: o.pid, start_time: o.start_time })
+        .collect()
+}
+
+fn record(rec: &mut dyn Recorder, kind: &str, id: ProcId) -> Result<(), ApiError> {
+    rec.record(serde_json::to_value(ProcObject { kind: kind.into(), pid: id.pid, start_time: id.start_time }).expect("plain struct"))
+}
+
+impl ProcessDriver {
+    /// `exe`: the chaosd binary the pause guardian re-executes
+    /// (`/proc/self/exe` in the daemon). `grace`: how long a guardian waits
+    /// after the daemon died before it resumes (`DEFAULT_GRACE`).
+    pub fn new(exe: impl Into<PathBuf>, grace: Duration) -> Self {
+        Self { exe: exe.into(), grace, roots: Roots::host(), paused: Mutex::new(HashMap::new()) }
+    }
+
+    fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pid of the guardian of a paused experiment (tests).
+    pub fn guardian_pid(&self, id: &str) -> Option<u32> {
+        self.paused().get(id).and_then(|p| p.guardian.as_ref().map(|g| g.id.pid))
+    }
+
+    /// Processes of a cgroup and its descendants.
+    fn cgroup_procs(&self, path: &Path) -> Result<BTreeMap<u32, ProcId>, ApiError> {
+        let layout = Layout::detect(&self.roots)?;
+        let set = layout.of_path(&self.roots, path)?;
+        // v1: the hierarchy the user named when absolute, else the first.
+        let dir = if path.is_absolute() {
+            fs::canonicalize(path).map_err(|_| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
+        } else {
+            set.join.first().cloned().ok_or_else(|| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
+        };
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let text = fs::read_to_string(d.join("cgroup.procs"))
+                .map_err(|e| ApiError::Internal(format!("reading {}: {e}", d.join("cgroup.procs").display())))?;
+            for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                if let Some((id, st)) = procfs::identify(pid)
+                    && !st.is_kernel_thread()
+                {
+                    out.insert(pid, id);
+                }
+            }
+            if let Ok(rd) = fs::read_dir(&d) {
+                stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The processes a fault acts on, after the refusals.
+    fn resolve(&self, target: &Target) -> Result<BTreeMap<u32, ProcId>, ApiError> {
+        let set = match target {
+            Target::Pid(pid) => {
+                let (id, _) = targets::check_pid(*pid, "it would take the whole host down")?;
+                BTreeMap::from([(*pid, id)])
+            }
+            Target::ProcessName(name) => targets::by_name(name)?,
+            Target::Cgroup(path) => {
+                let set = self.cgroup_procs(path)?;
+                if set.is_empty() {
+                    return Err(ApiError::NotFound(format!("cgroup {} holds no process", path.display())));
+                }
+                set
+            }
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "process faults act on --pid, --name or --cgroup, not {other}"
+                )));
+            }
+        };
+        targets::refuse_protected(&set, &format!("{target}"))?;
+        Ok(set)
+    }
+
+    fn apply_kill(&self, exp: &Experiment, sig: i32, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+        let procs = self.resolve(&exp.target)?;
+        let mut sent = 0;
+        let mut errors = Vec::new();
+        for id in procs.values() {
+            record(rec, KIND_SIGNALLED, *id)?;
+            match signal::signal_exact(*id, sig) {
+                Ok(true) => sent += 1,
+                Ok(false) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if sent == 0 {
+            return Err(match (errors.is_empty(), &exp.target) {
+                (true, Target::Pid(pid)) => ApiError::NotFound(format!("pid {pid} exited before it could be signalled")),
+                (true, _) => ApiError::NotFound(format!("every process of {} exited before it could be signalled", exp.target)),
+                (false, _) => ApiError::Internal(errors.join("; ")),
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_pause(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+        let mut procs = self.resolve(&exp.target)?;
+        {
+            let paused = self.paused();
+            let mine: HashSet<u32> = paused
+                .values()
+                .flat_map(|p| p.procs.iter().map(|i| i.pid).chain(p.guardian.iter().map(|g| g.id.pid)))
+                .collect();
+            if let Some(pid) = procs.keys().find(|p| mine.contains(p)) {
+                let other = paused.iter().find(|(_, p)| p.procs.iter().any(|i| i.pid == *pid)).map(|(k, _)| k.clone());
+                return Err(ApiError::AlreadyExists(format!(
+                    "pid {pid} is already paused by experiment {}; recover that one first",
+                    other.unwrap_or_else(|| "of chaosd (its guardian)".into())
+                )));
+            }
+        }
+        let target_pid = match exp.target {
+            Target::Pid(pid) => procs.get(&pid).copied(),
+            _ => None,
+        };
+        rec.record(json!({ "kind": KIND_GUARDIAN_INTENT }))?;
+        let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, ctx.ends_at.map(|t| t + GUARDIAN_SLACK))
+            .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
+        let mut pause = Pause { procs: Vec::new(), guardian: None, target_pid };
+        let result = (|| -> Result<(), ApiError> {
+            record(rec, KIND_GUARDIAN, g.id)?;
+            // A cgroup's processes may fork while we stop them: go round
+            // until a pass finds nothing new (stopped processes cannot fork).
+            for _round in 0..5 {
+                for id in procs.values() {
+                    if pause.procs.iter().any(|p| p.pid == id.pid) {
+                        continue;
+                    }
+                    record(rec, KIND_PAUSED, *id)?;
+                    g.add(*id).map_err(|e| ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid)))?;
+                    match signal::stop(*id) {
+                        Ok(true) => pause.procs.push(*id),
+                        Ok(false) => {}
+                        Err(e) => return Err(ApiError::Internal(e.to_string())),
+                    }
+                }
+                let Target::Cgroup(path) = &exp.target else { break };
+                let now = self.cgroup_procs(path)?;
+                let new: Vec<u32> = now.keys().filter(|p| !pause.procs.iter().any(|x| x.pid == **p)).copied().collect();
+                if new.is_empty() {
+                    break;
+                }
+                procs = now;
+            }
+            if pause.procs.is_empty() {
+                return Err(match &exp.target {
+                    Target::Pid(pid) => ApiError::NotFound(format!("pid {pid} exited before it could be paused")),
+                    t => ApiError::NotFound(format!("every process of {t} exited before it could be paused")),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let mut errors: Vec<String> = Vec::new();
+            for id in &pause.procs {
+                if let Err(e) = signal::resume(*id) {
+                    errors.push(e.to_string());
+                }
+            }
+            if let Err(e) = g.finish() {
+                errors.push(e);
+            }
+            return Err(if errors.is_empty() { e } else { ApiError::Internal(format!("{e}; and while undoing: {}", errors.join("; "))) });
+        }
+        pause.guardian = Some(g);
+        self.paused().insert(exp.id.clone(), pause);
+        Ok(())
+    }
+}
+
+/// Tells guardians left by an earlier chaosd for this experiment to exit
+/// without resuming (we resumed, or a new guardian watches now).
+fn stand_down_old_guardians(exp_id: &str, keep: Option<u32>) {
+    for (id, _, _) in guardian::find_guardians(Some(exp_id)) {
+        if Some(id.pid) != keep {
+            let _ = signal::signal_exact(id, Signal::SIGUSR1 as i32);
+        }
+    }
+}
+
+impl Driver for ProcessDriver {
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+        match &exp.fault {
+            Fault::Process(ProcessFault::Kill { signal }) => self.apply_kill(exp, *signal, rec),
+            Fault::Process(ProcessFault::Pause) => self.apply_pause(exp, ctx, rec),
+            other => Err(ApiError::InvalidArgument(format!("the process driver cannot apply a {} fault", other.name()))),
+        }
+    }
+
+    fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
+        if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
+            // A signal cannot be taken back.
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        let pause = self.paused().remove(&exp.id);
+        let mut procs = objects_of(objects, KIND_PAUSED);
+        if let Some(p) = &pause {
+            procs.extend(p.procs.iter().filter(|i| !procs.contains(i)).copied().collect::<Vec<_>>());
+        }
+        for id in &procs {
+            // Gone or reused: nothing to resume, not an error.
+            if let Err(e) = signal::resume(*id) {
+                errors.push(e.to_string());
+            }
+        }
+        if let Some(g) = pause.and_then(|p| p.guardian)
+            && let Err(e) = g.finish()
+        {
+            errors.push(e);
+        }
+        stand_down_old_guardians(&exp.id, None);
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn counters(&self, _exp: &Experiment, objects: &[Value]) -> Counters {
+        let n = objects_of(objects, KIND_PAUSED).len() + objects_of(objects, KIND_SIGNALLED).len();
+        Counters { processes_signalled: n as u32, ..Counters::default() }
+    }
+
+    fn liveness(&self, exp: &Experiment, objects: &[Value]) -> Liveness {
+        let alive = match self.paused().get(&exp.id).and_then(|p| p.target_pid) {
+            Some(id) => procfs::is_alive(id),
+            None => objects_of(objects, KIND_PAUSED).into_iter().any(procfs::is_alive),
+        };
+        if alive { Liveness::Alive } else { Liveness::Gone }
+    }
+
+    /// A pause is resumed after a restart when its processes are still
+    /// stopped: a new guardian watches this daemon, then the old one is
+    /// told to stand down. When the old guardian already resumed them (the
+    /// daemon was down longer than the grace period) the pause is over and
+    /// the engine reverts it.
+    fn adopt(&self, exp: &Experiment, objects: &[Value]) -> Result<(), ApiError> {
+        if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
+            return Ok(());
+        }
+        let still: Vec<ProcId> =
+            objects_of(objects, KIND_PAUSED).into_iter().filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped())).collect();
+        if still.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the processes paused by experiment {} are no longer stopped (resumed by its guardian after chaosd stopped, or by someone else)",
+                exp.id
+            )));
+        }
+        let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, exp.ends_at.map(|t| t + GUARDIAN_SLACK))
+            .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
+        for id in &still {
+            if let Err(e) = g.add(*id) {
+                let _ = g.finish();
+                return Err(ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid)));
+            }
+        }
+        stand_down_old_guardians(&exp.id, Some(g.id.pid));
+        let target_pid = match exp.target {
+            Target::Pid(pid) => still.iter().find(|i| i.pid == pid).copied(),
+            _ => None,
+        };
+        self.paused().insert(exp.id.clone(), Pause { procs: still, guardian: Some(g), target_pid });
+        Ok(())
+    }
+
+    /// Guardians nobody will ever talk to again (their daemon is gone, or
+    /// it is this daemon and the experiment is not ours) are told to
+    /// resume their processes now and exit.
+    fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+        let _ = known;
+        let ours: HashSet<u32> = self.paused().values().filter_map(|p| p.guardian.as_ref().map(|g| g.id.pid)).collect();
+        let me = std::process::id();
+        let mut out = Vec::new();
+        for (id, exp, daemon) in guardian::find_guardians(None) {
+            if ours.contains(&id.pid) {
+                continue;
+            }
+            let daemon_alive = daemon.is_some_and(|d| d != me && procfs::identify(d).is_some());
+            if daemon_alive {
+                continue;
+            }
+            if signal::signal_exact(id, Signal::SIGTERM as i32).unwrap_or(false) {
+                out.push(format!("told leftover pause guardian pid {} of experiment {exp} to resume its processes", id.pid));
+            }
+        }
+        out
+    }
+
+    fn tick(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (id, p) in self.paused().iter_mut() {
+            // The guardian's deadline is later than the engine's, so a
+            // guardian that exited was killed: the processes are still
+            // stopped but no longer guarded, and the engine should end the
+            // pause (and resume them) now.
+            if let Some(g) = p.guardian.as_mut()
+                && g.exited()
+            {
+                let pid = g.id.pid;
+                p.guardian = None;
+                out.push((id.clone(), format!("the pause guardian (pid {pid}) exited unexpectedly; the pause was ended to be safe")));
+            }
+        }
+        out
+    }
+}
