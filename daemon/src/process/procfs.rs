@@ -147,6 +147,18 @@ fn parse_meminfo_total(text: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Anonymous resident memory (RssAnon of /proc/PID/status): what a memory
+/// stressor holds, without the chaosd binary's own mapped pages.
+pub fn rss_anon_bytes(pid: u32) -> io::Result<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(kib * 1024)
+}
+
 /// CPU time (user + system) of a process in nanoseconds.
 pub fn cpu_time_ns(st: &Stat) -> u64 {
     (st.utime + st.stime) * (1_000_000_000 / clock_ticks_per_second())

@@ -216,6 +216,14 @@ impl StressDriver {
             gates.push(w);
             rec.record(serde_json::to_value(StressorObject { kind: KIND_STRESSOR.into(), worker: i as u32, pid, start_time }).expect("plain struct"))?;
             cgroups.join(pid)?;
+            // Highest score by default: when the target's limit is hit, the
+            // kernel kills a stressor, not the service under test. 0 leaves
+            // the choice to the kernel (and undoes a negative score the
+            // daemon may have). Set here, before release, not by the
+            // stressor, so it holds from its first allocation.
+            let adj = if mode.iter().any(|a| a == "--oom-target") { "0" } else { "1000" };
+            std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj)
+                .map_err(|e| ApiError::Internal(format!("writing {adj} to /proc/{pid}/oom_score_adj: {e}")))?;
         }
         for (gate, s) in gates.iter_mut().zip(started.iter()) {
             gate.write_all(b"g").map_err(|e| ApiError::Internal(format!("releasing stressor pid {}: {e}", s.id.pid)))?;
@@ -283,7 +291,7 @@ fn refresh(s: &mut Stressor) {
     }
     if let Some(st) = procfs::stat_if_same(s.id) {
         s.cpu_ns = s.cpu_ns.max(procfs::cpu_time_ns(&st));
-        s.rss_bytes = if st.is_dead() { 0 } else { st.rss_pages * procfs::page_size() };
+        s.rss_bytes = if st.is_dead() { 0 } else { procfs::rss_anon_bytes(s.id.pid).unwrap_or(0) };
     } else {
         s.rss_bytes = 0;
     }
@@ -355,7 +363,7 @@ impl Driver for StressDriver {
                 for id in recorded(objects) {
                     if let Some(st) = procfs::stat_if_same(id).filter(|s| !s.is_dead()) {
                         c.stress_cpu_time_ns += procfs::cpu_time_ns(&st);
-                        c.stress_resident_bytes += st.rss_pages * procfs::page_size();
+                        c.stress_resident_bytes += procfs::rss_anon_bytes(id.pid).unwrap_or(0);
                     }
                 }
             }

@@ -46,7 +46,8 @@ pub enum StressorMode {
     Memory {
         #[arg(long)]
         bytes: u64,
-        /// Leave the OOM killer's choice to the kernel (oom_score_adj 0).
+        /// The daemon set oom_score_adj 0 instead of 1000 (shown here so
+        /// that ps tells the two apart).
         #[arg(long)]
         oom_target: bool,
     },
@@ -67,15 +68,6 @@ pub fn run(args: StressorArgs) -> ExitCode {
     }
     let name: &CStr = c"chaosd-stressor";
     let _ = nix::sys::prctl::set_name(name);
-    let oom_target = matches!(args.mode, StressorMode::Memory { oom_target: true, .. });
-    // Highest score by default: when the target's limit is hit, the kernel
-    // kills a stressor, not the service under test. 0 leaves the choice
-    // to the kernel (and undoes a negative score inherited from the daemon).
-    let adj = if oom_target { "0" } else { "1000" };
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj) {
-        eprintln!("chaosd-stressor: writing {adj} to /proc/self/oom_score_adj: {e}");
-        return ExitCode::FAILURE;
-    }
     // A stressor needs no privilege; exec as root gave it every capability.
     for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
         let _ = caps::clear(None, set);
