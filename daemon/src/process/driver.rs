@@ -216,6 +216,16 @@ impl ProcessDriver {
                 }
                 procs = now;
             }
+            // SIGSTOP takes effect when the process next runs: wait until
+            // each one shows as stopped, so that "active" means paused. A
+            // process in uninterruptible sleep stops only when it leaves
+            // it; after a second we stop waiting (it will stop then).
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while std::time::Instant::now() < deadline
+                && pause.procs.iter().any(|id| procfs::stat_if_same(*id).is_some_and(|s| !s.is_stopped() && !s.is_dead()))
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             if pause.procs.is_empty() {
                 return Err(match &exp.target {
                     Target::Pid(pid) => ApiError::NotFound(format!("pid {pid} exited before it could be paused")),

@@ -116,7 +116,9 @@ pub fn run(args: GuardianArgs) -> ExitCode {
         if let (Some(d), None) = (&daemon, daemon_died) {
             fds.push(libc::pollfd { fd: d.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
-        let timeout = wait_ms.map_or(-1, |w| w.min(i32::MAX as u64) as i32);
+        // Wake at least twice a second to notice that every guarded
+        // process is gone (nothing left to resume: exit).
+        let timeout = wait_ms.map_or(500, |w| w.min(500)) as i32;
         // SAFETY: fds is a valid array of pollfd of the given length.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {
@@ -126,6 +128,9 @@ pub fn run(args: GuardianArgs) -> ExitCode {
             eprintln!("chaosd-guardian: poll: {}", std::io::Error::last_os_error());
             resume_all(&procs, "the guardian cannot wait any more");
             return ExitCode::FAILURE;
+        }
+        if !procs.is_empty() && !procs.iter().any(|id| procfs::is_alive(*id)) {
+            return ExitCode::SUCCESS;
         }
         for p in &fds {
             if p.revents == 0 {
