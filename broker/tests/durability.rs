@@ -1,0 +1,157 @@
+//! Durability across `kill -9`: what the broker acknowledged for a
+//! persistent session is delivered after a restart (QoS 1 at least once,
+//! QoS 2 exactly once), and retained messages survive.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use broker::client::{Client, connect_packet};
+use broker::codec::{Ack, Packet, Properties, QoS, Version};
+use bytes::Bytes;
+use common::*;
+
+/// Publishes `n` messages at `qos` in pipelined batches and waits for every
+/// broker acknowledgement (PUBACK, or PUBREC then PUBCOMP).
+async fn publish_acked(p: &mut Client, qos: QoS, first_pid: u16, n: u32, tag: &str) {
+    let batch = 500;
+    let mut sent = 0;
+    while sent < n {
+        let k = batch.min(n - sent);
+        for i in 0..k {
+            let seq = sent + i;
+            let pid = first_pid + (i as u16);
+            let mut pk = broker::client::publish(&format!("dur/{tag}"), qos, pid, Bytes::from(format!("{tag}-{seq}")));
+            if let Packet::Publish(x) = &mut pk {
+                x.retain = false;
+            }
+            p.wr.queue(&pk);
+        }
+        p.wr.flush().await.expect("flush publishes");
+        let mut recs = 0;
+        while recs < k {
+            match p.recv(Duration::from_secs(30)).await.expect("ack from broker") {
+                Packet::PubAck(a) if qos == QoS::AtLeastOnce => {
+                    assert_eq!(a.code, 0);
+                    recs += 1;
+                }
+                Packet::PubRec(a) if qos == QoS::ExactlyOnce => {
+                    assert_eq!(a.code, 0);
+                    p.wr.queue(&Packet::PubRel(Ack::new(a.pid, 0)));
+                    recs += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if qos == QoS::ExactlyOnce {
+            p.wr.flush().await.expect("flush pubrel");
+            for _ in 0..k {
+                assert!(matches!(p.recv(Duration::from_secs(30)).await.expect("pubcomp"), Packet::PubComp(_)));
+            }
+        }
+        sent += k;
+    }
+}
+
+async fn durability_case(extra: &[&str], n1: u32, n2: u32) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut b = BrokerProc::spawn(dir.path(), port, extra);
+    let sub_props = Properties { session_expiry: Some(3600), ..Default::default() };
+    let mut sc = connect_packet(Version::V5, "dur-sub", true, 30);
+    sc.props = sub_props.clone();
+    let (mut sub, _) = Client::connect(b.addr, sc).await.expect("subscriber connects");
+    assert_eq!(subscribe(&mut sub, "dur/#", QoS::ExactlyOnce).await, vec![2]);
+    sub.send(&Packet::Disconnect(broker::codec::Disconnect { code: 0, props: Properties::default() }))
+        .await
+        .expect("disconnect");
+    drop(sub);
+    let mut p = connect(b.addr, Version::V311, "dur-pub", true).await;
+    p.send(&{
+        let mut r = broker::client::publish("keep/me", QoS::AtLeastOnce, 1, Bytes::from_static(b"retained"));
+        if let Packet::Publish(x) = &mut r {
+            x.retain = true;
+        }
+        r
+    })
+    .await
+    .expect("send retained");
+    assert!(matches!(next(&mut p).await, Packet::PubAck(_)));
+    let t0 = Instant::now();
+    publish_acked(&mut p, QoS::AtLeastOnce, 1, n1, "q1").await;
+    publish_acked(&mut p, QoS::ExactlyOnce, 1000, n2, "q2").await;
+    eprintln!("{} QoS 1 + {} QoS 2 acknowledged in {:?}", n1, n2, t0.elapsed());
+    // No goodbye: SIGKILL right after the last acknowledgement.
+    b.kill9();
+    drop(p);
+    let b = BrokerProc::spawn(dir.path(), port, extra);
+    let mut sc = connect_packet(Version::V5, "dur-sub", false, 30);
+    sc.props = sub_props;
+    let (mut sub, ack) = Client::connect(b.addr, sc).await.expect("subscriber reconnects");
+    assert!(ack.session_present, "persistent session must survive kill -9");
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let want = (n1 + n2) as usize;
+    while counts.len() < want {
+        assert!(Instant::now() < deadline, "only {} of {want} messages after restart", counts.len());
+        let pk = match sub.recv(Duration::from_secs(10)).await {
+            Ok(pk) => pk,
+            Err(e) => panic!("subscriber got {} of {want} messages, then: {e}", counts.len()),
+        };
+        match pk {
+            Packet::Publish(m) => {
+                let body = String::from_utf8(m.payload.to_vec()).expect("utf8 payload");
+                *counts.entry(body).or_default() += 1;
+                match m.qos {
+                    QoS::AtLeastOnce => sub.wr.queue(&Packet::PubAck(Ack::new(m.pid, 0))),
+                    QoS::ExactlyOnce => sub.wr.queue(&Packet::PubRec(Ack::new(m.pid, 0))),
+                    QoS::AtMostOnce => panic!("QoS 0 delivery of {}", m.topic),
+                }
+            }
+            Packet::PubRel(a) => sub.wr.queue(&Packet::PubComp(Ack::new(a.pid, 0))),
+            other => panic!("unexpected {other:?}"),
+        }
+        sub.wr.flush().await.expect("flush acks");
+    }
+    // Drain the remaining QoS 2 handshakes and any stray duplicate.
+    sub.wr.flush().await.expect("flush");
+    while let Ok(pk) = sub.recv(Duration::from_millis(500)).await {
+        match pk {
+            Packet::Publish(m) => {
+                let body = String::from_utf8(m.payload.to_vec()).expect("utf8 payload");
+                *counts.entry(body).or_default() += 1;
+                if m.qos == QoS::AtLeastOnce {
+                    sub.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("ack");
+                } else {
+                    sub.send(&Packet::PubRec(Ack::new(m.pid, 0))).await.expect("ack");
+                }
+            }
+            Packet::PubRel(a) => sub.send(&Packet::PubComp(Ack::new(a.pid, 0))).await.expect("pubcomp"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for i in 0..n1 {
+        assert!(counts.get(&format!("q1-{i}")).is_some_and(|c| *c >= 1), "QoS 1 message {i} lost");
+    }
+    for i in 0..n2 {
+        assert_eq!(counts.get(&format!("q2-{i}")).copied(), Some(1), "QoS 2 message {i} not exactly once");
+    }
+    // Retained message survived too.
+    let mut r = connect(b.addr, Version::V311, "ret-check", true).await;
+    subscribe(&mut r, "keep/#", QoS::AtMostOnce).await;
+    match next(&mut r).await {
+        Packet::Publish(m) => assert_eq!((&m.payload[..], m.retain), (&b"retained"[..], true)),
+        other => panic!("expected the retained message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_10000_qos1_and_1000_qos2_fsync_every_ack() {
+    durability_case(&["--fsync", "every-ack"], 10_000, 1_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_messages_fsync_group_commit() {
+    durability_case(&["--fsync", "group", "--group-commit-ms", "10"], 2_000, 200).await;
+}
