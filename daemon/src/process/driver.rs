@@ -59,6 +59,9 @@ pub struct ProcessDriver {
     grace: Duration,
     roots: Roots,
     paused: Mutex<HashMap<String, Pause>>,
+    /// Held by a pause while its guardian is not in `paused` yet, and by
+    /// sweep, so that a sweep never takes that guardian for a leftover.
+    applying: Mutex<()>,
 }
 
 fn objects_of(objects: &[Value], kind: &str) -> Vec<ProcId> {
@@ -79,7 +82,7 @@ impl ProcessDriver {
     /// (`/proc/self/exe` in the daemon). `grace`: how long a guardian waits
     /// after the daemon died before it resumes (`DEFAULT_GRACE`).
     pub fn new(exe: impl Into<PathBuf>, grace: Duration) -> Self {
-        Self { exe: exe.into(), grace, roots: Roots::host(), paused: Mutex::new(HashMap::new()) }
+        Self { exe: exe.into(), grace, roots: Roots::host(), paused: Mutex::new(HashMap::new()), applying: Mutex::new(()) }
     }
 
     fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
@@ -187,6 +190,7 @@ impl ProcessDriver {
             Target::Pid(pid) => procs.get(&pid).copied(),
             _ => None,
         };
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         rec.record(json!({ "kind": KIND_GUARDIAN_INTENT }))?;
         let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, ctx.ends_at.map(|t| t + GUARDIAN_SLACK))
             .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
@@ -327,6 +331,7 @@ impl Driver for ProcessDriver {
                 exp.id
             )));
         }
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, exp.ends_at.map(|t| t + GUARDIAN_SLACK))
             .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
         for id in &still {
@@ -349,6 +354,7 @@ impl Driver for ProcessDriver {
     /// resume their processes now and exit.
     fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
         let _ = known;
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let ours: HashSet<u32> = self.paused().values().filter_map(|p| p.guardian.as_ref().map(|g| g.id.pid)).collect();
         let me = std::process::id();
         let mut out = Vec::new();

@@ -64,11 +64,11 @@ pub fn by_name(name: &str) -> Result<BTreeMap<u32, ProcId>, ApiError> {
 /// Refuses a set of processes that contains chaosd or PID 1.
 pub fn refuse_protected(pids: &BTreeMap<u32, ProcId>, what: &str) -> Result<(), ApiError> {
     if pids.contains_key(&1) {
-        return Err(ApiError::InvalidArgument(format!("{what} includes PID 1 (init); refusing")));
+        return Err(ApiError::InvalidArgument(format!("{what} would include PID 1 (init); refusing")));
     }
     let me = std::process::id();
     if pids.contains_key(&me) {
-        return Err(ApiError::InvalidArgument(format!("{what} includes chaosd itself (pid {me}); refusing")));
+        return Err(ApiError::InvalidArgument(format!("{what} would include chaosd itself (pid {me}); refusing")));
     }
     Ok(())
 }

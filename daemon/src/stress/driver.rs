@@ -72,6 +72,9 @@ pub struct StressDriver {
     roots: Roots,
     spawner: Spawner,
     runs: Mutex<HashMap<String, Run>>,
+    /// Held by apply while stressors exist that are not in `runs` yet, and
+    /// by sweep, so that a sweep never takes them for leftovers.
+    applying: Mutex<()>,
 }
 
 impl StressDriver {
@@ -83,7 +86,7 @@ impl StressDriver {
 
     pub fn with_roots(exe: impl Into<PathBuf>, roots: Roots) -> Result<Self, ApiError> {
         let spawner = Spawner::new().map_err(|e| ApiError::Internal(format!("starting the stressor spawner thread: {e}")))?;
-        Ok(Self { exe: exe.into(), roots, spawner, runs: Mutex::new(HashMap::new()) })
+        Ok(Self { exe: exe.into(), roots, spawner, runs: Mutex::new(HashMap::new()), applying: Mutex::new(()) })
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Run>> {
@@ -319,6 +322,7 @@ impl Driver for StressDriver {
             StressFault::Memory { .. } => Some(cgroups.oom_kills(&self.roots.proc)?),
             StressFault::Cpu { .. } => None,
         };
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let mut started = Vec::new();
         if let Err(e) = self.start(exp, &plan, &cgroups, rec, &mut started) {
             let mut errors = Vec::new();
@@ -422,6 +426,7 @@ impl Driver for StressDriver {
     /// Stressors of another live chaosd are left to it.
     fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
         let _ = known;
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let ours: HashSet<u32> = self.runs().values().flat_map(|r| r.stressors.iter().map(|s| s.id.pid)).collect();
         let me = std::process::id();
         let mut removed = Vec::new();
