@@ -141,11 +141,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The drivers this host can run.
-fn build_drivers(_host: &probe::HostProbe, _args: &ServeArgs) -> Drivers {
+fn build_drivers(_host: &probe::HostProbe, args: &ServeArgs) -> Drivers {
+    // Stressors and the pause guardian are re-execs of this binary.
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!("cannot find chaosd's own binary to start stressors: {e}");
+            return Drivers {
+                network: Slot::Unavailable("network faults are not available in this build".into()),
+                stress: Slot::Unavailable(why.clone()),
+                process: Slot::Unavailable(why),
+            };
+        }
+    };
     Drivers {
         network: Slot::Unavailable("network faults are not available in this build".into()),
-        stress: Slot::Unavailable("stress faults are not available in this build".into()),
-        process: Slot::Unavailable("process faults are not available in this build".into()),
+        stress: match chaosd::stress::StressDriver::new(exe.clone()) {
+            Ok(d) => Slot::Ready(Box::new(d)),
+            Err(e) => Slot::Unavailable(e.to_string()),
+        },
+        process: Slot::Ready(Box::new(chaosd::process::ProcessDriver::new(exe, args.grace))),
     }
 }
 
