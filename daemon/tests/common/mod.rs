@@ -27,7 +27,13 @@ pub fn chaosctl() -> PathBuf {
 }
 
 /// A daemon on a private socket and state dir, killed and cleaned on drop.
+/// One daemon at a time per test binary: a daemon's start-up sweep removes
+/// chaosd-marked objects that its own journal does not know, which would
+/// include those of a daemon started by a test running in parallel.
+static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub struct Daemon {
+    _exclusive: std::sync::MutexGuard<'static, ()>,
     pub state_dir: PathBuf,
     child: Option<Child>,
     pub socket: PathBuf,
@@ -41,6 +47,7 @@ impl Daemon {
 
     /// Starts with extra `serve` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
+        let exclusive = ONE_DAEMON.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/chaosd.sock");
         let child = Command::new(chaosd())
@@ -52,7 +59,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn chaosd");
-        let d = Self { child: Some(child), socket, state_dir: dir.path().join("state"), _dir: dir };
+        let d = Self { _exclusive: exclusive, child: Some(child), socket, state_dir: dir.path().join("state"), _dir: dir };
         d.wait_for_socket();
         d
     }
