@@ -211,60 +211,22 @@ fn peers_overlap(a: &[IpNet], b: &[IpNet]) -> bool {
     a.iter().any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
 }
 
-/// Port constraints as (source ranges, destination ranges) alternatives:
-/// the "either" list splits into "source in it" or "destination in it".
-fn port_cases(s: &Selector) -> Vec<(Vec<Vec<PortRange>>, Vec<Vec<PortRange>>)> {
-    let mut base_src = Vec::new();
-    let mut base_dst = Vec::new();
-    if !s.source_ports.is_empty() {
-        base_src.push(s.source_ports.clone());
-    }
-    if !s.destination_ports.is_empty() {
-        base_dst.push(s.destination_ports.clone());
-    }
-    if s.ports.is_empty() {
-        return vec![(base_src, base_dst)];
-    }
-    let mut via_src = (base_src.clone(), base_dst.clone());
-    via_src.0.push(s.ports.clone());
-    let mut via_dst = (base_src, base_dst);
-    via_dst.1.push(s.ports.clone());
-    vec![via_src, via_dst]
+fn meet(a: &[PortRange], b: &[PortRange]) -> bool {
+    a.is_empty() || b.is_empty() || a.iter().any(|x| b.iter().any(|y| x.overlaps(y)))
 }
 
-/// Whether the intersection of several range lists is non-empty.
-fn all_meet(lists: &[Vec<PortRange>]) -> bool {
-    let Some((first, rest)) = lists.split_first() else { return true };
-    // Intersect range sets pairwise.
-    let mut acc: Vec<PortRange> = first.clone();
-    for l in rest {
-        let mut next = Vec::new();
-        for x in &acc {
-            for y in l {
-                if x.overlaps(y) {
-                    next.push(PortRange { first: x.first.max(y.first), last: x.last.min(y.last) });
-                }
-            }
-        }
-        acc = next;
-        if acc.is_empty() {
-            return false;
-        }
-    }
-    !acc.is_empty()
-}
-
+/// Port lists overlap when some port satisfies both selectors in the same
+/// role. A packet that goes from one faulted port to another (e.g. 1883 ->
+/// 7000 with faults on either port) is acted on by one of them only (the
+/// destination-port index is looked up first): such faults coexist, as
+/// users expect of faults on different ports.
 fn ports_overlap(a: &Selector, b: &Selector) -> bool {
-    for (sa, da) in port_cases(a) {
-        for (sb, db) in port_cases(b) {
-            let src: Vec<_> = sa.iter().chain(&sb).cloned().collect();
-            let dst: Vec<_> = da.iter().chain(&db).cloned().collect();
-            if all_meet(&src) && all_meet(&dst) {
-                return true;
-            }
-        }
-    }
-    false
+    let src = |s: &Selector| if s.source_ports.is_empty() { s.ports.clone() } else { s.source_ports.clone() };
+    let dst = |s: &Selector| if s.destination_ports.is_empty() { s.ports.clone() } else { s.destination_ports.clone() };
+    meet(&a.ports, &b.ports)
+        && meet(&a.source_ports, &b.source_ports)
+        && meet(&a.destination_ports, &b.destination_ports)
+        && (meet(&src(a), &src(b)) || meet(&dst(a), &dst(b)))
 }
 
 #[cfg(test)]
@@ -347,6 +309,7 @@ mod tests {
         b.destination_ports = vec![PortRange { first: 2000, last: 2000 }];
         // A packet 1000 -> 2000 matches both.
         assert!(overlaps(&a, &devs(), &b, &devs()));
+        assert!(overlaps(&a, &devs(), &sel(&[(1000, 1000)]), &devs()));
         let mut c = sel(&[]);
         c.source_ports = vec![PortRange { first: 1001, last: 1001 }];
         assert!(!overlaps(&a, &devs(), &c, &devs()));
