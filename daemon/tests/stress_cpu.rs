@@ -43,6 +43,9 @@ fn two_workers_at_half_load_add_one_cpu_to_the_target_cgroup() {
     for p in &pids {
         assert!(alive(*p), "stressor {p} is not running");
         assert!(in_cgroup(*p, &cg.name), "stressor {p} is not in {}", cg.name);
+        // Exec'd with SECBIT_NOROOT: no capabilities at all.
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+        assert!(status.lines().any(|l| l == "CapPrm:\t0000000000000000"), "stressor {p} holds capabilities:\n{status}");
     }
 
     // Let the duty cycle settle, then measure the cgroup's own accounting.

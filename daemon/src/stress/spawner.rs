@@ -32,7 +32,15 @@ impl Spawner {
     }
 
     /// Spawns `cmd` on the spawner thread with PR_SET_PDEATHSIG(SIGKILL)
-    /// armed before exec.
+    /// armed before exec, and without privileges after exec.
+    ///
+    /// SECBIT_NOROOT: exec as root would otherwise hand the stressor every
+    /// capability, more than the daemon kept. The kernel then (a) refuses
+    /// to move it into a v2 cgroup with the cpuset controller
+    /// (cpuset_can_attach -> security_task_setscheduler -> cap_safe_nice:
+    /// EPERM unless the mover holds CAP_SYS_NICE or a superset of its
+    /// capabilities) and (b) clears PR_SET_PDEATHSIG at exec (commit_creds
+    /// on raised capabilities). A stressor needs no privilege at all.
     pub fn spawn(&self, mut cmd: Command) -> io::Result<Child> {
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and only makes
@@ -42,6 +50,9 @@ impl Spawner {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // Needs CAP_SETPCAP; without it the stressor keeps root's
+                // capabilities and re-arms PDEATHSIG itself after exec.
+                libc::prctl(libc::PR_SET_SECUREBITS, libc::SECBIT_NOROOT as libc::c_ulong);
                 // The daemon died between fork and prctl: nobody will ever
                 // release or kill this stressor.
                 if libc::getppid() != parent {
