@@ -87,7 +87,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dropped = privilege::drop_unneeded().context("dropping unneeded capabilities")?;
     tracing::debug!(?dropped, "dropped capabilities");
 
+    let probe_started = std::time::Instant::now();
     let host = Arc::new(probe::probe_host());
+    tracing::info!(elapsed_ms = probe_started.elapsed().as_millis() as u64, "probed the host");
     log_probe(&host);
     let journal = Journal::open(&args.state_dir, journal::current_boot_id())?;
     let engine = Arc::new(Engine::new(journal, build_drivers(&host, &args)));

@@ -72,12 +72,19 @@ pub fn probe_host() -> HostProbe {
     let kernel_release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|e| format!("unknown ({e})"));
+    let t = std::time::Instant::now();
     let (bpf_prog_load, tcx, clsact) = probe_bpf();
+    tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "probed BPF load and attach");
+    let t = std::time::Instant::now();
     let (netem, htb, ifb) = probe_qdiscs();
+    tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "probed qdiscs and ifb");
+    let t = std::time::Instant::now();
+    let btf = probe_btf();
+    tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "probed BTF");
     HostProbe {
         kernel_release,
         bpf_prog_load,
-        btf: probe_btf(),
+        btf,
         netem,
         ifb,
         htb,
