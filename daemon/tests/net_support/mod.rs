@@ -68,6 +68,11 @@ impl Topo {
              ip -n {a} addr add fd77:{n}::1/64 dev va nodad && ip -n {b} addr add fd77:{n}::2/64 dev vb nodad && \
              ip -n {a} link set va up && ip -n {b} link set vb up"
         ));
+        // Wait until both families answer (link carrier, IPv6 neighbours).
+        for ip in [t.ip_b(false), t.ip_b(true)] {
+            let ok = (0..10).any(|_| udp_passes(a, b, SocketAddr::new(ip, 9)));
+            assert!(ok, "{ip} not reachable from {a} in the test topology");
+        }
         t
     }
 
