@@ -65,6 +65,11 @@ impl ReadHalf {
         }
     }
 
+    /// A packet already buffered, without reading the socket.
+    pub fn try_next(&mut self) -> Result<Option<Packet>, ClientError> {
+        Ok(codec::decode(&mut self.buf, self.version, 256 << 20)?)
+    }
+
     pub async fn recv_timeout(&mut self, d: Duration) -> Result<Packet, ClientError> {
         tokio::time::timeout(d, self.recv()).await.map_err(|_| ClientError::Timeout)?
     }

@@ -1,0 +1,91 @@
+//! The load client against a real broker: exact accounting, and it keeps
+//! counting across a broker kill -9 and restart.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker::bench::{BenchArgs, execute};
+use common::*;
+
+fn args(addr: std::net::SocketAddr) -> BenchArgs {
+    BenchArgs {
+        addr,
+        protocol: 5,
+        publishers: 2,
+        subscribers: 3,
+        topics: 0,
+        sub_mode: "split".into(),
+        rate: 300.0,
+        qos_mix: "40/50/10".into(),
+        payload: 64,
+        duration: 1.5,
+        drain: 5.0,
+        persistent: false,
+        inflight: 50,
+        prefix: "bt".into(),
+        id_prefix: "bt".into(),
+        json: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_every_message_per_qos() {
+    let b = start(|_| {}).await;
+    for protocol in [3, 5] {
+        let mut a = args(b.addr);
+        a.protocol = protocol;
+        a.id_prefix = format!("bt{protocol}");
+        let r = execute(&a).await.expect("bench runs");
+        for (q, x) in r.qos.iter().enumerate() {
+            assert!(x.sent > 0, "qos {q}: nothing sent");
+            // split mode, 3 subscribers over 2 topics: subscriber 2 shares topic 0.
+            assert!(x.expected > x.sent, "qos {q}: expected {} sent {}", x.expected, x.sent);
+            assert_eq!((x.received, x.lost, x.duplicated), (x.expected, 0, 0), "qos {q}: {x:?}");
+            assert!(x.latency_ms.p50 > 0.0 && x.latency_ms.p99 >= x.latency_ms.p50);
+        }
+        assert_eq!(r.publisher_reconnects + r.subscriber_reconnects, 0);
+        let json = serde_json::to_value(&r).expect("json");
+        assert!(json["qos"][1]["latency_ms"]["p99"].is_number());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_survives_broker_kill9_and_keeps_qos1_with_persistent_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut bp = BrokerProc::spawn(dir.path(), port, &[]);
+    let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["bench", "--addr", &bp.addr.to_string(), "--protocol", "5", "--publishers", "2", "--subscribers", "2"])
+        .args(["--rate", "200", "--qos-mix", "0/100/0", "--duration", "4", "--drain", "15", "--persistent", "--json"])
+        .args(["--prefix", "kill", "--id-prefix", "kill"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn broker bench");
+    let mut bench = ChildGuard(child);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    bp.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _bp2 = BrokerProc::spawn(dir.path(), port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let st = loop {
+        if let Some(st) = bench.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "bench did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(st.success(), "bench failed: {st}");
+    let mut out = String::new();
+    use std::io::Read;
+    bench.0.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect("bench JSON");
+    assert!(r["publisher_reconnects"].as_u64().expect("n") > 0, "{r}");
+    assert!(r["subscriber_reconnects"].as_u64().expect("n") > 0, "{r}");
+    let q1 = &r["qos"][1];
+    assert!(q1["sent"].as_u64().expect("n") > 500, "{q1}");
+    assert_eq!(q1["lost"].as_u64(), Some(0), "QoS 1 lost across kill -9: {q1}");
+    assert_eq!(q1["received"], q1["expected"], "{q1}");
+}
