@@ -350,16 +350,18 @@ impl Driver for ProcessDriver {
     }
 
     /// Guardians nobody will ever talk to again (their daemon is gone, or
-    /// it is this daemon and the experiment is not ours) are told to
-    /// resume their processes now and exit.
+    /// it is this daemon and the experiment is not ours) of experiments
+    /// that are not active are told to resume their processes now and exit.
     fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
-        let _ = known;
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        // Guardians of experiments still running were adopted (and the old
+        // guardian told to stand down) or are reverted by the engine.
+        let active: HashSet<&str> = known.iter().filter(|(e, _)| !e.state.is_terminal()).map(|(e, _)| e.id.as_str()).collect();
         let ours: HashSet<u32> = self.paused().values().filter_map(|p| p.guardian.as_ref().map(|g| g.id.pid)).collect();
         let me = std::process::id();
         let mut out = Vec::new();
         for (id, exp, daemon) in guardian::find_guardians(None) {
-            if ours.contains(&id.pid) {
+            if ours.contains(&id.pid) || active.contains(exp.as_str()) {
                 continue;
             }
             let daemon_alive = daemon.is_some_and(|d| d != me && procfs::identify(d).is_some());
