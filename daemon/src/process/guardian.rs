@@ -256,11 +256,11 @@ pub fn find_guardians(experiment: Option<&str>) -> Vec<(ProcId, String, Option<u
     let mut out = Vec::new();
     for pid in procfs::all_pids().unwrap_or_default() {
         let Some((id, st)) = procfs::identify(pid) else { continue };
-        if st.comm != GUARDIAN_COMM {
-            continue;
-        }
+        // argv[0] is set by exec; comm only once the guardian has renamed
+        // itself a moment later, so either marks it.
         let argv = procfs::cmdline(pid).unwrap_or_default();
-        if !argv.iter().any(|a| a == "pause-guardian") {
+        let marked = st.comm == GUARDIAN_COMM || argv.first().is_some_and(|a| a == GUARDIAN_COMM);
+        if !marked || !argv.iter().any(|a| a == "pause-guardian") {
             continue;
         }
         let arg = |name: &str| argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned();

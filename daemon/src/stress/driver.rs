@@ -435,14 +435,13 @@ impl Driver for StressDriver {
                 continue;
             }
             let Some((id, st)) = procfs::identify(pid) else { continue };
-            if st.comm != STRESSOR_COMM {
-                continue;
-            }
+            // argv[0] is set by exec, comm once the stressor renamed itself.
             let argv = procfs::cmdline(pid).unwrap_or_default();
-            let arg = |name: &str| argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned();
-            if !argv.iter().any(|a| a == "stressor") {
+            let marked = st.comm == STRESSOR_COMM || argv.first().is_some_and(|a| a == STRESSOR_COMM);
+            if !marked || !argv.iter().any(|a| a == "stressor") {
                 continue;
             }
+            let arg = |name: &str| argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned();
             let parent: Option<u32> = arg("--parent").and_then(|p| p.parse().ok());
             let orphaned = parent != Some(st.ppid);
             if !(orphaned || parent == Some(me)) {
