@@ -69,4 +69,11 @@ pub trait Driver: Send + Sync {
     fn tick(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// Clean stop of the daemon, after every experiment was recovered:
+    /// removes what the driver keeps between experiments (pinned maps,
+    /// helper threads), so a stopped chaosd leaves nothing behind.
+    fn shutdown(&self) -> Result<(), Vec<String>> {
+        Ok(())
+    }
 }

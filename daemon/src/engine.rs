@@ -473,6 +473,14 @@ impl Engine {
     /// Refuses new work and recovers every active experiment.
     pub fn shutdown(&self) -> Vec<ApiError> {
         self.closing.store(true, Ordering::SeqCst);
-        self.recover_all("daemon shut down").1
+        let mut errors = self.recover_all("daemon shut down").1;
+        if errors.is_empty() {
+            for (kind, driver) in self.drivers.all() {
+                if let Err(errs) = driver.shutdown() {
+                    errors.push(ApiError::Internal(format!("{kind:?} driver: {}", errs.join("; "))));
+                }
+            }
+        }
+        errors
     }
 }

@@ -48,6 +48,10 @@ struct ServeArgs {
     /// stops refreshing its heartbeat (e.g. killed).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     grace: std::time::Duration,
+    /// chaosd's directory on bpffs, where programs and maps are pinned so a
+    /// restarted daemon adopts them.
+    #[arg(long, default_value = "/sys/fs/bpf/chaosd")]
+    bpf_dir: PathBuf,
     /// Ports never matched by a network fault (repeatable).
     #[arg(long = "protect-port", default_values_t = [22u16])]
     protect_ports: Vec<u16>,
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("CHAOSD_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -143,21 +148,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The drivers this host can run.
-fn build_drivers(_host: &probe::HostProbe, args: &ServeArgs) -> Drivers {
+fn build_drivers(host: &probe::HostProbe, args: &ServeArgs) -> Drivers {
+    let network = {
+        let config = chaosd::net::NetConfig {
+            grace: args.grace,
+            protected_ports: args.protect_ports.clone(),
+            api_socket: args.socket.clone(),
+            bpffs: args.bpf_dir.clone(),
+        };
+        match chaosd::net::NetworkDriver::new(host, config) {
+            Ok(d) => Slot::Ready(Box::new(d)),
+            Err(e) => Slot::Unavailable(format!("network faults are unavailable: {e}")),
+        }
+    };
     // Stressors and the pause guardian are re-execs of this binary.
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
             let why = format!("cannot find chaosd's own binary to start stressors: {e}");
             return Drivers {
-                network: Slot::Unavailable("network faults are not available in this build".into()),
+                network,
                 stress: Slot::Unavailable(why.clone()),
                 process: Slot::Unavailable(why),
             };
         }
     };
     Drivers {
-        network: Slot::Unavailable("network faults are not available in this build".into()),
+        network,
         stress: match chaosd::stress::StressDriver::new(exe.clone()) {
             Ok(d) => Slot::Ready(Box::new(d)),
             Err(e) => Slot::Unavailable(e.to_string()),
