@@ -48,3 +48,21 @@ async fn health_and_prometheus_metrics() {
     assert_eq!(metric(&body, &format!("broker_connections{{{n}}}")), 1.0);
     assert_eq!(metric(&body, &format!("broker_connections_closed_total{{{n},reason=\"eof\"}}")), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_topics_publish_broker_stats() {
+    let b = start(|c| c.sys_interval_secs = 1).await;
+    let mut s = connect(b.addr, Version::V311, "sys", true).await;
+    subscribe(&mut s, "$SYS/broker/clients/connected", QoS::AtMostOnce).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no $SYS update");
+        if let Packet::Publish(m) = next(&mut s).await {
+            assert_eq!(m.topic, "$SYS/broker/clients/connected");
+            // Retained from an earlier interval may say 0; a live one counts us.
+            if &m.payload[..] == b"1" {
+                break;
+            }
+        }
+    }
+}

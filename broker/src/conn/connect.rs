@@ -87,7 +87,7 @@ pub async fn accept(
     if let Some(auth) = &sh.auth
         && !auth.check(c.username.as_deref(), c.password.as_deref())
     {
-        refuse(wr, c.version, if v5 { reason::BAD_USER_OR_PASSWORD } else { reason::NOT_AUTHORIZED }).await;
+        refuse(wr, c.version, reason::BAD_USER_OR_PASSWORD).await;
         tracing::warn!(%peer, client = %client_id, reason = "not_authorized", "closing connection: bad user name or password");
         return Err(CloseReason::NotAuthorized);
     }
