@@ -137,7 +137,7 @@ pub fn run(args: GuardianArgs) -> ExitCode {
                 continue;
             }
             if p.fd == sigfd.as_fd().as_raw_fd() {
-                while let Ok(Some(info)) = sigfd.read_signal() {
+                if let Ok(Some(info)) = sigfd.read_signal() {
                     if info.ssi_signo == Signal::SIGUSR1 as u32 {
                         eprintln!("chaosd-guardian: dismissed by the daemon (experiment {})", args.experiment);
                         return ExitCode::SUCCESS;

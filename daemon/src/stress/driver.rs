@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -27,7 +27,7 @@ use crate::{
     experiment::{Counters, Experiment},
     process::{
         procfs::{self, ProcId},
-        targets,
+        signal, targets,
     },
     spec::{Fault, MemorySize, StressFault, Target},
 };
@@ -259,12 +259,10 @@ fn kill_stressors(stressors: &mut [Stressor], errors: &mut Vec<String>) {
                     Err(e) => errors.push(format!("waiting for stressor pid {}: {e}", s.id.pid)),
                 }
             }
-        } else if procfs::is_alive(s.id) {
-            if let Err(e) = kill(Pid::from_raw(s.id.pid as i32), Signal::SIGKILL)
-                && e != nix::errno::Errno::ESRCH
-            {
-                errors.push(format!("kill(SIGKILL) of stressor pid {}: {e}", s.id.pid));
-            }
+        } else if procfs::is_alive(s.id)
+            && let Err(e) = signal::signal_exact(s.id, Signal::SIGKILL as i32)
+        {
+            errors.push(format!("SIGKILL of stressor: {e}"));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -447,7 +445,7 @@ impl Driver for StressDriver {
             if !(orphaned || parent == Some(me)) {
                 continue;
             }
-            if procfs::is_alive(id) && kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+            if signal::signal_exact(id, Signal::SIGKILL as i32).unwrap_or(false) {
                 removed.push(format!(
                     "killed leftover stressor pid {pid} of experiment {}",
                     arg("--experiment").unwrap_or_else(|| "?".into())

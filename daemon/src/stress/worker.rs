@@ -128,7 +128,7 @@ fn burn_cpu(load: u32) -> ExitCode {
     let mut k: u64 = 0;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     loop {
-        let period_end = start + PERIOD * (k as u32 + 1).min(u32::MAX);
+        let period_end = start + Duration::from_nanos(PERIOD.as_nanos() as u64 * (k + 1));
         let target = cycle.target(k, process_cpu_ns());
         while process_cpu_ns() < target && Instant::now() < period_end {
             // About 20-50 µs of work between clock reads.
