@@ -84,6 +84,16 @@ pub fn run(args: GuardianArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // All the guardian ever does is signal other users' processes.
+    let kill_only: caps::CapsHashSet = [caps::Capability::CAP_KILL].into_iter().collect();
+    for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable] {
+        let _ = caps::clear(None, set);
+    }
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        if let Err(e) = caps::set(None, set, &kill_only) {
+            eprintln!("chaosd-guardian: narrowing capabilities to CAP_KILL: {e}");
+        }
+    }
     // A daemon already gone at this point counts as dead from now on.
     let daemon = signal::pidfd_open(args.daemon).unwrap_or(None);
     let grace = Duration::from_millis(args.grace_ms);

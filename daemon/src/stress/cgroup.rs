@@ -429,6 +429,19 @@ mod tests {
     }
 
     #[test]
+    fn co_mounted_cpu_and_cpuacct_through_a_symlink() {
+        let f = fake("cgroup ROOT/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\ncgroup ROOT/memory cgroup rw,memory 0 0\n");
+        let cg = f.roots.cgroup.clone();
+        std::os::unix::fs::symlink(cg.join("cpu,cpuacct"), cg.join("cpu")).unwrap();
+        mkcg(&cg.join("cpu,cpuacct/app"));
+        let layout = Layout::detect(&f.roots).unwrap();
+        let set = layout.of_path(&f.roots, &cg.join("cpu/app")).unwrap();
+        assert_eq!(set.join, [cg.join("cpu,cpuacct/app")]);
+        assert_eq!(set.cpu, Some(cg.join("cpu,cpuacct/app")));
+        assert_eq!(set.memory, None);
+    }
+
+    #[test]
     fn v2_at_the_root_wins() {
         let f = fake("cgroup2 ROOT cgroup2 rw,nsdelegate 0 0\n");
         assert_eq!(Layout::detect(&f.roots).unwrap().version(), Version::V2);
