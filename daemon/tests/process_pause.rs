@@ -85,8 +85,10 @@ fn a_paused_counter_prints_nothing_and_resumes_after() {
     assert!(driver.tick().is_empty());
     let guardian = driver.guardian_pid(&exp.id).unwrap();
     // The guardian keeps CAP_KILL (bit 5) and nothing else.
-    let status = fs::read_to_string(format!("/proc/{guardian}/status")).unwrap();
-    assert!(status.lines().any(|l| l == "CapPrm:\t0000000000000020"), "guardian capabilities:\n{status}");
+    wait_until("the guardian to narrow its capabilities", Duration::from_secs(2), || {
+        let status = fs::read_to_string(format!("/proc/{guardian}/status")).unwrap();
+        status.lines().any(|l| l == "CapPrm:\t0000000000000020")
+    });
     driver.revert(&exp, &rec.0).unwrap_or_else(|e| panic!("revert: {e:?}"));
     let during = counter.between(t0 + Duration::from_millis(150), t1);
     println!("lines printed during the 1.5 s pause: {during}");
