@@ -217,12 +217,15 @@ impl Reader<'_> {
                     Some(Err(_)) => return End::quiet(CloseReason::IoError),
                 },
                 _ = local.cancelled() => {
-                    let reason = if close_code.load(Relaxed) == reason::SESSION_TAKEN_OVER {
-                        CloseReason::Takeover
-                    } else {
-                        CloseReason::Shutdown
+                    // The writer stopped: after a Close it was asked to send,
+                    // or because writing failed (the peer is gone).
+                    let (reason, publish_will) = match close_code.load(Relaxed) {
+                        reason::SESSION_TAKEN_OVER => (CloseReason::Takeover, false),
+                        reason::SERVER_SHUTTING_DOWN => (CloseReason::Shutdown, true),
+                        0 => (CloseReason::IoError, true),
+                        _ => (CloseReason::ProtocolError, true),
                     };
-                    return End { reason, send: None, publish_will: false, session_expiry: None, detail: None };
+                    return End { reason, send: None, publish_will, session_expiry: None, detail: None };
                 }
                 _ = shutdown.cancelled() => {
                     return End { send: Some(reason::SERVER_SHUTTING_DOWN), ..End::quiet(CloseReason::Shutdown) };
