@@ -314,25 +314,42 @@ impl Driver for ProcessDriver {
         if alive { Liveness::Alive } else { Liveness::Gone }
     }
 
-    /// A pause does not outlive the daemon that holds it: after a restart
-    /// the paused processes are resumed (the engine reverts the experiment
-    /// on this error, which sends SIGCONT and dismisses the old guardian),
-    /// as the old guardian would after its grace period anyway. Whoever
-    /// restarts chaosd, often to stop the chaos, gets the service back at
-    /// once rather than at a deadline the crashed daemon can no longer be
-    /// trusted to keep.
+    /// A pause found in the journal after a restart is still due: while
+    /// its processes are still stopped it goes on until its deadline (the
+    /// journal is the contract, as for network faults), a new guardian
+    /// watches this daemon and the old one is told to stand down. When the
+    /// old guardian already resumed them (the daemon was down longer than
+    /// the grace period) the pause is over and the engine reverts it.
     fn adopt(&self, exp: &Experiment, objects: &[Value]) -> Result<(), ApiError> {
         if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
             return Ok(());
         }
-        let stopped = objects_of(objects, KIND_PAUSED)
-            .into_iter()
-            .filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped()))
-            .count();
-        Err(ApiError::FailedPrecondition(format!(
-            "chaosd restarted during the pause; its {stopped} still stopped process(es) are resumed now (a pause ends with the daemon that holds it); pause again to continue"
-        )))
+        let still: Vec<ProcId> =
+            objects_of(objects, KIND_PAUSED).into_iter().filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped())).collect();
+        if still.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the processes paused by experiment {} are no longer stopped (resumed by its guardian after chaosd stopped, or by someone else)",
+                exp.id
+            )));
+        }
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, exp.ends_at.map(|t| t + GUARDIAN_SLACK))
+            .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
+        for id in &still {
+            if let Err(e) = g.add(*id) {
+                let _ = g.finish();
+                return Err(ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid)));
+            }
+        }
+        stand_down_old_guardians(&exp.id, Some(g.id.pid));
+        let target_pid = match exp.target {
+            Target::Pid(pid) => still.iter().find(|i| i.pid == pid).copied(),
+            _ => None,
+        };
+        self.paused().insert(exp.id.clone(), Pause { procs: still, guardian: Some(g), target_pid });
+        Ok(())
     }
+
 
     /// Guardians nobody will ever talk to again (their daemon is gone, or
     /// it is this daemon and the experiment is not ours) of experiments
