@@ -29,9 +29,12 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         let code = s.code();
-        let unreachable = matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown) && s.message().contains("transport");
-        if unreachable {
-            return Self::usage(format!("chaosd went away: {}", s.message()));
+        // Transport failures (the daemon died or closed the connection) come
+        // back as Unavailable/Unknown/Internal with an h2 or transport message.
+        let lost = matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal)
+            && (s.message().contains("transport") || s.message().contains("h2 protocol") || s.message().contains("connection"));
+        if lost {
+            return Self::usage(format!("lost the connection to chaosd (did it stop?): {}", s.message()));
         }
         let kind = match code {
             tonic::Code::InvalidArgument => "invalid argument",
