@@ -31,7 +31,11 @@ struct Counter {
 impl Counter {
     fn start() -> Self {
         let mut child: Child = Command::new("python3")
-            .args(["-u", "-c", "import itertools, time\nfor i in itertools.count():\n    print(i, flush=True)\n    time.sleep(0.1)\n"])
+            .args([
+                "-u",
+                "-c",
+                "import itertools, time\nfor i in itertools.count():\n    print(i, flush=True)\n    time.sleep(0.1)\n",
+            ])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             .spawn()
@@ -176,7 +180,9 @@ fn pause_by_name_and_by_cgroup_stops_every_process() {
     let driver = ProcessDriver::new(CHAOSD, DEFAULT_GRACE);
     let exp = experiment("byname", Target::ProcessName(name.clone()), PAUSE, None);
     let mut rec = VecRecorder::default();
-    wait_until("comm to be set", Duration::from_secs(2), || fs::read_to_string(format!("/proc/{}/comm", b.pid())).unwrap().trim() == name);
+    wait_until("comm to be set", Duration::from_secs(2), || {
+        fs::read_to_string(format!("/proc/{}/comm", b.pid())).unwrap().trim() == name
+    });
     driver.apply(&exp, &ctx(&exp), &mut rec).unwrap_or_else(|e| panic!("apply: {e}"));
     assert_eq!((state(a.pid()), state(b.pid())), ('T', 'T'));
     assert_eq!(driver.counters(&exp, &rec.0).processes_signalled, 2);

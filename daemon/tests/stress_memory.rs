@@ -95,7 +95,9 @@ fn a_percentage_is_of_the_target_cgroup_limit_and_oom_target_leaves_the_choice_t
     driver.apply(&exp, &ctx(&exp), &mut rec).unwrap_or_else(|e| panic!("apply: {e}"));
     let pid = recorded_pids(&rec.0, "stressor")[0];
     assert_eq!(fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap().trim(), "0");
-    wait_until("64 MiB resident", Duration::from_secs(20), || driver.counters(&exp, &rec.0).stress_resident_bytes >= 64 * MIB);
+    wait_until("64 MiB resident", Duration::from_secs(20), || {
+        driver.counters(&exp, &rec.0).stress_resident_bytes >= 64 * MIB
+    });
     thread::sleep(Duration::from_millis(300));
     let rss = driver.counters(&exp, &rec.0).stress_resident_bytes;
     println!("50% of a 128 MiB limit: {:.1} MiB resident", rss as f64 / MIB as f64);

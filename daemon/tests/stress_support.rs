@@ -73,7 +73,8 @@ impl TestCgroup {
 
     pub fn add(&self, pid: u32) {
         for (_, d) in &self.dirs {
-            fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap_or_else(|e| panic!("adding {pid} to {}: {e}", d.display()));
+            fs::write(d.join("cgroup.procs"), pid.to_string())
+                .unwrap_or_else(|e| panic!("adding {pid} to {}: {e}", d.display()));
         }
     }
 
@@ -91,7 +92,8 @@ impl TestCgroup {
     pub fn cpu_usage_ns(&self) -> u64 {
         if self.v2 {
             let stat = self.read("cpu", "cpu.stat");
-            let us: u64 = stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).expect("usage_usec").trim().parse().unwrap();
+            let us: u64 =
+                stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).expect("usage_usec").trim().parse().unwrap();
             us * 1000
         } else {
             self.read("cpuacct", "cpuacct.usage").trim().parse().unwrap()
@@ -102,7 +104,13 @@ impl TestCgroup {
         let mut all: Vec<u32> = self
             .dirs
             .iter()
-            .flat_map(|(_, d)| fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect::<Vec<u32>>())
+            .flat_map(|(_, d)| {
+                fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
             .collect();
         all.sort_unstable();
         all.dedup();

@@ -74,7 +74,10 @@ fn objects_of(objects: &[Value], kind: &str) -> Vec<ProcId> {
 }
 
 fn record(rec: &mut dyn Recorder, kind: &str, id: ProcId) -> Result<(), ApiError> {
-    rec.record(serde_json::to_value(ProcObject { kind: kind.into(), pid: id.pid, start_time: id.start_time }).expect("plain struct"))
+    rec.record(
+        serde_json::to_value(ProcObject { kind: kind.into(), pid: id.pid, start_time: id.start_time })
+            .expect("plain struct"),
+    )
 }
 
 impl ProcessDriver {
@@ -82,7 +85,13 @@ impl ProcessDriver {
     /// (`/proc/self/exe` in the daemon). `grace`: how long a guardian waits
     /// after the daemon died before it resumes (`DEFAULT_GRACE`).
     pub fn new(exe: impl Into<PathBuf>, grace: Duration) -> Self {
-        Self { exe: exe.into(), grace, roots: Roots::host(), paused: Mutex::new(HashMap::new()), applying: Mutex::new(()) }
+        Self {
+            exe: exe.into(),
+            grace,
+            roots: Roots::host(),
+            paused: Mutex::new(HashMap::new()),
+            applying: Mutex::new(()),
+        }
     }
 
     fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
@@ -100,9 +109,13 @@ impl ProcessDriver {
         let set = layout.of_path(&self.roots, path)?;
         // v1: the hierarchy the user named when absolute, else the first.
         let dir = if path.is_absolute() {
-            fs::canonicalize(path).map_err(|_| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
+            fs::canonicalize(path)
+                .map_err(|_| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
         } else {
-            set.join.first().cloned().ok_or_else(|| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
+            set.join
+                .first()
+                .cloned()
+                .ok_or_else(|| ApiError::NotFound(format!("cgroup {} does not exist", path.display())))?
         };
         let mut out = BTreeMap::new();
         let mut stack = vec![dir];
@@ -162,8 +175,12 @@ impl ProcessDriver {
         }
         if sent == 0 {
             return Err(match (errors.is_empty(), &exp.target) {
-                (true, Target::Pid(pid)) => ApiError::NotFound(format!("pid {pid} exited before it could be signalled")),
-                (true, _) => ApiError::NotFound(format!("every process of {} exited before it could be signalled", exp.target)),
+                (true, Target::Pid(pid)) => {
+                    ApiError::NotFound(format!("pid {pid} exited before it could be signalled"))
+                }
+                (true, _) => {
+                    ApiError::NotFound(format!("every process of {} exited before it could be signalled", exp.target))
+                }
                 (false, _) => ApiError::Internal(errors.join("; ")),
             });
         }
@@ -205,7 +222,9 @@ impl ProcessDriver {
                         continue;
                     }
                     record(rec, KIND_PAUSED, *id)?;
-                    g.add(*id).map_err(|e| ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid)))?;
+                    g.add(*id).map_err(|e| {
+                        ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid))
+                    })?;
                     match signal::stop(*id) {
                         Ok(true) => pause.procs.push(*id),
                         Ok(false) => {}
@@ -226,7 +245,10 @@ impl ProcessDriver {
             // it; after a second we stop waiting (it will stop then).
             let deadline = std::time::Instant::now() + Duration::from_secs(1);
             while std::time::Instant::now() < deadline
-                && pause.procs.iter().any(|id| procfs::stat_if_same(*id).is_some_and(|s| !s.is_stopped() && !s.is_dead()))
+                && pause
+                    .procs
+                    .iter()
+                    .any(|id| procfs::stat_if_same(*id).is_some_and(|s| !s.is_stopped() && !s.is_dead()))
             {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -248,7 +270,11 @@ impl ProcessDriver {
             if let Err(e) = g.finish() {
                 errors.push(e);
             }
-            return Err(if errors.is_empty() { e } else { ApiError::Internal(format!("{e}; and while undoing: {}", errors.join("; "))) });
+            return Err(if errors.is_empty() {
+                e
+            } else {
+                ApiError::Internal(format!("{e}; and while undoing: {}", errors.join("; ")))
+            });
         }
         pause.guardian = Some(g);
         self.paused().insert(exp.id.clone(), pause);
@@ -271,7 +297,9 @@ impl Driver for ProcessDriver {
         match &exp.fault {
             Fault::Process(ProcessFault::Kill { signal }) => self.apply_kill(exp, *signal, rec),
             Fault::Process(ProcessFault::Pause) => self.apply_pause(exp, ctx, rec),
-            other => Err(ApiError::InvalidArgument(format!("the process driver cannot apply a {} fault", other.name()))),
+            other => {
+                Err(ApiError::InvalidArgument(format!("the process driver cannot apply a {} fault", other.name())))
+            }
         }
     }
 
@@ -324,8 +352,10 @@ impl Driver for ProcessDriver {
         if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
             return Ok(());
         }
-        let still: Vec<ProcId> =
-            objects_of(objects, KIND_PAUSED).into_iter().filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped())).collect();
+        let still: Vec<ProcId> = objects_of(objects, KIND_PAUSED)
+            .into_iter()
+            .filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped()))
+            .collect();
         if still.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "the processes paused by experiment {} are no longer stopped (resumed by its guardian after chaosd stopped, or by someone else)",
@@ -350,7 +380,6 @@ impl Driver for ProcessDriver {
         Ok(())
     }
 
-
     /// Guardians nobody will ever talk to again (their daemon is gone, or
     /// it is this daemon and the experiment is not ours) of experiments
     /// that are not active are told to resume their processes now and exit.
@@ -358,7 +387,8 @@ impl Driver for ProcessDriver {
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         // Guardians of experiments still running were adopted (and the old
         // guardian told to stand down) or are reverted by the engine.
-        let active: HashSet<&str> = known.iter().filter(|(e, _)| !e.state.is_terminal()).map(|(e, _)| e.id.as_str()).collect();
+        let active: HashSet<&str> =
+            known.iter().filter(|(e, _)| !e.state.is_terminal()).map(|(e, _)| e.id.as_str()).collect();
         let ours: HashSet<u32> = self.paused().values().filter_map(|p| p.guardian.as_ref().map(|g| g.id.pid)).collect();
         let me = std::process::id();
         let mut out = Vec::new();
@@ -371,7 +401,10 @@ impl Driver for ProcessDriver {
                 continue;
             }
             if signal::signal_exact(id, Signal::SIGTERM as i32).unwrap_or(false) {
-                out.push(format!("told leftover pause guardian pid {} of experiment {exp} to resume its processes", id.pid));
+                out.push(format!(
+                    "told leftover pause guardian pid {} of experiment {exp} to resume its processes",
+                    id.pid
+                ));
             }
         }
         out
@@ -389,7 +422,10 @@ impl Driver for ProcessDriver {
             {
                 let pid = g.id.pid;
                 p.guardian = None;
-                out.push((id.clone(), format!("the pause guardian (pid {pid}) exited unexpectedly; the pause was ended to be safe")));
+                out.push((
+                    id.clone(),
+                    format!("the pause guardian (pid {pid}) exited unexpectedly; the pause was ended to be safe"),
+                ));
             }
         }
         out

@@ -42,11 +42,21 @@ pub fn signal_exact(id: ProcId, sig: i32) -> Result<bool, SignalError> {
     }
     // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
     let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0 as libc::c_uint)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
     };
     if r < 0 {
         let errno = Errno::last();
-        return if errno == Errno::ESRCH { Ok(false) } else { Err(SignalError { call: "pidfd_send_signal", pid: id.pid, errno }) };
+        return if errno == Errno::ESRCH {
+            Ok(false)
+        } else {
+            Err(SignalError { call: "pidfd_send_signal", pid: id.pid, errno })
+        };
     }
     Ok(true)
 }

@@ -51,7 +51,11 @@ pub fn by_name(name: &str) -> Result<BTreeMap<u32, ProcId>, ApiError> {
         let why = if name.len() > COMM_MAX {
             format!(
                 "; the kernel keeps only the first {COMM_MAX} bytes of a process name, so try '{}'",
-                &name[..name.char_indices().take_while(|(i, _)| *i < COMM_MAX).last().map_or(0, |(i, c)| i + c.len_utf8())]
+                &name[..name
+                    .char_indices()
+                    .take_while(|(i, _)| *i < COMM_MAX)
+                    .last()
+                    .map_or(0, |(i, c)| i + c.len_utf8())]
             )
         } else {
             String::new()

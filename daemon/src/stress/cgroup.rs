@@ -213,9 +213,13 @@ impl Layout {
                         return Err(CgroupError::Outside { path: path.to_path_buf(), root: roots.cgroup.clone() });
                     }
                     let dir = canonical_cgroup(path)?;
-                    let h = hierarchies.iter().filter(|h| dir.starts_with(&h.mount)).max_by_key(|h| h.mount.as_os_str().len());
+                    let h = hierarchies
+                        .iter()
+                        .filter(|h| dir.starts_with(&h.mount))
+                        .max_by_key(|h| h.mount.as_os_str().len());
                     let Some(h) = h else {
-                        let example = hierarchies.iter().find(|h| h.has("memory")).unwrap_or(&hierarchies[0]).mount.join("NAME");
+                        let example =
+                            hierarchies.iter().find(|h| h.has("memory")).unwrap_or(&hierarchies[0]).mount.join("NAME");
                         return Err(CgroupError::NotInHierarchy { path: path.to_path_buf(), example });
                     };
                     dir.strip_prefix(&h.mount).unwrap_or(Path::new("")).to_path_buf()
@@ -305,8 +309,11 @@ impl CgroupSet {
     pub fn join(&self, pid: u32) -> Result<(), CgroupError> {
         for dir in &self.join {
             let path = dir.join("cgroup.procs");
-            fs::write(&path, pid.to_string())
-                .map_err(|source| CgroupError::Write { path, value: pid.to_string(), source })?;
+            fs::write(&path, pid.to_string()).map_err(|source| CgroupError::Write {
+                path,
+                value: pid.to_string(),
+                source,
+            })?;
         }
         Ok(())
     }

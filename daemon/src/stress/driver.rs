@@ -85,7 +85,8 @@ impl StressDriver {
     }
 
     pub fn with_roots(exe: impl Into<PathBuf>, roots: Roots) -> Result<Self, ApiError> {
-        let spawner = Spawner::new().map_err(|e| ApiError::Internal(format!("starting the stressor spawner thread: {e}")))?;
+        let spawner =
+            Spawner::new().map_err(|e| ApiError::Internal(format!("starting the stressor spawner thread: {e}")))?;
         Ok(Self { exe: exe.into(), roots, spawner, runs: Mutex::new(HashMap::new()), applying: Mutex::new(()) })
     }
 
@@ -95,7 +96,10 @@ impl StressDriver {
 
     /// Pids of the live stressors of an experiment (for tests and status).
     pub fn stressor_pids(&self, id: &str) -> Vec<u32> {
-        self.runs().get(id).map(|r| r.stressors.iter().filter(|s| s.exited.is_none()).map(|s| s.id.pid).collect()).unwrap_or_default()
+        self.runs()
+            .get(id)
+            .map(|r| r.stressors.iter().filter(|s| s.exited.is_none()).map(|s| s.id.pid).collect())
+            .unwrap_or_default()
     }
 
     /// The target's cgroups, after checking the target.
@@ -113,7 +117,9 @@ impl StressDriver {
             }
             Target::Cgroup(path) => Ok((layout.of_path(&self.roots, path)?, None)),
             Target::Host => Ok((layout.root(), None)),
-            other => Err(ApiError::InvalidArgument(format!("stress faults act on --pid, --cgroup or --host, not {other}"))),
+            other => {
+                Err(ApiError::InvalidArgument(format!("stress faults act on --pid, --cgroup or --host, not {other}")))
+            }
         }
     }
 
@@ -149,7 +155,8 @@ impl StressDriver {
                         cgroups.display
                     )));
                 }
-                let host = procfs::mem_total_bytes().map_err(|e| ApiError::Internal(format!("reading /proc/meminfo: {e}")))?;
+                let host =
+                    procfs::mem_total_bytes().map_err(|e| ApiError::Internal(format!("reading /proc/meminfo: {e}")))?;
                 let bytes = match size {
                     MemorySize::Bytes(b) => *b,
                     MemorySize::PercentOfLimit(p) => {
@@ -171,7 +178,8 @@ impl StressDriver {
                 let first = each + bytes % workers;
                 Ok((0..workers)
                     .map(|i| {
-                        let mut a = vec!["memory".into(), "--bytes".into(), if i == 0 { first } else { each }.to_string()];
+                        let mut a =
+                            vec!["memory".into(), "--bytes".into(), if i == 0 { first } else { each }.to_string()];
                         if *oom_target {
                             a.push("--oom-target".into());
                         }
@@ -215,9 +223,18 @@ impl StressDriver {
                 .map_err(|e| ApiError::Internal(format!("starting stressor {} ({}): {e}", i, self.exe.display())))?;
             let pid = child.id();
             let start_time = procfs::stat(pid).map(|s| s.start_time).unwrap_or(0);
-            started.push(Stressor { id: ProcId { pid, start_time }, child: Some(child), cpu_ns: 0, rss_bytes: 0, exited: None });
+            started.push(Stressor {
+                id: ProcId { pid, start_time },
+                child: Some(child),
+                cpu_ns: 0,
+                rss_bytes: 0,
+                exited: None,
+            });
             gates.push(w);
-            rec.record(serde_json::to_value(StressorObject { kind: KIND_STRESSOR.into(), worker: i as u32, pid, start_time }).expect("plain struct"))?;
+            rec.record(
+                serde_json::to_value(StressorObject { kind: KIND_STRESSOR.into(), worker: i as u32, pid, start_time })
+                    .expect("plain struct"),
+            )?;
             cgroups.join(pid)?;
             // Highest score by default: when the target's limit is hit, the
             // kernel kills a stressor, not the service under test. 0 leaves
@@ -229,7 +246,8 @@ impl StressDriver {
                 .map_err(|e| ApiError::Internal(format!("writing {adj} to /proc/{pid}/oom_score_adj: {e}")))?;
         }
         for (gate, s) in gates.iter_mut().zip(started.iter()) {
-            gate.write_all(b"g").map_err(|e| ApiError::Internal(format!("releasing stressor pid {}: {e}", s.id.pid)))?;
+            gate.write_all(b"g")
+                .map_err(|e| ApiError::Internal(format!("releasing stressor pid {}: {e}", s.id.pid)))?;
         }
         drop(gates);
         // A stressor that cannot run (mmap refused, bad binary) exits at
@@ -238,7 +256,10 @@ impl StressDriver {
         for s in started.iter_mut() {
             if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 s.exited = Some(status);
-                return Err(ApiError::Internal(format!("stressor pid {} exited at start ({status}); see chaosd's log", s.id.pid)));
+                return Err(ApiError::Internal(format!(
+                    "stressor pid {} exited at start ({status}); see chaosd's log",
+                    s.id.pid
+                )));
             }
         }
         Ok(())
@@ -312,7 +333,10 @@ fn describe_exit(pid: u32, status: ExitStatus, oom_delta: Option<u64>, cgroups: 
 impl Driver for StressDriver {
     fn apply(&self, exp: &Experiment, _ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
         let Fault::Stress(fault) = &exp.fault else {
-            return Err(ApiError::InvalidArgument(format!("the stress driver cannot apply a {} fault", exp.fault.name())));
+            return Err(ApiError::InvalidArgument(format!(
+                "the stress driver cannot apply a {} fault",
+                exp.fault.name()
+            )));
         };
         let (cgroups, target_pid) = self.target_cgroups(&exp.target)?;
         let plan = self.plan(exp, fault, &cgroups)?;
@@ -327,7 +351,9 @@ impl Driver for StressDriver {
             kill_stressors(&mut started, &mut errors);
             return Err(match errors.is_empty() {
                 true => e,
-                false => ApiError::Internal(format!("{e}; and while removing the stressors again: {}", errors.join("; "))),
+                false => {
+                    ApiError::Internal(format!("{e}; and while removing the stressors again: {}", errors.join("; ")))
+                }
             });
         }
         self.runs().insert(exp.id.clone(), Run { stressors: started, cgroups, oom_base, target_pid, ended: false });
@@ -405,14 +431,20 @@ impl Driver for StressDriver {
             )));
         }
         let Fault::Stress(fault) = &exp.fault else {
-            return Err(ApiError::InvalidArgument(format!("the stress driver cannot adopt a {} fault", exp.fault.name())));
+            return Err(ApiError::InvalidArgument(format!(
+                "the stress driver cannot adopt a {} fault",
+                exp.fault.name()
+            )));
         };
         let (cgroups, target_pid) = self.target_cgroups(&exp.target)?;
         let oom_base = match fault {
-            StressFault::Memory { .. } => Some(cgroups.oom_kills(&self.roots.proc)?.saturating_sub(exp.counters.oom_kills)),
+            StressFault::Memory { .. } => {
+                Some(cgroups.oom_kills(&self.roots.proc)?.saturating_sub(exp.counters.oom_kills))
+            }
             StressFault::Cpu { .. } => None,
         };
-        let stressors = ids.into_iter().map(|id| Stressor { id, child: None, cpu_ns: 0, rss_bytes: 0, exited: None }).collect();
+        let stressors =
+            ids.into_iter().map(|id| Stressor { id, child: None, cpu_ns: 0, rss_bytes: 0, exited: None }).collect();
         self.runs().insert(exp.id.clone(), Run { stressors, cgroups, oom_base, target_pid, ended: false });
         Ok(())
     }
@@ -477,7 +509,9 @@ impl Driver for StressDriver {
                 continue;
             }
             if let Some((pid, status)) = first_exit {
-                let delta = run.oom_base.map(|base| run.cgroups.oom_kills(&self.roots.proc).map(|n| n.saturating_sub(base)).unwrap_or(0));
+                let delta = run
+                    .oom_base
+                    .map(|base| run.cgroups.oom_kills(&self.roots.proc).map(|n| n.saturating_sub(base)).unwrap_or(0));
                 run.ended = true;
                 out.push((id.clone(), describe_exit(pid, status, delta, &run.cgroups)));
             }

@@ -22,10 +22,12 @@ impl From<cgroup::CgroupError> for ApiError {
             E::Missing(_) => ApiError::NotFound(format!("{e}: create it first, or check the path")),
             E::NoPid(_) => ApiError::NotFound(e.to_string()),
             E::NoHierarchy(_) => ApiError::Unavailable(e.to_string()),
-            E::Write { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => ApiError::FailedPrecondition(format!(
-                "{e}: cgroup v2 puts processes only in leaf cgroups and this one has controllers \
+            E::Write { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                ApiError::FailedPrecondition(format!(
+                    "{e}: cgroup v2 puts processes only in leaf cgroups and this one has controllers \
                  enabled for its children (cgroup.subtree_control); target a leaf cgroup or --pid"
-            )),
+                ))
+            }
             E::Read { .. } | E::Write { .. } | E::PidWithout { .. } => ApiError::Internal(e.to_string()),
         }
     }
