@@ -133,3 +133,32 @@ fn pdeath_helper() {
     // Only reached when the test above failed to kill us.
     driver.revert(&exp, &rec.0).unwrap();
 }
+
+/// A stressor killed from outside (not by the OOM killer) ends the
+/// experiment through `tick`, with a reason that says so.
+#[test]
+fn a_stressor_killed_from_outside_is_reported_by_tick() {
+    require_root();
+    let cg = TestCgroup::new("killed");
+    let driver = StressDriver::new(CHAOSD).unwrap();
+    let exp = experiment("killed", Target::Cgroup(cg.dir("cpuacct")), cpu(2, 5), None);
+    let mut rec = VecRecorder::default();
+    driver.apply(&exp, &ctx(&exp), &mut rec).unwrap();
+    let pids = recorded_pids(&rec.0, "stressor");
+    assert!(driver.tick().is_empty());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut ended = Vec::new();
+    wait_until("tick to report the killed stressor", Duration::from_secs(2), || {
+        ended.extend(driver.tick());
+        !ended.is_empty()
+    });
+    println!("tick: {ended:?}");
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].0, "killed");
+    assert!(ended[0].1.contains(&format!("stressor pid {} was killed by signal 15", pids[0])), "{ended:?}");
+    // Reported once only.
+    thread::sleep(Duration::from_millis(200));
+    assert!(driver.tick().is_empty());
+    driver.revert(&exp, &rec.0).unwrap();
+    assert!(!alive(pids[1]));
+}
