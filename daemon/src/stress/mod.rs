@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 mod driver;
+mod plan;
 pub mod spawner;
 pub mod worker;
 
