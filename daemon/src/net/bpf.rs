@@ -130,6 +130,9 @@ impl Datapath {
         }
         fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let mut loader = EbpfLoader::new();
+        // No CO-RE relocations in these programs: skip parsing the kernel's
+        // BTF, which costs hundreds of milliseconds per load.
+        loader.btf(None);
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -213,6 +216,9 @@ impl Datapath {
         let ns_dir = self.ns_dir(netns);
         fs::create_dir_all(&ns_dir).map_err(io(format!("create {}", ns_dir.display())))?;
         let mut loader = EbpfLoader::new();
+        // No CO-RE relocations in these programs: skip parsing the kernel's
+        // BTF, which costs hundreds of milliseconds per load.
+        loader.btf(None);
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, self.dir.join(n))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

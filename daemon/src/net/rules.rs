@@ -20,8 +20,14 @@ pub const EXPAND_LIMIT: u32 = 4096;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
-    #[error("at most {MAX_RANGES} port ranges per list (got {0}); merge them into fewer ranges")]
+    #[error("a port list wider than {EXPAND_LIMIT} ports may have at most {MAX_RANGES} ranges (got {0}); merge them")]
     TooManyRanges(usize),
+    #[error("combine at most two of --port, --sport and --dport in one fault")]
+    TooManyLists,
+    #[error("two port lists wider than {EXPAND_LIMIT} ports each cannot be combined; narrow one of them")]
+    TooWide,
+    #[error("ICMP has no ports; drop the port selectors or choose tcp/udp")]
+    IcmpPorts,
 }
 
 /// One index table a rule is entered in: protocol key, role, and the ports
@@ -37,8 +43,7 @@ impl Table {
     /// Exact keys (port numbers) of the table.
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         let any = (self.role == ROLE_ANY).then_some(0u16);
-        any.into_iter()
-            .chain(self.ports.iter().flat_map(|r| r.first..=r.last))
+        any.into_iter().chain(self.ports.iter().flat_map(|r| r.first..=r.last))
     }
 
     /// Index into `DevConf::users` / bit of `DevConf::mask`.
@@ -63,29 +68,50 @@ pub fn mapped(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-fn spans(list: &[PortRange]) -> Result<([PortSpan; MAX_RANGES], u8), CompileError> {
-    if list.len() > MAX_RANGES {
-        return Err(CompileError::TooManyRanges(list.len()));
-    }
-    let mut out = [PortSpan::default(); MAX_RANGES];
-    for (o, r) in out.iter_mut().zip(list) {
-        *o = PortSpan { first: r.first, last: r.last };
-    }
-    Ok((out, list.len() as u8))
-}
-
 fn width(list: &[PortRange]) -> u32 {
     list.iter().map(|r| (r.last - r.first) as u32 + 1).sum()
 }
 
-/// Protocol keys the rule is indexed under, and the protocol it checks.
-fn protocols(sel: &Selector) -> (Vec<u8>, u8) {
-    match sel.protocol {
-        Protocol::All => (vec![PROTO_ALL], PROTO_ALL),
-        Protocol::Tcp => (vec![PROTO_TCP], PROTO_TCP),
-        Protocol::Udp => (vec![PROTO_UDP], PROTO_UDP),
-        // Found only through the ICMP keys, so "all" is exact enough.
-        Protocol::Icmp => (vec![PROTO_ICMP, PROTO_ICMPV6], PROTO_ALL),
+/// Which port lists are indexed (expanded into exact keys) and which one,
+/// if any, the program checks from the rule: (index role(s) with ports,
+/// residual (role, ranges)).
+type Split = (Vec<(u8, Vec<PortRange>)>, Option<(u8, Vec<PortRange>)>);
+
+fn split_ports(sel: &Selector) -> Result<Split, CompileError> {
+    // (role used for the index, role of the residual check, list)
+    let lists: Vec<(u8, &Vec<PortRange>)> = [
+        (ROLE_DPORT, &sel.destination_ports),
+        (ROLE_SPORT, &sel.source_ports),
+        (ROLE_ANY, &sel.ports),
+    ]
+    .into_iter()
+    .filter(|(_, l)| !l.is_empty())
+    .collect();
+    let index_of = |role: u8, l: &Vec<PortRange>| -> Vec<(u8, Vec<PortRange>)> {
+        if role == ROLE_ANY {
+            vec![(ROLE_DPORT, l.clone()), (ROLE_SPORT, l.clone())]
+        } else {
+            vec![(role, l.clone())]
+        }
+    };
+    let resid = |role: u8, l: &Vec<PortRange>| -> Result<(u8, Vec<PortRange>), CompileError> {
+        if l.len() > MAX_RANGES {
+            return Err(CompileError::TooManyRanges(l.len()));
+        }
+        Ok((role, l.clone()))
+    };
+    match lists.as_slice() {
+        [] => Ok((vec![], None)),
+        [(role, l)] if width(l) <= EXPAND_LIMIT => Ok((index_of(*role, l), None)),
+        [(role, l)] => Ok((vec![], Some(resid(*role, l)?))),
+        [(r1, l1), (r2, l2)] => {
+            let (a, b) = if width(l1) <= width(l2) { ((r1, l1), (r2, l2)) } else { ((r2, l2), (r1, l1)) };
+            if width(a.1) > EXPAND_LIMIT {
+                return Err(CompileError::TooWide);
+            }
+            Ok((index_of(*a.0, a.1), Some(resid(*b.0, b.1)?)))
+        }
+        _ => Err(CompileError::TooManyLists),
     }
 }
 
@@ -93,10 +119,18 @@ fn protocols(sel: &Selector) -> (Vec<u8>, u8) {
 /// bandwidth), 0 otherwise. `deadline_ns`: CLOCK_BOOTTIME, 0 for none.
 pub fn compile(fault: &NetworkFault, classid: u32, deadline_ns: u64) -> Result<Compiled, CompileError> {
     let sel = &fault.selector;
-    let (either, n_either) = spans(&sel.ports)?;
-    let (src, n_src) = spans(&sel.source_ports)?;
-    let (dst, n_dst) = spans(&sel.destination_ports)?;
-    let (keys, proto) = protocols(sel);
+    let has_ports = !(sel.ports.is_empty() && sel.source_ports.is_empty() && sel.destination_ports.is_empty());
+    let (keys, proto): (Vec<u8>, u8) = match (sel.protocol, has_ports) {
+        (Protocol::All, false) => (vec![PROTO_ALL], PROTO_ALL),
+        // Only TCP and UDP carry ports.
+        (Protocol::All, true) => (vec![PROTO_TCP, PROTO_UDP], PROTO_ALL),
+        (Protocol::Tcp, _) => (vec![PROTO_TCP], PROTO_TCP),
+        (Protocol::Udp, _) => (vec![PROTO_UDP], PROTO_UDP),
+        (Protocol::Icmp, true) => return Err(CompileError::IcmpPorts),
+        // Found only through the ICMP keys, so "all" is exact enough.
+        (Protocol::Icmp, false) => (vec![PROTO_ICMP, PROTO_ICMPV6], PROTO_ALL),
+    };
+    let (index, residual) = split_ports(sel)?;
     let (action, loss_threshold, correlation) = match &fault.action {
         NetAction::Loss { percent, correlation } => {
             (ACTION_LOSS, (percent / 100.0 * 4_294_967_296.0).round() as u64, scale_u32(*correlation))
@@ -104,21 +138,15 @@ pub fn compile(fault: &NetworkFault, classid: u32, deadline_ns: u64) -> Result<C
         NetAction::Partition => (ACTION_PARTITION, 0, 0),
         _ => (ACTION_CLASSIFY, 0, 0),
     };
-    let mut rule = Rule {
-        deadline_ns,
-        loss_threshold,
-        correlation,
-        classid,
-        action,
-        proto,
-        flags: 0,
-        n_either,
-        n_src,
-        n_dst,
-        _pad: [0; 2],
-        either,
-        src,
-        dst,
+    let mut resid = [PortSpan::default(); MAX_RANGES];
+    let (resid_role, n_resid) = match &residual {
+        Some((role, l)) => {
+            for (o, r) in resid.iter_mut().zip(l) {
+                *o = PortSpan { first: r.first, last: r.last };
+            }
+            (*role, l.len() as u8)
+        }
+        None => (ROLE_ANY, 0),
     };
     let peers: Vec<(u32, [u8; 16])> = sel
         .peers
@@ -132,23 +160,27 @@ pub fn compile(fault: &NetworkFault, classid: u32, deadline_ns: u64) -> Result<C
             (len, mapped(net.addr()))
         })
         .collect();
-    if !peers.is_empty() {
-        rule.flags |= FLAG_PEERS;
-    }
-    // The most selective exact list becomes the index; the others are
-    // checked from the rule.
+    let rule = Rule {
+        deadline_ns,
+        loss_threshold,
+        correlation,
+        classid,
+        action,
+        proto,
+        flags: if peers.is_empty() { 0 } else { FLAG_PEERS },
+        resid_role,
+        n_resid,
+        has_ports: has_ports as u8,
+        _pad: [0; 2],
+        resid,
+    };
     let mut tables = Vec::new();
     for proto_key in keys {
-        let small = |l: &[PortRange]| !l.is_empty() && width(l) <= EXPAND_LIMIT;
-        if small(&sel.destination_ports) {
-            tables.push(Table { proto: proto_key, role: ROLE_DPORT, ports: sel.destination_ports.clone() });
-        } else if small(&sel.source_ports) {
-            tables.push(Table { proto: proto_key, role: ROLE_SPORT, ports: sel.source_ports.clone() });
-        } else if small(&sel.ports) {
-            tables.push(Table { proto: proto_key, role: ROLE_DPORT, ports: sel.ports.clone() });
-            tables.push(Table { proto: proto_key, role: ROLE_SPORT, ports: sel.ports.clone() });
-        } else {
+        if index.is_empty() {
             tables.push(Table { proto: proto_key, role: ROLE_ANY, ports: vec![] });
+        }
+        for (role, ports) in &index {
+            tables.push(Table { proto: proto_key, role: *role, ports: ports.clone() });
         }
     }
     Ok(Compiled { rule, tables, peers })
@@ -253,12 +285,17 @@ mod tests {
     fn single_port_is_indexed_both_ways_and_wide_range_under_any() {
         let f = NetworkFault { selector: sel(&[(7000, 7000)]), action: NetAction::Partition };
         let c = compile(&f, 0, 0).unwrap();
-        assert_eq!(c.tables.len(), 2);
+        // TCP and UDP, each by destination and by source port.
+        assert_eq!(c.tables.len(), 4);
         assert_eq!(c.tables[0].ports().collect::<Vec<_>>(), vec![7000]);
+        assert_eq!(c.rule.n_resid, 0);
         let f = NetworkFault { selector: sel(&[(1, 65535)]), action: NetAction::Partition };
         let c = compile(&f, 0, 0).unwrap();
-        assert_eq!(c.tables, vec![Table { proto: PROTO_ALL, role: ROLE_ANY, ports: vec![] }]);
+        assert_eq!(c.tables[0], Table { proto: PROTO_TCP, role: ROLE_ANY, ports: vec![] });
         assert_eq!(c.tables[0].ports().collect::<Vec<_>>(), vec![0]);
+        assert_eq!((c.rule.n_resid, c.rule.resid_role), (1, ROLE_ANY));
+        let f = NetworkFault { selector: sel(&[]), action: NetAction::Partition };
+        assert_eq!(compile(&f, 0, 0).unwrap().tables, vec![Table { proto: PROTO_ALL, role: ROLE_ANY, ports: vec![] }]);
     }
 
     #[test]

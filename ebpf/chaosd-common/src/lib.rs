@@ -19,8 +19,9 @@ pub const MAX_RULES: u32 = 16384;
 /// Rules that may share one index key (same device, direction, protocol,
 /// port role and port) but differ elsewhere (peers, other port).
 pub const SLOT_RULES: usize = 4;
-/// Port ranges per list (either / source / destination) in one rule.
-pub const MAX_RANGES: usize = 8;
+/// Port ranges of the one list a rule checks itself (the other lists are
+/// expanded into exact index keys, so the program never scans them).
+pub const MAX_RANGES: usize = 4;
 /// Index entries (device x direction x protocol x role x port).
 pub const MAX_INDEX: u32 = 262_144;
 /// Devices (netns x ifindex x direction) with rules.
@@ -137,13 +138,14 @@ pub struct Rule {
     /// PROTO_ALL or an IP protocol number.
     pub proto: u8,
     pub flags: u8,
-    pub n_either: u8,
-    pub n_src: u8,
-    pub n_dst: u8,
+    /// Which packet port `resid` is checked against (ROLE_SPORT,
+    /// ROLE_DPORT, or ROLE_ANY for either); ignored when `n_resid` is 0.
+    pub resid_role: u8,
+    pub n_resid: u8,
+    /// The rule has ports (so port-less packets never match it).
+    pub has_ports: u8,
     pub _pad: [u8; 2],
-    pub either: [PortSpan; MAX_RANGES],
-    pub src: [PortSpan; MAX_RANGES],
-    pub dst: [PortSpan; MAX_RANGES],
+    pub resid: [PortSpan; MAX_RANGES],
 }
 
 /// Key of the peer LPM trie: the rule id (always matched in full) followed

@@ -93,7 +93,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     if protected(pkt.sport) || protected(pkt.dport) {
         return TC_ACT_OK;
     }
-    act(ctx, dir, &dev, id, &rule)
+    act(ctx, dir, &dev, id, rule)
 }
 
 #[inline(always)]
@@ -155,43 +155,43 @@ fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
     Some(Packet { proto, sport, dport, peer })
 }
 
-/// Looks the packet up in the (at most six) index tables the device uses.
+/// Looks the packet up in the (at most four) index tables the device
+/// uses: its protocol by destination port, by source port, by "any port",
+/// and "all protocols, any port".
 #[inline(always)]
-fn find_rule(ns: u32, ifindex: u32, dir: u8, mask: u32, pkt: &Packet) -> Option<(u32, Rule)> {
-    let protos = [pkt.proto, PROTO_ALL];
-    let mut p = 0;
-    while p < 2 {
-        let proto = protos[p];
-        let all = p == 1;
-        let roles = [(ROLE_DPORT, pkt.dport), (ROLE_SPORT, pkt.sport), (ROLE_ANY, 0u16)];
-        let mut r = 0;
-        while r < 3 {
-            let (role, port) = roles[r];
-            r += 1;
-            if mask & mask_bit(all, role) == 0 || (role != ROLE_ANY && port == 0) {
+fn find_rule(ns: u32, ifindex: u32, dir: u8, mask: u32, pkt: &Packet) -> Option<(u32, &'static Rule)> {
+    let lookups = [
+        (pkt.proto, ROLE_DPORT, pkt.dport, false),
+        (pkt.proto, ROLE_SPORT, pkt.sport, false),
+        (pkt.proto, ROLE_ANY, 0u16, false),
+        (PROTO_ALL, ROLE_ANY, 0u16, true),
+    ];
+    let mut l = 0;
+    while l < 4 {
+        let (proto, role, port, all) = lookups[l];
+        l += 1;
+        if mask & mask_bit(all, role) == 0 || (role != ROLE_ANY && port == 0) {
+            continue;
+        }
+        let key = IndexKey { netns: ns, ifindex, dir, proto, role, _pad: 0, port, _pad2: 0 };
+        // SAFETY: the slot is copied out before use.
+        let slot = match unsafe { CHAOSD_INDEX.get(&key) } {
+            Some(s) => *s,
+            None => continue,
+        };
+        let mut i = 0;
+        while i < SLOT_RULES {
+            let id = slot.rules[i];
+            i += 1;
+            if id == 0 {
                 continue;
             }
-            let key = IndexKey { netns: ns, ifindex, dir, proto, role, _pad: 0, port, _pad2: 0 };
-            // SAFETY: the slot is copied out before use.
-            let slot = match unsafe { CHAOSD_INDEX.get(&key) } {
-                Some(s) => *s,
-                None => continue,
-            };
-            let mut i = 0;
-            while i < SLOT_RULES {
-                let id = slot.rules[i];
-                i += 1;
-                if id == 0 {
-                    continue;
-                }
-                if let Some(rule) = CHAOSD_RULES.get(id) {
-                    if rule_matches(id, rule, pkt) {
-                        return Some((id, *rule));
-                    }
+            if let Some(rule) = CHAOSD_RULES.get(id) {
+                if rule_matches(id, rule, pkt) {
+                    return Some((id, rule));
                 }
             }
         }
-        p += 1;
     }
     None
 }
@@ -227,21 +227,16 @@ fn rule_matches(id: u32, rule: &Rule, pkt: &Packet) -> bool {
     if rule.proto != PROTO_ALL && rule.proto != pkt.proto {
         return false;
     }
-    let has_ports = rule.n_either != 0 || rule.n_src != 0 || rule.n_dst != 0;
-    if has_ports && pkt.sport == 0 && pkt.dport == 0 {
+    if rule.has_ports != 0 && pkt.sport == 0 && pkt.dport == 0 {
         return false;
     }
-    if rule.n_either != 0
-        && !in_spans(&rule.either, rule.n_either, pkt.sport)
-        && !in_spans(&rule.either, rule.n_either, pkt.dport)
-    {
-        return false;
-    }
-    if rule.n_src != 0 && !in_spans(&rule.src, rule.n_src, pkt.sport) {
-        return false;
-    }
-    if rule.n_dst != 0 && !in_spans(&rule.dst, rule.n_dst, pkt.dport) {
-        return false;
+    if rule.n_resid != 0 {
+        let port = if rule.resid_role == ROLE_SPORT { pkt.sport } else { pkt.dport };
+        if !in_spans(&rule.resid, rule.n_resid, port)
+            && !(rule.resid_role == ROLE_ANY && in_spans(&rule.resid, rule.n_resid, pkt.sport))
+        {
+            return false;
+        }
     }
     if rule.flags & FLAG_PEERS != 0 {
         let key = Key::new(32 + 128, PeerKey { rule: id.to_ne_bytes(), addr: pkt.peer });
