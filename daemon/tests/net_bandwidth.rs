@@ -107,3 +107,30 @@ fn bandwidth_on_one_port_leaves_other_ports_unshaped_ipv6() {
     d.revert(&exp, &objects).unwrap_or_else(|e| panic!("revert: {e:?}"));
     assert_eq!(topo.snapshot(&topo.a, "va"), before);
 }
+
+#[test]
+fn ingress_bandwidth_goes_through_an_ifb_that_revert_removes() {
+    if !probe().ifb.available {
+        panic!("this kernel has no IFB devices: {}", probe().ifb.detail);
+    }
+    let topo = Topo::new();
+    let td = TestDriver::new(Duration::from_secs(5));
+    let d = &td.driver;
+    // Shape what b receives.
+    let before = topo.snapshot(&topo.b, "vb");
+    let exp = experiment(
+        "bw-in",
+        Target::NetnsName(topo.b.clone()),
+        selector(&["vb"], Protocol::Tcp, &[7800], Direction::Ingress),
+        NetAction::Bandwidth { rate_bps: 1_000_000, burst_bytes: 0 },
+        None,
+    );
+    let objects = apply(d, &exp, &[]).unwrap_or_else(|e| panic!("apply: {e}"));
+    let links = sh(&format!("ip -n {} link", topo.b));
+    assert!(links.contains("chaosd-ifb"), "{links}");
+    let bps = throughput(&topo, false, 7800, Duration::from_secs(1), Duration::from_secs(3)) * 8.0;
+    println!("ingress 1mbit via IFB: {bps:.0} bit/s");
+    assert!((bps - 1_000_000.0).abs() <= 150_000.0, "ingress throughput {bps:.0} bit/s");
+    d.revert(&exp, &objects).unwrap_or_else(|e| panic!("revert: {e:?}"));
+    assert_eq!(topo.snapshot(&topo.b, "vb"), before, "IFB or qdiscs left behind");
+}
