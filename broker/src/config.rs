@@ -102,3 +102,28 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_and_fsync_policies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("broker.toml");
+        std::fs::write(
+            &p,
+            "mqtt_listen = \"127.0.0.1:1999\"\nnode_name = \"n1\"\nfsync = \"group\"\ngroup_commit_ms = 7\nmax_queued = 10\n",
+        )
+        .expect("write");
+        let c = Config::load(&p).expect("loads");
+        assert_eq!(c.mqtt_listen.port(), 1999);
+        assert_eq!((c.node_name.as_str(), c.max_queued), ("n1", 10));
+        assert_eq!(c.fsync_policy().expect("policy"), FsyncPolicy::Group(Duration::from_millis(7)));
+        assert_eq!(Config::default().fsync_policy().expect("policy"), FsyncPolicy::EveryAck);
+        std::fs::write(&p, "no_such_key = 1\n").expect("write");
+        assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+        let bad = Config { fsync: "sometimes".into(), ..Config::default() };
+        assert!(bad.fsync_policy().is_err());
+    }
+}
