@@ -162,3 +162,27 @@ fn a_stressor_killed_from_outside_is_reported_by_tick() {
     driver.revert(&exp, &rec.0).unwrap();
     assert!(!alive(pids[1]));
 }
+
+/// `--host`: the stressors leave chaosd's own cgroups for the root ones, so
+/// they compete with everything on the host (not within a limit set on the
+/// daemon's service).
+#[test]
+fn host_stressors_run_in_the_root_cgroups() {
+    require_root();
+    let driver = StressDriver::new(CHAOSD).unwrap();
+    let exp = experiment("host", Target::Host, cpu(1, 2), None);
+    let mut rec = VecRecorder::default();
+    driver.apply(&exp, &ctx(&exp), &mut rec).unwrap_or_else(|e| panic!("apply: {e}"));
+    let pid = recorded_pids(&rec.0, "stressor")[0];
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    driver.revert(&exp, &rec.0).unwrap();
+    for line in cgroups.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrl, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        let joined = ctrl.is_empty() || ctrl.split(',').any(|c| ["cpu", "cpuacct", "memory", "pids"].contains(&c));
+        if joined {
+            assert_eq!(path, "/", "stressor of a --host stress not in the root cgroup: {line}\n{cgroups}");
+        }
+    }
+    assert!(!alive(pid));
+}

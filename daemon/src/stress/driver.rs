@@ -428,3 +428,37 @@ impl Driver for StressDriver {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> CgroupSet {
+        CgroupSet {
+            version: super::super::cgroup::Version::V2,
+            join: vec![],
+            cpu: None,
+            memory: None,
+            is_root: false,
+            display: "cgroup /sys/fs/cgroup/app".into(),
+        }
+    }
+
+    #[test]
+    fn a_sigkill_with_a_new_oom_kill_is_an_oom_kill() {
+        let why = describe_exit(7, ExitStatus::from_raw(9), Some(1), &set());
+        assert!(why.starts_with("OOM kill: stressor pid 7"), "{why}");
+        assert!(why.contains("cgroup /sys/fs/cgroup/app"), "{why}");
+    }
+
+    #[test]
+    fn a_sigkill_without_an_oom_kill_is_not() {
+        assert_eq!(
+            describe_exit(7, ExitStatus::from_raw(9), Some(0), &set()),
+            "stressor pid 7 was killed by signal 9; the stress ended"
+        );
+        // A CPU stress has no OOM baseline.
+        assert!(describe_exit(7, ExitStatus::from_raw(9), None, &set()).contains("signal 9"));
+        assert!(describe_exit(7, ExitStatus::from_raw(1 << 8), None, &set()).contains("exited (exit status: 1)"));
+    }
+}
