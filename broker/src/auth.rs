@@ -9,7 +9,11 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("reading password file {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("password file {path} line {line}: expected user:password")]
     Syntax { path: PathBuf, line: usize },
 }
@@ -25,14 +29,20 @@ pub struct Auth {
 
 impl Auth {
     pub fn load(path: &Path) -> Result<Auth, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.into(),
+            source,
+        })?;
         let mut users = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, secret) = line.split_once(':').ok_or(AuthError::Syntax { path: path.into(), line: i + 1 })?;
+            let (user, secret) = line.split_once(':').ok_or(AuthError::Syntax {
+                path: path.into(),
+                line: i + 1,
+            })?;
             let secret = match secret.strip_prefix("sha256:") {
                 Some(hex) => Secret::Sha256(hex.to_ascii_lowercase()),
                 None => Secret::Plain(secret.as_bytes().to_vec()),
@@ -43,7 +53,9 @@ impl Auth {
     }
 
     pub fn check(&self, user: Option<&str>, password: Option<&[u8]>) -> bool {
-        let (Some(user), Some(password)) = (user, password) else { return false };
+        let (Some(user), Some(password)) = (user, password) else {
+            return false;
+        };
         match self.users.get(user) {
             Some(Secret::Plain(p)) => p == password,
             Some(Secret::Sha256(hex)) => {

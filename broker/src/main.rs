@@ -10,7 +10,10 @@ use tokio_util::sync::CancellationToken;
 use broker::config::Config;
 
 #[derive(Parser)]
-#[command(name = "broker", about = "MQTT 3.1.1/5.0 broker node with durable sessions")]
+#[command(
+    name = "broker",
+    about = "MQTT 3.1.1/5.0 broker node with durable sessions"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -56,7 +59,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     match cli.cmd {
         Some(Cmd::Bench(args)) => rt.block_on(broker::bench::run(args)),
         None => rt.block_on(run_broker(cli.run)),
@@ -98,7 +104,9 @@ async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding MQTT listener {}", cfg.mqtt_listen))?;
     let http = match cfg.http_listen {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP listener {addr}"))?,
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP listener {addr}"))?,
         ),
         None => None,
     };
@@ -114,7 +122,8 @@ async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

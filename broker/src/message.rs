@@ -27,7 +27,9 @@ pub struct Message {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Message {
@@ -37,7 +39,8 @@ impl Message {
 
     /// Seconds left, for the message expiry interval sent on.
     pub fn remaining(&self, now: u64) -> Option<u32> {
-        self.expires_at.map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)
+        self.expires_at
+            .map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)
     }
 }
 
@@ -55,8 +58,15 @@ pub struct Delivery {
 /// Work for a connection's writer task.
 #[derive(Debug)]
 pub enum Outbound {
-    Packet(Packet),
+    /// Boxed: packets are rare next to deliveries and much larger.
+    Packet(Box<Packet>),
     Deliver(Delivery),
     /// Send DISCONNECT with this reason (v5) and close.
     Close(u8),
+}
+
+impl Outbound {
+    pub fn packet(p: Packet) -> Outbound {
+        Outbound::Packet(Box::new(p))
+    }
 }

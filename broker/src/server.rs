@@ -60,9 +60,20 @@ pub async fn run(
     let router_stop = CancellationToken::new();
     let router_task = tokio::spawn(router.run(router_rx, router_stop.clone()));
     if let Some(h) = http {
-        tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
+        tokio::spawn(crate::http::serve(
+            h,
+            metrics.clone(),
+            cfg.node_name.clone(),
+            shutdown.clone(),
+        ));
     }
-    let shared = Arc::new(Shared { cfg: cfg.clone(), metrics: metrics.clone(), router: router_tx, auth, next_id: AtomicU64::new(1) });
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        router: router_tx,
+        auth,
+        next_id: AtomicU64::new(1),
+    });
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {

@@ -25,7 +25,9 @@ pub fn valid_filter(f: &str) -> bool {
 /// `$share/{group}/{filter}` split into group and filter.
 pub fn parse_shared(f: &str) -> Option<Result<(&str, &str), ()>> {
     let rest = f.strip_prefix("$share/")?;
-    let Some((group, filter)) = rest.split_once('/') else { return Some(Err(())) };
+    let Some((group, filter)) = rest.split_once('/') else {
+        return Some(Err(()));
+    };
     if group.is_empty() || group.contains(['+', '#']) || !valid_filter(filter) {
         return Some(Err(()));
     }
@@ -57,8 +59,15 @@ mod tests {
 
     #[test]
     fn filters_and_names() {
-        assert!(valid_filter("a/+/c") && valid_filter("#") && valid_filter("+") && valid_filter("a//b"));
-        assert!(!valid_filter("a/#/c") && !valid_filter("a+") && !valid_filter("a/b#") && !valid_filter(""));
+        assert!(
+            valid_filter("a/+/c") && valid_filter("#") && valid_filter("+") && valid_filter("a//b")
+        );
+        assert!(
+            !valid_filter("a/#/c")
+                && !valid_filter("a+")
+                && !valid_filter("a/b#")
+                && !valid_filter("")
+        );
         assert!(valid_name("a/b") && !valid_name("a/+") && !valid_name("#") && !valid_name(""));
         assert_eq!(parse_shared("$share/g/a/+"), Some(Ok(("g", "a/+"))));
         assert_eq!(parse_shared("$share/g"), Some(Err(())));

@@ -55,7 +55,11 @@ impl Rd {
         self.buf.is_empty()
     }
     fn need(&self, n: usize) -> Result<(), DecodeError> {
-        if self.buf.len() < n { Err(DecodeError::Malformed("packet shorter than its fields")) } else { Ok(()) }
+        if self.buf.len() < n {
+            Err(DecodeError::Malformed("packet shorter than its fields"))
+        } else {
+            Ok(())
+        }
     }
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         self.need(1)?;
@@ -86,11 +90,15 @@ impl Rd {
                 return Ok(value);
             }
         }
-        Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
+        Err(DecodeError::Malformed(
+            "variable byte integer longer than 4 bytes",
+        ))
     }
     pub(crate) fn take(&mut self, n: usize) -> Result<Rd, DecodeError> {
         self.need(n)?;
-        Ok(Rd { buf: self.buf.split_to(n) })
+        Ok(Rd {
+            buf: self.buf.split_to(n),
+        })
     }
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u16()? as usize;
@@ -99,7 +107,8 @@ impl Rd {
     }
     pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
         let b = self.binary()?;
-        let s = std::str::from_utf8(&b).map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
+        let s = std::str::from_utf8(&b)
+            .map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
         // MQTT 1.5.4: U+0000 is not allowed in any string.
         if s.contains('\0') {
             return Err(DecodeError::Malformed("string contains U+0000"));
@@ -114,26 +123,41 @@ impl Rd {
 /// Parses the fixed header at the start of `buf`: (first byte, header length,
 /// remaining length). `None` when more bytes are needed.
 fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, DecodeError> {
-    let Some(&first) = buf.first() else { return Ok(None) };
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
     let mut len: usize = 0;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else { return Ok(None) };
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Ok(Some((first, 2 + i, len)));
         }
     }
-    Err(DecodeError::Malformed("remaining length longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "remaining length longer than 4 bytes",
+    ))
 }
 
 /// Takes one packet off the front of `buf`. `Ok(None)`: not enough bytes yet.
 /// `max_size` bounds the whole packet (fixed header included), checked before
 /// the body is buffered so a huge length cannot make us allocate.
-pub fn decode(buf: &mut BytesMut, version: Version, max_size: usize) -> Result<Option<Packet>, DecodeError> {
-    let Some((first, hlen, rlen)) = fixed_header(buf)? else { return Ok(None) };
+pub fn decode(
+    buf: &mut BytesMut,
+    version: Version,
+    max_size: usize,
+) -> Result<Option<Packet>, DecodeError> {
+    let Some((first, hlen, rlen)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
     let total = hlen + rlen;
     if total > max_size {
-        return Err(DecodeError::TooLarge { size: total, max: max_size });
+        return Err(DecodeError::TooLarge {
+            size: total,
+            max: max_size,
+        });
     }
     if buf.len() < total {
         buf.reserve(total - buf.len());
@@ -147,7 +171,9 @@ pub fn decode(buf: &mut BytesMut, version: Version, max_size: usize) -> Result<O
 /// Decodes the first packet of a connection, which must be CONNECT; the
 /// protocol version comes from it.
 pub fn decode_connect(buf: &mut BytesMut, max_size: usize) -> Result<Option<Connect>, DecodeError> {
-    let Some((first, _, _)) = fixed_header(buf)? else { return Ok(None) };
+    let Some((first, _, _)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
     if first >> 4 != 1 {
         return Err(DecodeError::Protocol("first packet is not CONNECT"));
     }
@@ -159,7 +185,11 @@ pub fn decode_connect(buf: &mut BytesMut, max_size: usize) -> Result<Option<Conn
 }
 
 fn expect_flags(first: u8, want: u8) -> Result<(), DecodeError> {
-    if first & 0x0f != want { Err(DecodeError::Malformed("reserved fixed header flags")) } else { Ok(()) }
+    if first & 0x0f != want {
+        Err(DecodeError::Malformed("reserved fixed header flags"))
+    } else {
+        Ok(())
+    }
 }
 
 fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError> {
@@ -177,8 +207,16 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
                 return Err(DecodeError::Malformed("CONNACK reserved flags"));
             }
             let code = rd.u8()?;
-            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
-            Packet::ConnAck(ConnAck { session_present: flags & 1 == 1, code, props })
+            let props = if v5 {
+                Properties::decode(&mut rd)?
+            } else {
+                Properties::default()
+            };
+            Packet::ConnAck(ConnAck {
+                session_present: flags & 1 == 1,
+                code,
+                props,
+            })
         }
         3 => Packet::Publish(publish(first, &mut rd, v5)?),
         4..=7 => {
@@ -204,12 +242,17 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
         8 => {
             expect_flags(first, 0b0010)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
+            let props = if v5 {
+                Properties::decode(&mut rd)?
+            } else {
+                Properties::default()
+            };
             let mut filters = Vec::new();
             while !rd.is_empty() {
                 let f = rd.string()?;
                 let o = rd.u8()?;
-                let qos = QoS::from_u8(o & 3).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
+                let qos =
+                    QoS::from_u8(o & 3).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
                 if (v5 && o & 0xc0 != 0) || (!v5 && o & 0xfc != 0) {
                     return Err(DecodeError::Malformed("subscription options reserved bits"));
                 }
@@ -219,25 +262,42 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
                 }
                 filters.push((
                     f,
-                    SubOptions { qos, no_local: o & 4 != 0, retain_as_published: o & 8 != 0, retain_handling },
+                    SubOptions {
+                        qos,
+                        no_local: o & 4 != 0,
+                        retain_as_published: o & 8 != 0,
+                        retain_handling,
+                    },
                 ));
             }
             if filters.is_empty() {
                 return Err(DecodeError::Protocol("SUBSCRIBE without topic filters"));
             }
-            Packet::Subscribe(Subscribe { pid, props, filters })
+            Packet::Subscribe(Subscribe {
+                pid,
+                props,
+                filters,
+            })
         }
         9 => {
             expect_flags(first, 0)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
+            let props = if v5 {
+                Properties::decode(&mut rd)?
+            } else {
+                Properties::default()
+            };
             let codes = rd.rest().to_vec();
             Packet::SubAck(SubAck { pid, props, codes })
         }
         10 => {
             expect_flags(first, 0b0010)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
+            let props = if v5 {
+                Properties::decode(&mut rd)?
+            } else {
+                Properties::default()
+            };
             let mut filters = Vec::new();
             while !rd.is_empty() {
                 filters.push(rd.string()?);
@@ -245,12 +305,20 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
             if filters.is_empty() {
                 return Err(DecodeError::Protocol("UNSUBSCRIBE without topic filters"));
             }
-            Packet::Unsubscribe(Unsubscribe { pid, props, filters })
+            Packet::Unsubscribe(Unsubscribe {
+                pid,
+                props,
+                filters,
+            })
         }
         11 => {
             expect_flags(first, 0)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
+            let props = if v5 {
+                Properties::decode(&mut rd)?
+            } else {
+                Properties::default()
+            };
             let codes = rd.rest().to_vec();
             Packet::UnsubAck(UnsubAck { pid, props, codes })
         }
@@ -259,21 +327,32 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
             if !rd.is_empty() {
                 return Err(DecodeError::Malformed("PINGREQ/PINGRESP with a body"));
             }
-            if kind == 12 { Packet::PingReq } else { Packet::PingResp }
+            if kind == 12 {
+                Packet::PingReq
+            } else {
+                Packet::PingResp
+            }
         }
         14 | 15 => {
             expect_flags(first, 0)?;
             if kind == 15 && !v5 {
                 return Err(DecodeError::Malformed("AUTH in MQTT 3.1.1"));
             }
-            let mut d = Disconnect { code: 0, props: Properties::default() };
+            let mut d = Disconnect {
+                code: 0,
+                props: Properties::default(),
+            };
             if v5 && !rd.is_empty() {
                 d.code = rd.u8()?;
                 if !rd.is_empty() {
                     d.props = Properties::decode(&mut rd)?;
                 }
             }
-            if kind == 14 { Packet::Disconnect(d) } else { Packet::Auth(d) }
+            if kind == 14 {
+                Packet::Disconnect(d)
+            } else {
+                Packet::Auth(d)
+            }
         }
         _ => return Err(DecodeError::Malformed("reserved packet type")),
     };
@@ -285,7 +364,11 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
 
 fn nonzero_pid(rd: &mut Rd) -> Result<u16, DecodeError> {
     let pid = rd.u16()?;
-    if pid == 0 { Err(DecodeError::Malformed("packet identifier 0")) } else { Ok(pid) }
+    if pid == 0 {
+        Err(DecodeError::Malformed("packet identifier 0"))
+    } else {
+        Ok(pid)
+    }
 }
 
 fn publish(first: u8, rd: &mut Rd, v5: bool) -> Result<Publish, DecodeError> {
@@ -296,9 +379,25 @@ fn publish(first: u8, rd: &mut Rd, v5: bool) -> Result<Publish, DecodeError> {
         return Err(DecodeError::Malformed("DUP set on a QoS 0 PUBLISH"));
     }
     let topic = rd.string()?;
-    let pid = if qos == QoS::AtMostOnce { 0 } else { nonzero_pid(rd)? };
-    let props = if v5 { Properties::decode(rd)? } else { Properties::default() };
-    Ok(Publish { dup, qos, retain, topic, pid, props, payload: rd.rest() })
+    let pid = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        nonzero_pid(rd)?
+    };
+    let props = if v5 {
+        Properties::decode(rd)?
+    } else {
+        Properties::default()
+    };
+    Ok(Publish {
+        dup,
+        qos,
+        retain,
+        topic,
+        pid,
+        props,
+        payload: rd.rest(),
+    })
 }
 
 fn connect(rd: &mut Rd) -> Result<Connect, DecodeError> {
@@ -328,17 +427,48 @@ fn connect(rd: &mut Rd) -> Result<Connect, DecodeError> {
         return Err(DecodeError::Malformed("password without user name"));
     }
     let keep_alive = rd.u16()?;
-    let props = if v5 { Properties::decode(rd)? } else { Properties::default() };
+    let props = if v5 {
+        Properties::decode(rd)?
+    } else {
+        Properties::default()
+    };
     let client_id = rd.string()?;
     let will = if will_flag {
-        let wprops = if v5 { Properties::decode(rd)? } else { Properties::default() };
+        let wprops = if v5 {
+            Properties::decode(rd)?
+        } else {
+            Properties::default()
+        };
         let topic = rd.string()?;
         let payload = rd.binary()?;
-        Some(Will { topic, payload, qos: will_qos, retain: will_retain, props: wprops })
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            props: wprops,
+        })
     } else {
         None
     };
-    let username = if has_username { Some(rd.string()?) } else { None };
-    let password = if has_password { Some(rd.binary()?) } else { None };
-    Ok(Connect { version, clean_start, keep_alive, props, client_id, will, username, password })
+    let username = if has_username {
+        Some(rd.string()?)
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(rd.binary()?)
+    } else {
+        None
+    };
+    Ok(Connect {
+        version,
+        clean_start,
+        keep_alive,
+        props,
+        client_id,
+        will,
+        username,
+        password,
+    })
 }

@@ -10,8 +10,8 @@ mod props;
 
 use bytes::Bytes;
 
-pub use decode::{DecodeError, decode, decode_connect};
 pub(crate) use decode::Rd;
+pub use decode::{DecodeError, decode, decode_connect};
 pub use encode::{encode, encode_publish_parts, publish_size};
 pub use props::Properties;
 
@@ -134,7 +134,11 @@ pub struct Ack {
 
 impl Ack {
     pub fn new(pid: u16, code: u8) -> Ack {
-        Ack { pid, code, props: Properties::default() }
+        Ack {
+            pid,
+            code,
+            props: Properties::default(),
+        }
     }
 }
 
@@ -149,7 +153,12 @@ pub struct SubOptions {
 
 impl SubOptions {
     pub fn qos(qos: QoS) -> SubOptions {
-        SubOptions { qos, no_local: false, retain_as_published: false, retain_handling: 0 }
+        SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
     }
 }
 

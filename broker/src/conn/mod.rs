@@ -46,10 +46,22 @@ struct End {
 
 impl End {
     fn bad(reason: CloseReason, code: u8, detail: impl Into<String>) -> End {
-        End { reason, send: Some(code), publish_will: true, session_expiry: None, detail: Some(detail.into()) }
+        End {
+            reason,
+            send: Some(code),
+            publish_will: true,
+            session_expiry: None,
+            detail: Some(detail.into()),
+        }
     }
     fn quiet(reason: CloseReason) -> End {
-        End { reason, send: None, publish_will: true, session_expiry: None, detail: None }
+        End {
+            reason,
+            send: None,
+            publish_will: true,
+            session_expiry: None,
+            detail: None,
+        }
     }
 }
 
@@ -63,7 +75,12 @@ fn decode_end(e: &DecodeError) -> End {
     End::bad(reason, e.reason_code(), e.to_string())
 }
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    sh: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     sh.metrics.connections_total.fetch_add(1, Relaxed);
     sh.metrics.connections_current.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
@@ -72,7 +89,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, shutdow
     sh.metrics.connections_current.fetch_sub(1, Relaxed);
 }
 
-async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: CancellationToken) -> CloseReason {
+async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    sh: &Arc<Shared>,
+    shutdown: CancellationToken,
+) -> CloseReason {
     let id = sh.next_id.fetch_add(1, Relaxed);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(4096);
@@ -89,8 +111,18 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         id,
         tx: tx.clone(),
         version,
-        receive_max: accepted.connect.props.receive_maximum.unwrap_or(u16::MAX).min(sh.cfg.max_inflight).max(1),
-        max_packet: accepted.connect.props.maximum_packet_size.unwrap_or(u32::MAX),
+        receive_max: accepted
+            .connect
+            .props
+            .receive_maximum
+            .unwrap_or(u16::MAX)
+            .min(sh.cfg.max_inflight)
+            .max(1),
+        max_packet: accepted
+            .connect
+            .props
+            .maximum_packet_size
+            .unwrap_or(u32::MAX),
         qos0_pending: qos0_pending.clone(),
         acks_in_store: Arc::new(AtomicU64::new(0)),
     };
@@ -135,7 +167,9 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         connect_expiry,
     };
     let ka = accepted.keep_alive;
-    let end = reader.read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code).await;
+    let end = reader
+        .read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code)
+        .await;
     if let Some(detail) = &end.detail {
         tracing::warn!(%peer, client = %client, reason = end.reason.label(), "closing connection: {detail}");
     } else {
@@ -158,7 +192,10 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         .await;
     drop(tx);
     // Let the writer flush the DISCONNECT; never wait on a peer that stopped reading.
-    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
         local.cancel();
     }
     end.reason
@@ -237,7 +274,10 @@ impl Reader<'_> {
     async fn to_router(&self, m: ToRouter) -> Option<End> {
         match self.sh.router.send(m).await {
             Ok(()) => None,
-            Err(_) => Some(End { send: Some(reason::SERVER_SHUTTING_DOWN), ..End::quiet(CloseReason::Shutdown) }),
+            Err(_) => Some(End {
+                send: Some(reason::SERVER_SHUTTING_DOWN),
+                ..End::quiet(CloseReason::Shutdown)
+            }),
         }
     }
 
@@ -250,13 +290,21 @@ impl Reader<'_> {
             Packet::Publish(mut p) => {
                 if let Some(a) = p.props.topic_alias {
                     if a == 0 || a > self.sh.cfg.topic_alias_maximum {
-                        return Some(End::bad(CloseReason::TopicAliasInvalid, reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+                        return Some(End::bad(
+                            CloseReason::TopicAliasInvalid,
+                            reason::TOPIC_ALIAS_INVALID,
+                            "topic alias out of range",
+                        ));
                     }
                     if p.topic.is_empty() {
                         match self.aliases.get(&a) {
                             Some(t) => p.topic = t.clone(),
                             None => {
-                                return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "unknown topic alias"));
+                                return Some(End::bad(
+                                    CloseReason::ProtocolError,
+                                    reason::PROTOCOL_ERROR,
+                                    "unknown topic alias",
+                                ));
                             }
                         }
                     } else {
@@ -264,44 +312,107 @@ impl Reader<'_> {
                     }
                 }
                 if !crate::topic::valid_name(&p.topic) {
-                    return Some(End::bad(CloseReason::TopicNameInvalid, reason::TOPIC_NAME_INVALID, format!("invalid topic name {:?}", p.topic)));
+                    return Some(End::bad(
+                        CloseReason::TopicNameInvalid,
+                        reason::TOPIC_NAME_INVALID,
+                        format!("invalid topic name {:?}", p.topic),
+                    ));
                 }
                 let limit = usize::from(self.sh.cfg.receive_maximum);
                 match p.qos {
                     QoS::AtMostOnce => {}
                     QoS::AtLeastOnce => {
                         if self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
-                            return Some(End::bad(CloseReason::ReceiveMaxExceeded, reason::RECEIVE_MAX_EXCEEDED, "receive maximum exceeded"));
+                            return Some(End::bad(
+                                CloseReason::ReceiveMaxExceeded,
+                                reason::RECEIVE_MAX_EXCEEDED,
+                                "receive maximum exceeded",
+                            ));
                         }
                     }
                     QoS::ExactlyOnce => {
-                        if self.qos2_in.insert(p.pid) && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
-                            return Some(End::bad(CloseReason::ReceiveMaxExceeded, reason::RECEIVE_MAX_EXCEEDED, "receive maximum exceeded"));
+                        if self.qos2_in.insert(p.pid)
+                            && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit
+                            && v5
+                        {
+                            return Some(End::bad(
+                                CloseReason::ReceiveMaxExceeded,
+                                reason::RECEIVE_MAX_EXCEEDED,
+                                "receive maximum exceeded",
+                            ));
                         }
                     }
                 }
-                self.to_router(ToRouter::Publish { conn, client, publish: p }).await
+                self.to_router(ToRouter::Publish {
+                    conn,
+                    client,
+                    publish: p,
+                })
+                .await
             }
-            Packet::PubAck(a) => self.to_router(ToRouter::PubAck { conn, client, pid: a.pid }).await,
-            Packet::PubRec(a) => self.to_router(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code }).await,
-            Packet::PubComp(a) => self.to_router(ToRouter::PubComp { conn, client, pid: a.pid }).await,
+            Packet::PubAck(a) => {
+                self.to_router(ToRouter::PubAck {
+                    conn,
+                    client,
+                    pid: a.pid,
+                })
+                .await
+            }
+            Packet::PubRec(a) => {
+                self.to_router(ToRouter::PubRec {
+                    conn,
+                    client,
+                    pid: a.pid,
+                    code: a.code,
+                })
+                .await
+            }
+            Packet::PubComp(a) => {
+                self.to_router(ToRouter::PubComp {
+                    conn,
+                    client,
+                    pid: a.pid,
+                })
+                .await
+            }
             Packet::PubRel(a) => {
                 if !self.qos2_in.remove(&a.pid) {
                     // PUBREL for a message of an earlier connection: the
                     // writer will still decrement for its PUBCOMP.
                     self.inflight_in.fetch_add(1, Relaxed);
                 }
-                self.to_router(ToRouter::PubRel { conn, client, pid: a.pid }).await
+                self.to_router(ToRouter::PubRel {
+                    conn,
+                    client,
+                    pid: a.pid,
+                })
+                .await
             }
             Packet::Subscribe(s) => {
                 if s.props.subscription_ids.len() > 1 {
-                    return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "several subscription identifiers"));
+                    return Some(End::bad(
+                        CloseReason::ProtocolError,
+                        reason::PROTOCOL_ERROR,
+                        "several subscription identifiers",
+                    ));
                 }
-                self.to_router(ToRouter::Subscribe { conn, client, sub: s }).await
+                self.to_router(ToRouter::Subscribe {
+                    conn,
+                    client,
+                    sub: s,
+                })
+                .await
             }
-            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: u }).await,
+            Packet::Unsubscribe(u) => {
+                self.to_router(ToRouter::Unsubscribe {
+                    conn,
+                    client,
+                    unsub: u,
+                })
+                .await
+            }
             Packet::PingReq => {
-                let _ = self.tx.send(Outbound::Packet(Packet::PingResp));
+                let _ = self.tx.send(Outbound::packet(Packet::PingResp));
                 None
             }
             Packet::Disconnect(d) => {
@@ -309,7 +420,11 @@ impl Reader<'_> {
                     && self.connect_expiry == 0
                     && e != 0
                 {
-                    return Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT"));
+                    return Some(End::bad(
+                        CloseReason::ProtocolError,
+                        reason::PROTOCOL_ERROR,
+                        "session expiry set on DISCONNECT after 0 on CONNECT",
+                    ));
                 }
                 Some(End {
                     reason: CloseReason::ClientDisconnect,
@@ -319,7 +434,11 @@ impl Reader<'_> {
                     detail: None,
                 })
             }
-            other => Some(End::bad(CloseReason::ProtocolError, reason::PROTOCOL_ERROR, format!("unexpected {} from a client", other.name()))),
+            other => Some(End::bad(
+                CloseReason::ProtocolError,
+                reason::PROTOCOL_ERROR,
+                format!("unexpected {} from a client", other.name()),
+            )),
         }
     }
 }

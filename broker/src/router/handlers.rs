@@ -11,8 +11,8 @@ use super::session::{ConnHandle, Session};
 use super::subs::Sub;
 use super::{Router, split_share};
 use crate::codec::{
-    Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will,
-    reason,
+    Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck,
+    Unsubscribe, Version, Will, reason,
 };
 use crate::message::{Message, Outbound, unix_now};
 use crate::store::Op;
@@ -47,7 +47,10 @@ impl Router {
             }
         }
         let ctx_store = self.store.clone();
-        let s = self.sessions.entry(id.clone()).or_insert_with(|| Session::new(id.clone()));
+        let s = self
+            .sessions
+            .entry(id.clone())
+            .or_insert_with(|| Session::new(id.clone()));
         let was_stored = s.stored;
         s.conn = Some(conn.clone());
         s.disconnected_at = None;
@@ -55,8 +58,12 @@ impl Router {
         s.v5 = v5;
         s.will = c.will;
         connack.session_present = present;
-        let _ = conn.tx.send(Outbound::Packet(Packet::ConnAck(connack)));
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
+        let _ = conn.tx.send(Outbound::packet(Packet::ConnAck(connack)));
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: ctx_store.as_ref(),
+        };
         if s.persistent() {
             s.save(&ctx);
         } else if was_stored {
@@ -68,8 +75,16 @@ impl Router {
         s.resume(&ctx);
     }
 
-    pub(super) fn on_disconnected(&mut self, conn: u64, client: &Arc<str>, publish_will: bool, expiry: Option<u32>) {
-        let Some(s) = self.sessions.get_mut(client) else { return };
+    pub(super) fn on_disconnected(
+        &mut self,
+        conn: u64,
+        client: &Arc<str>,
+        publish_will: bool,
+        expiry: Option<u32>,
+    ) {
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
         if !s.conn_is(conn) {
             return;
         }
@@ -79,7 +94,11 @@ impl Router {
             && e != s.expiry
         {
             s.expiry = e;
-            let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+            let ctx = super::session::Ctx {
+                cfg: &self.cfg,
+                metrics: &self.metrics,
+                store: self.store.as_ref(),
+            };
             s.save(&ctx);
         }
         let will = s.will.take();
@@ -92,7 +111,11 @@ impl Router {
                 self.publish_will(client, w);
             } else {
                 let wait = delay.min(expiry);
-                self.pending_wills.push((Instant::now() + Duration::from_secs(u64::from(wait)), client.clone(), w));
+                self.pending_wills.push((
+                    Instant::now() + Duration::from_secs(u64::from(wait)),
+                    client.clone(),
+                    w,
+                ));
             }
         }
         if expiry == 0 {
@@ -103,7 +126,9 @@ impl Router {
     /// Removes a session, its subscriptions and its stored state; a will
     /// still waiting for its delay goes out now (MQTT 5 3.1.3.2.2).
     pub(super) fn end_session(&mut self, id: &Arc<str>) {
-        let Some(mut s) = self.sessions.remove(id) else { return };
+        let Some(mut s) = self.sessions.remove(id) else {
+            return;
+        };
         for filter in s.subs.keys() {
             let (share, f) = split_share(filter);
             self.subs.remove(id, share, f);
@@ -142,17 +167,25 @@ impl Router {
         match &self.store {
             Some(st) if needs_store || conn.acks_in_store.load(Relaxed) > 0 => {
                 conn.acks_in_store.fetch_add(1, Relaxed);
-                st.send(Op::Then(conn.tx.clone(), Outbound::Packet(pkt), conn.acks_in_store.clone()));
+                st.send(Op::Then(
+                    conn.tx.clone(),
+                    Outbound::packet(pkt),
+                    conn.acks_in_store.clone(),
+                ));
             }
             _ => {
-                let _ = conn.tx.send(Outbound::Packet(pkt));
+                let _ = conn.tx.send(Outbound::packet(pkt));
             }
         }
     }
 
     pub(super) fn on_publish(&mut self, conn: u64, client: &Arc<str>, p: Publish) {
-        let Some(s) = self.sessions.get_mut(client) else { return };
-        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
+            return;
+        };
         self.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
         let v5 = c.version == Version::V5;
         let mut stored_in = false;
@@ -163,7 +196,11 @@ impl Router {
                 return;
             }
             if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
-                self.send_ack(&c, Packet::PubRec(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
+                self.send_ack(
+                    &c,
+                    Packet::PubRec(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)),
+                    false,
+                );
                 return;
             }
             s.incoming_qos2.insert(p.pid);
@@ -177,7 +214,11 @@ impl Router {
             && p.props.payload_format == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
-            self.send_ack(&c, Packet::PubAck(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
+            self.send_ack(
+                &c,
+                Packet::PubAck(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)),
+                false,
+            );
             return;
         }
         let (qos, pid) = (p.qos, p.pid);
@@ -195,17 +236,29 @@ impl Router {
             received_at: Instant::now(),
         };
         let (matched, persisted) = self.route(Arc::new(msg));
-        let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+        let code = if v5 && matched == 0 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            0
+        };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send_ack(&c, Packet::PubAck(Ack::new(pid, code)), persisted),
-            QoS::ExactlyOnce => self.send_ack(&c, Packet::PubRec(Ack::new(pid, code)), persisted || stored_in),
+            QoS::ExactlyOnce => self.send_ack(
+                &c,
+                Packet::PubRec(Ack::new(pid, code)),
+                persisted || stored_in,
+            ),
         }
     }
 
     pub(super) fn on_pubrel(&mut self, conn: u64, client: &Arc<str>, pid: u16) {
-        let Some(s) = self.sessions.get_mut(client) else { return };
-        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
+            return;
+        };
         let code = if s.incoming_qos2.remove(&pid) {
             if s.stored
                 && let Some(st) = &self.store
@@ -220,17 +273,31 @@ impl Router {
     }
 
     pub(super) fn on_complete(&mut self, conn: u64, client: &Arc<str>, pid: u16, qos: QoS) {
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
-        let Some(s) = self.sessions.get_mut(client) else { return };
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: self.store.as_ref(),
+        };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
         if s.conn_is(conn) {
             s.complete(&ctx, pid, qos);
         }
     }
 
     pub(super) fn on_pubrec(&mut self, conn: u64, client: &Arc<str>, pid: u16, code: u8) {
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
-        let Some(s) = self.sessions.get_mut(client) else { return };
-        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: self.store.as_ref(),
+        };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
+            return;
+        };
         let mut acks = Vec::new();
         s.received(&ctx, pid, code, &mut |pkt, stored| acks.push((pkt, stored)));
         for (pkt, stored) in acks {
@@ -239,8 +306,12 @@ impl Router {
     }
 
     pub(super) fn on_subscribe(&mut self, conn: u64, client: &Arc<str>, sub: Subscribe) {
-        let Some(s) = self.sessions.get_mut(client) else { return };
-        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
+            return;
+        };
         let v5 = c.version == Version::V5;
         let sub_id = sub.props.subscription_ids.first().copied();
         let mut codes = Vec::with_capacity(sub.filters.len());
@@ -268,40 +339,74 @@ impl Router {
             let new = self.subs.insert(client, share, f, entry);
             s.subs.insert(filter.clone(), entry);
             codes.push(opts.qos as u8);
-            if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
+            if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new))
+            {
                 retained_for.push((f.to_owned(), entry));
             }
         }
-        let _ = c.tx.send(Outbound::Packet(Packet::SubAck(SubAck { pid: sub.pid, props: Properties::default(), codes })));
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        let _ = c.tx.send(Outbound::packet(Packet::SubAck(SubAck {
+            pid: sub.pid,
+            props: Properties::default(),
+            codes,
+        })));
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: self.store.as_ref(),
+        };
         s.save(&ctx);
         let _ = v5;
         for (f, entry) in retained_for {
-            let mut matching: Vec<&Arc<Message>> =
-                self.retained.values().filter(|m| crate::topic::matches(&f, &m.topic)).collect();
+            let mut matching: Vec<&Arc<Message>> = self
+                .retained
+                .values()
+                .filter(|m| crate::topic::matches(&f, &m.topic))
+                .collect();
             matching.sort_by(|a, b| a.topic.cmp(&b.topic));
             for m in matching {
                 let qos = entry.opts.qos.min(m.qos);
                 s.deliver(
                     &ctx,
-                    Entry { msg: m.clone(), qos, retain: true, released: false, sub_ids: entry.id.into_iter().collect() },
+                    Entry {
+                        msg: m.clone(),
+                        qos,
+                        retain: true,
+                        released: false,
+                        sub_ids: entry.id.into_iter().collect(),
+                    },
                 );
             }
         }
     }
 
     pub(super) fn on_unsubscribe(&mut self, conn: u64, client: &Arc<str>, u: Unsubscribe) {
-        let Some(s) = self.sessions.get_mut(client) else { return };
-        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else { return };
+        let Some(s) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
+            return;
+        };
         let mut codes = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             let (share, f) = split_share(filter);
             let removed = s.subs.remove(filter).is_some();
             self.subs.remove(client, share, f);
-            codes.push(if removed { 0 } else { reason::NO_SUBSCRIPTION_EXISTED });
+            codes.push(if removed {
+                0
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
         }
-        let _ = c.tx.send(Outbound::Packet(Packet::UnsubAck(UnsubAck { pid: u.pid, props: Properties::default(), codes })));
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        let _ = c.tx.send(Outbound::packet(Packet::UnsubAck(UnsubAck {
+            pid: u.pid,
+            props: Properties::default(),
+            codes,
+        })));
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: self.store.as_ref(),
+        };
         s.save(&ctx);
     }
 
@@ -342,7 +447,9 @@ impl Router {
                 if sub.opts.no_local && msg.publisher.as_deref() == Some(&**c) {
                     return;
                 }
-                let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new()));
+                let e = targets
+                    .entry(c.clone())
+                    .or_insert((QoS::AtMostOnce, false, Vec::new()));
                 e.0 = e.0.max(sub.opts.qos.min(msg.qos));
                 e.1 |= sub.opts.retain_as_published;
                 if let Some(id) = sub.id {
@@ -351,11 +458,24 @@ impl Router {
             });
         }
         let n = targets.len();
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
+        let ctx = super::session::Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            store: self.store.as_ref(),
+        };
         for (client, (qos, rap, sub_ids)) in targets {
             if let Some(s) = self.sessions.get_mut(&client) {
                 let retain = rap && msg.retain;
-                persisted |= s.deliver(&ctx, Entry { msg: msg.clone(), qos, retain, released: false, sub_ids });
+                persisted |= s.deliver(
+                    &ctx,
+                    Entry {
+                        msg: msg.clone(),
+                        qos,
+                        retain,
+                        released: false,
+                        sub_ids,
+                    },
+                );
             }
         }
         (n, persisted)
@@ -364,16 +484,32 @@ impl Router {
     pub(super) fn publish_sys(&mut self) {
         let m = self.metrics.clone();
         let online = self.sessions.values().filter(|s| s.conn.is_some()).count();
-        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|x| x.load(Relaxed)).sum::<u64>();
+        let sum =
+            |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|x| x.load(Relaxed)).sum::<u64>();
         let stats = [
-            ("$SYS/broker/version", format!("chaosd-broker {}", env!("CARGO_PKG_VERSION"))),
-            ("$SYS/broker/uptime", format!("{} seconds", self.started.elapsed().as_secs())),
+            (
+                "$SYS/broker/version",
+                format!("chaosd-broker {}", env!("CARGO_PKG_VERSION")),
+            ),
+            (
+                "$SYS/broker/uptime",
+                format!("{} seconds", self.started.elapsed().as_secs()),
+            ),
             ("$SYS/broker/clients/connected", online.to_string()),
             ("$SYS/broker/clients/total", self.sessions.len().to_string()),
-            ("$SYS/broker/messages/received", sum(&m.received).to_string()),
+            (
+                "$SYS/broker/messages/received",
+                sum(&m.received).to_string(),
+            ),
             ("$SYS/broker/messages/sent", sum(&m.sent).to_string()),
-            ("$SYS/broker/subscriptions/count", self.subs.len().to_string()),
-            ("$SYS/broker/retained messages/count", self.retained.len().to_string()),
+            (
+                "$SYS/broker/subscriptions/count",
+                self.subs.len().to_string(),
+            ),
+            (
+                "$SYS/broker/retained messages/count",
+                self.retained.len().to_string(),
+            ),
         ];
         for (topic, value) in stats {
             let msg = Message {

@@ -87,7 +87,12 @@ impl Session {
     }
 
     /// Rebuilds a session from the store; every message is resent with DUP.
-    pub fn restore(id: Arc<str>, meta: SessionMeta, mut entries: Vec<(u64, Entry)>, in_qos2: Vec<u16>) -> Session {
+    pub fn restore(
+        id: Arc<str>,
+        meta: SessionMeta,
+        mut entries: Vec<(u64, Entry)>,
+        in_qos2: Vec<u16>,
+    ) -> Session {
         let mut s = Session::new(id);
         s.expiry = meta.expiry;
         s.v5 = meta.v5;
@@ -125,7 +130,11 @@ impl Session {
     }
 
     pub fn meta(&self) -> SessionMeta {
-        SessionMeta { expiry: self.expiry, v5: self.v5, subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect() }
+        SessionMeta {
+            expiry: self.expiry,
+            v5: self.v5,
+            subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect(),
+        }
     }
 
     /// Writes the session record if the session is persistent and a store exists.
@@ -200,13 +209,17 @@ impl Session {
     pub fn pump(&mut self, ctx: &Ctx) {
         let Some(c) = self.conn.clone() else { return };
         while self.inflight.len() < usize::from(c.receive_max) {
-            let Some((seq, _, _)) = self.queue.front() else { break };
+            let Some((seq, _, _)) = self.queue.front() else {
+                break;
+            };
             let pid = pid_of(*seq);
             if self.pids.contains_key(&pid) {
                 // 65,535 messages behind a stuck one: wait for it.
                 break;
             }
-            let Some((seq, e, dup)) = self.queue.pop_front() else { break };
+            let Some((seq, e, dup)) = self.queue.pop_front() else {
+                break;
+            };
             if e.msg.expired(unix_now()) {
                 ctx.metrics.dropped(DropReason::Expired, e.qos as u8);
                 self.forget(ctx, seq);
@@ -237,7 +250,8 @@ impl Session {
         for (seq, e) in &self.inflight {
             let pid = pid_of(*seq);
             if e.released {
-                let _ = c.tx.send(Outbound::Packet(Packet::PubRel(Ack::new(pid, 0))));
+                let _ =
+                    c.tx.send(Outbound::packet(Packet::PubRel(Ack::new(pid, 0))));
             } else {
                 let _ = c.tx.send(Outbound::Deliver(Delivery {
                     msg: e.msg.clone(),
@@ -254,7 +268,9 @@ impl Session {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
     pub fn complete(&mut self, ctx: &Ctx, pid: u16, qos: QoS) {
-        let Some(&seq) = self.pids.get(&pid) else { return };
+        let Some(&seq) = self.pids.get(&pid) else {
+            return;
+        };
         if self.inflight.get(&seq).map(|e| e.qos) != Some(qos) {
             return;
         }
@@ -266,12 +282,23 @@ impl Session {
 
     /// PUBREC from the client: the message is delivered; answer PUBREL, once
     /// the released state is durable for a stored session.
-    pub fn received(&mut self, ctx: &Ctx, pid: u16, code: u8, send_ack: &mut dyn FnMut(Packet, bool)) {
+    pub fn received(
+        &mut self,
+        ctx: &Ctx,
+        pid: u16,
+        code: u8,
+        send_ack: &mut dyn FnMut(Packet, bool),
+    ) {
         let Some(&seq) = self.pids.get(&pid) else {
-            send_ack(Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)), false);
+            send_ack(
+                Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)),
+                false,
+            );
             return;
         };
-        let Some(e) = self.inflight.get_mut(&seq) else { return };
+        let Some(e) = self.inflight.get_mut(&seq) else {
+            return;
+        };
         if e.qos != QoS::ExactlyOnce {
             return;
         }
@@ -306,6 +333,12 @@ impl Session {
 
 fn fits(c: &ConnHandle, e: &Entry) -> bool {
     // Subscription ids and expiry add a few bytes; 16 is a safe margin.
-    let size = publish_size(c.version, &e.msg.topic, e.qos, &e.msg.props, e.msg.payload.len()) + 16;
+    let size = publish_size(
+        c.version,
+        &e.msg.topic,
+        e.qos,
+        &e.msg.props,
+        e.msg.payload.len(),
+    ) + 16;
     size <= c.max_packet as usize
 }

@@ -42,7 +42,10 @@ struct Node {
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.here.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_empty()
+            && self.here.is_empty()
     }
 }
 
@@ -66,11 +69,15 @@ fn leaf_mut<'a>(mut node: &'a mut Node, filter: &str) -> &'a mut Leaf {
 /// Removes from the leaf of `filter` with `f`; prunes empty nodes. Returns
 /// whether something was removed.
 fn remove_in(node: &mut Node, levels: &[&str], f: &mut dyn FnMut(&mut Leaf) -> bool) -> bool {
-    let Some((first, rest)) = levels.split_first() else { return f(&mut node.here) };
+    let Some((first, rest)) = levels.split_first() else {
+        return f(&mut node.here);
+    };
     match *first {
         "#" => f(&mut node.hash),
         "+" => {
-            let Some(child) = node.plus.as_mut() else { return false };
+            let Some(child) = node.plus.as_mut() else {
+                return false;
+            };
             let removed = remove_in(child, rest, f);
             if child.is_empty() {
                 node.plus = None;
@@ -78,7 +85,9 @@ fn remove_in(node: &mut Node, levels: &[&str], f: &mut dyn FnMut(&mut Leaf) -> b
             removed
         }
         l => {
-            let Some(child) = node.children.get_mut(l) else { return false };
+            let Some(child) = node.children.get_mut(l) else {
+                return false;
+            };
             let removed = remove_in(child, rest, f);
             if child.is_empty() {
                 node.children.remove(l);
@@ -98,7 +107,13 @@ impl SubTable {
     }
 
     /// Adds or replaces; returns true when the subscription is new.
-    pub fn insert(&mut self, client: &Arc<str>, share: Option<&str>, filter: &str, sub: Sub) -> bool {
+    pub fn insert(
+        &mut self,
+        client: &Arc<str>,
+        share: Option<&str>,
+        filter: &str,
+        sub: Sub,
+    ) -> bool {
         let leaf = leaf_mut(&mut self.root, filter);
         let new = match share {
             None => leaf.subs.insert(client.clone(), sub).is_none(),
@@ -127,7 +142,9 @@ impl SubTable {
         let removed = remove_in(&mut self.root, &levels, &mut |leaf| match share {
             None => leaf.subs.remove(client).is_some(),
             Some(g) => {
-                let Some(group) = leaf.shared.get_mut(g) else { return false };
+                let Some(group) = leaf.shared.get_mut(g) else {
+                    return false;
+                };
                 let before = group.members.len();
                 group.members.retain(|(c, _)| &**c != client);
                 let removed = group.members.len() != before;
@@ -146,7 +163,12 @@ impl SubTable {
     /// Calls `out` for every subscription matching `topic`. For each shared
     /// group one member is chosen, round robin, preferring members for which
     /// `online` holds.
-    pub fn matches(&mut self, topic: &str, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
+    pub fn matches(
+        &mut self,
+        topic: &str,
+        online: &dyn Fn(&str) -> bool,
+        out: &mut dyn FnMut(&Arc<str>, &Sub),
+    ) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         walk(&mut self.root, &levels, 0, dollar, online, out);
@@ -163,7 +185,10 @@ fn visit(leaf: &mut Leaf, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Ar
             continue;
         }
         let start = group.next % n;
-        let pick = (0..n).map(|i| (start + i) % n).find(|&i| online(&group.members[i].0)).unwrap_or(start);
+        let pick = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| online(&group.members[i].0))
+            .unwrap_or(start);
         group.next = pick + 1;
         let (c, s) = &group.members[pick];
         out(c, s);
@@ -208,10 +233,15 @@ mod tests {
 
     #[test]
     fn trie_matches_like_the_reference() {
-        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "a/+/c", "/a", "+/+"];
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "a/+/c", "/a", "+/+",
+        ];
         let topics = ["a/b", "a", "a/b/c", "$SYS/x", "b", "/a", "a/", "x/b"];
         let mut t = SubTable::default();
-        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
+        let sub = Sub {
+            opts: SubOptions::qos(QoS::AtMostOnce),
+            id: None,
+        };
         for (i, f) in filters.iter().enumerate() {
             t.insert(&Arc::from(format!("c{i}")), None, f, sub);
         }
@@ -235,7 +265,10 @@ mod tests {
     #[test]
     fn shared_round_robin() {
         let mut t = SubTable::default();
-        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
+        let sub = Sub {
+            opts: SubOptions::qos(QoS::AtMostOnce),
+            id: None,
+        };
         t.insert(&Arc::from("x"), Some("g"), "s/#", sub);
         t.insert(&Arc::from("y"), Some("g"), "s/#", sub);
         let a = collect(&mut t, "s/1");

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::codec::{DecodeError, Properties, QoS, SubOptions};
 use crate::codec::Rd;
+use crate::codec::{DecodeError, Properties, QoS, SubOptions};
 use crate::message::Message;
 use crate::router::subs::Sub;
 
@@ -20,7 +20,8 @@ fn put_str(b: &mut BytesMut, s: &str) {
 fn get_str(rd: &mut Rd) -> Result<String, DecodeError> {
     let n = rd.u32()? as usize;
     let raw = rd.take_bytes(n)?;
-    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Malformed("stored string is not UTF-8"))
+    String::from_utf8(raw.to_vec())
+        .map_err(|_| DecodeError::Malformed("stored string is not UTF-8"))
 }
 
 /// A message queued or in flight for one session.
@@ -110,7 +111,12 @@ pub fn encode_meta(m: &SessionMeta) -> Vec<u8> {
     for (f, s) in &m.subs {
         put_str(&mut b, f);
         let o = s.opts;
-        b.put_u8(o.qos as u8 | u8::from(o.no_local) << 2 | u8::from(o.retain_as_published) << 3 | o.retain_handling << 4);
+        b.put_u8(
+            o.qos as u8
+                | u8::from(o.no_local) << 2
+                | u8::from(o.retain_as_published) << 3
+                | o.retain_handling << 4,
+        );
         b.put_u32(s.id.unwrap_or(0));
     }
     b.to_vec()
@@ -132,7 +138,13 @@ pub fn decode_meta(raw: &[u8]) -> Result<SessionMeta, DecodeError> {
             retain_as_published: o & 8 != 0,
             retain_handling: (o >> 4) & 3,
         };
-        subs.push((f, Sub { opts, id: (id != 0).then_some(id) }));
+        subs.push((
+            f,
+            Sub {
+                opts,
+                id: (id != 0).then_some(id),
+            },
+        ));
     }
     Ok(SessionMeta { expiry, v5, subs })
 }
@@ -148,21 +160,43 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             qos: QoS::ExactlyOnce,
             retain: true,
-            props: Properties { content_type: Some("t".into()), user: vec![("k".into(), "v".into())], ..Default::default() },
+            props: Properties {
+                content_type: Some("t".into()),
+                user: vec![("k".into(), "v".into())],
+                ..Default::default()
+            },
             expires_at: Some(123),
             publisher: Some(Arc::from("p")),
             received_at: Instant::now(),
         };
-        let e = Entry { msg: Arc::new(msg), qos: QoS::AtLeastOnce, retain: false, released: true, sub_ids: vec![7] };
+        let e = Entry {
+            msg: Arc::new(msg),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            released: true,
+            sub_ids: vec![7],
+        };
         let d = decode_entry(&encode_entry(&e)).expect("decodes");
-        assert_eq!((d.qos, d.retain, d.released, d.sub_ids.clone()), (e.qos, e.retain, e.released, e.sub_ids.clone()));
-        assert_eq!((d.msg.topic.as_str(), &d.msg.payload[..], d.msg.expires_at), ("a/b", &b"hello"[..], Some(123)));
+        assert_eq!(
+            (d.qos, d.retain, d.released, d.sub_ids.clone()),
+            (e.qos, e.retain, e.released, e.sub_ids.clone())
+        );
+        assert_eq!(
+            (d.msg.topic.as_str(), &d.msg.payload[..], d.msg.expires_at),
+            ("a/b", &b"hello"[..], Some(123))
+        );
         assert_eq!(d.msg.props, e.msg.props);
         assert_eq!(d.msg.publisher.as_deref(), Some("p"));
         let m = SessionMeta {
             expiry: 5,
             v5: true,
-            subs: vec![("x/#".into(), Sub { opts: SubOptions::qos(QoS::AtLeastOnce), id: Some(3) })],
+            subs: vec![(
+                "x/#".into(),
+                Sub {
+                    opts: SubOptions::qos(QoS::AtLeastOnce),
+                    id: Some(3),
+                },
+            )],
         };
         assert_eq!(decode_meta(&encode_meta(&m)).expect("decodes"), m);
         assert!(decode_entry(&[0xff]).is_err());
