@@ -10,29 +10,17 @@ use std::time::{Duration, Instant};
 use common::{Daemon, wait_until};
 use net_support::{Topo, sa, udp_passes};
 
-/// A daemon on a pin directory of its own; the directory is removed on drop.
+/// A daemon whose grace period is `grace`.
 struct NetDaemon {
     d: Daemon,
-    bpf_dir: String,
 }
 
 impl NetDaemon {
     fn start(grace: &str) -> Self {
-        let bpf_dir = format!("/sys/fs/bpf/chaosd-e2e-{}", std::process::id());
-        let d = Daemon::start_with(&["--grace", grace, "--bpf-dir", &bpf_dir]);
-        Self { d, bpf_dir }
+        Self { d: Daemon::start_with(&["--grace", grace]) }
     }
     fn restart(&mut self, grace: &str) {
-        let dir = self.bpf_dir.clone();
-        self.d.restart_after_crash(&["--grace", grace, "--bpf-dir", &dir]);
-    }
-}
-
-impl Drop for NetDaemon {
-    fn drop(&mut self) {
-        self.d.crash();
-        // A crashed daemon leaves its pins by design; the test must not.
-        let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        self.d.restart_after_crash(&["--grace", grace]);
     }
 }
 

@@ -12,7 +12,9 @@ use std::{
 
 pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {
-        panic!("this test needs root (it starts chaosd, which loads BPF and creates namespaces): run `sudo ./scripts/test.sh`");
+        panic!(
+            "this test needs root (it starts chaosd, which loads BPF and creates namespaces): run `sudo ./scripts/test.sh`"
+        );
     }
 }
 
@@ -22,7 +24,11 @@ pub fn chaosd() -> PathBuf {
 
 pub fn chaosctl() -> PathBuf {
     let p = chaosd().with_file_name("chaosctl");
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -37,6 +43,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     child: Option<Child>,
     pub socket: PathBuf,
+    /// Private pin directory on bpffs: never the host's /sys/fs/bpf/chaosd.
+    pub bpf_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -50,16 +58,31 @@ impl Daemon {
         let exclusive = ONE_DAEMON.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/chaosd.sock");
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let bpf_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/chaosd-e2e-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
         let child = Command::new(chaosd())
             .args(["serve", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .arg("--bpf-dir")
+            .arg(&bpf_dir)
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn chaosd");
-        let d = Self { _exclusive: exclusive, child: Some(child), socket, state_dir: dir.path().join("state"), _dir: dir };
+        let d = Self {
+            bpf_dir,
+            _exclusive: exclusive,
+            child: Some(child),
+            socket,
+            state_dir: dir.path().join("state"),
+            _dir: dir,
+        };
         d.wait_for_socket();
         d
     }
@@ -76,7 +99,12 @@ impl Daemon {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(chaosctl()).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+        Command::new(chaosctl())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// SIGTERM and wait; returns the exit status and stderr.
@@ -106,7 +134,11 @@ pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> Output {
         use std::io::Read;
         let _ = e.read_to_end(&mut stderr);
     }
-    Output { status: child.wait().unwrap(), stdout: Vec::new(), stderr }
+    Output {
+        status: child.wait().unwrap(),
+        stdout: Vec::new(),
+        stderr,
+    }
 }
 
 impl Drop for Daemon {
@@ -115,6 +147,9 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A killed daemon leaves its pins by design (so a restart adopts
+        // them); the test must not leave them.
+        let _ = std::fs::remove_dir_all(&self.bpf_dir);
     }
 }
 
@@ -153,6 +188,8 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .arg("--bpf-dir")
+            .arg(&self.bpf_dir)
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -172,7 +209,11 @@ pub struct Netns(pub String);
 impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = format!("chaosd-t-{tag}-{}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add").success();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add")
+            .success();
         assert!(ok, "ip netns add {name} failed");
         let ns = Self(name);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -181,13 +222,21 @@ impl Netns {
 
     /// Runs a command in the namespace, panicking on failure.
     pub fn exec(&self, cmd: &[&str]) -> String {
-        let out = Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec");
         assert!(out.status.success(), "{cmd:?} in {}: {}", self.0, text(&out.stderr));
         text(&out.stdout)
     }
 
     pub fn spawn(&self, cmd: &[&str]) -> Child {
-        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).spawn().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .spawn()
+            .expect("ip netns exec")
     }
 }
 
@@ -208,4 +257,3 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
-
