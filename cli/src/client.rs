@@ -32,7 +32,9 @@ impl From<tonic::Status> for CliError {
         // Transport failures (the daemon died or closed the connection) come
         // back as Unavailable/Unknown/Internal with an h2 or transport message.
         let lost = matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal)
-            && (s.message().contains("transport") || s.message().contains("h2 protocol") || s.message().contains("connection"));
+            && (s.message().contains("transport")
+                || s.message().contains("h2 protocol")
+                || s.message().contains("connection"));
         if lost {
             return Self::usage(format!("lost the connection to chaosd (did it stop?): {}", s.message()));
         }

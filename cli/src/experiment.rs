@@ -67,7 +67,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 fn counters_text(c: &pb::Counters, fault: &str) -> String {
     match fault {
-        "network" => format!("matched {} dropped {} delayed {}", c.packets_matched, c.packets_dropped, c.packets_delayed),
+        "network" => {
+            format!("matched {} dropped {} delayed {}", c.packets_matched, c.packets_dropped, c.packets_delayed)
+        }
         "stress" => format!(
             "cpu {:.1}s rss {} oom-kills {}",
             c.stress_cpu_time_ns as f64 / 1e9,

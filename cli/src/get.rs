@@ -2,7 +2,11 @@
 
 use chaos_proto::chaosd::v1 as pb;
 
-use crate::{client::CliError, experiment, output::{self, Output}};
+use crate::{
+    client::CliError,
+    experiment,
+    output::{self, Output},
+};
 
 pub async fn run(socket: &std::path::Path, out: Output, id: String) -> Result<(), CliError> {
     let mut client = crate::client::connect(socket).await?;

@@ -326,7 +326,9 @@ fn build(cmd: InjectCommand) -> (TargetArgs, Common, pb::fault::Kind) {
         InjectCommand::Stress(s) => {
             use pb::stress_fault::Kind as S;
             let (base, kind) = match s {
-                StressAction::Cpu { base, workers, load } => (base, S::Cpu(pb::CpuStress { workers, load_percent: load })),
+                StressAction::Cpu { base, workers, load } => {
+                    (base, S::Cpu(pb::CpuStress { workers, load_percent: load }))
+                }
                 StressAction::Memory { base, size, workers, oom_target } => {
                     (base, S::Memory(pb::MemoryStress { size: Some(size), workers, oom_target }))
                 }

@@ -21,7 +21,8 @@ pub fn duration(s: &str) -> Result<prost_types::Duration, String> {
         let (num, tail) = rest.split_at(num_end);
         let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
-        let value: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration: write e.g. 500ms, 30s, 5m or 1h"))?;
+        let value: f64 =
+            num.parse().map_err(|_| format!("'{s}' is not a duration: write e.g. 500ms, 30s, 5m or 1h"))?;
         let scale: f64 = match unit {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -56,7 +57,11 @@ pub fn rate(s: &str) -> Result<u64, String> {
         "kbps" => 8e3,
         "mbps" => 8e6,
         "gbps" => 8e9,
-        _ => return Err(format!("unknown rate unit in '{s}': use bit, kbit, mbit, gbit (or bps, kbps, mbps for bytes)")),
+        _ => {
+            return Err(format!(
+                "unknown rate unit in '{s}': use bit, kbit, mbit, gbit (or bps, kbps, mbps for bytes)"
+            ));
+        }
     };
     Ok((value * scale) as u64)
 }
@@ -87,7 +92,8 @@ pub fn memory_size(s: &str) -> Result<pb::memory_stress::Size, String> {
 
 /// "7000" or "7000-7010".
 pub fn port_range(s: &str) -> Result<pb::PortRange, String> {
-    let num = |p: &str| p.trim().parse::<u32>().map_err(|_| format!("'{s}' is not a port or a range such as 7000-7010"));
+    let num =
+        |p: &str| p.trim().parse::<u32>().map_err(|_| format!("'{s}' is not a port or a range such as 7000-7010"));
     match s.split_once('-') {
         Some((a, b)) => Ok(pb::PortRange { first: num(a)?, last: num(b)? }),
         None => {

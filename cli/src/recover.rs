@@ -3,7 +3,11 @@
 
 use chaos_proto::chaosd::v1 as pb;
 
-use crate::{client::CliError, experiment, output::{self, Output}};
+use crate::{
+    client::CliError,
+    experiment,
+    output::{self, Output},
+};
 
 pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>, all: bool) -> Result<(), CliError> {
     use pb::recover_request::Which;

@@ -3,7 +3,10 @@
 use chaos_proto::chaosd::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::{client::CliError, output::{self, Output}};
+use crate::{
+    client::CliError,
+    output::{self, Output},
+};
 
 pub async fn run(socket: &std::path::Path, out: Output) -> Result<(), CliError> {
     let mut client = crate::client::connect(socket).await?;

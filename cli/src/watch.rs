@@ -2,7 +2,11 @@
 
 use chaos_proto::chaosd::v1 as pb;
 
-use crate::{client::CliError, experiment, output::{self, Output}};
+use crate::{
+    client::CliError,
+    experiment,
+    output::{self, Output},
+};
 
 pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> Result<(), CliError> {
     let mut client = crate::client::connect(socket).await?;
@@ -22,7 +26,14 @@ pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> R
             Output::Table => {
                 let rows = experiment::table(std::slice::from_ref(&exp));
                 let row = &rows[1];
-                output::print_rows(&[vec![kind.to_string(), row[0].clone(), row[1].clone(), row[2].clone(), row[3].clone(), row[4].clone()]]);
+                output::print_rows(&[vec![
+                    kind.to_string(),
+                    row[0].clone(),
+                    row[1].clone(),
+                    row[2].clone(),
+                    row[3].clone(),
+                    row[4].clone(),
+                ]]);
             }
         }
     }

@@ -24,13 +24,17 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 pub fn target_from_pb(t: Option<pb::Target>) -> Result<Target, ApiError> {
     use pb::target::Kind;
-    let kind = t.and_then(|t| t.kind).ok_or_else(|| bad("no target: give --pid, --netns, --netns-path, --cgroup, --name or --host"))?;
+    let kind = t
+        .and_then(|t| t.kind)
+        .ok_or_else(|| bad("no target: give --pid, --netns, --netns-path, --cgroup, --name or --host"))?;
     Ok(match kind {
         Kind::Pid(0) => return Err(bad("pid 0 is not a process: give the pid of the target process")),
         Kind::Pid(p) => Target::Pid(p),
         Kind::NetnsName(n) => {
             if n.is_empty() || n.contains('/') || n == "." || n == ".." {
-                return Err(bad(format!("invalid netns name '{n}': use the name shown by `ip netns list`, or --netns-path for a path")));
+                return Err(bad(format!(
+                    "invalid netns name '{n}': use the name shown by `ip netns list`, or --netns-path for a path"
+                )));
             }
             Target::NetnsName(n)
         }
@@ -43,7 +47,8 @@ pub fn target_from_pb(t: Option<pb::Target>) -> Result<Target, ApiError> {
         }
         Kind::CgroupPath(p) => {
             let path = PathBuf::from(&p);
-            let under = path.starts_with("/sys/fs/cgroup") && path.components().all(|c| c != std::path::Component::ParentDir);
+            let under =
+                path.starts_with("/sys/fs/cgroup") && path.components().all(|c| c != std::path::Component::ParentDir);
             if !under {
                 return Err(bad(format!("cgroup path '{p}' must be a directory under /sys/fs/cgroup (no '..')")));
             }
@@ -72,7 +77,11 @@ fn percent(what: &str, v: f64, allow_zero: bool) -> Result<f64, ApiError> {
 
 fn latency(what: &str, d: Option<&prost_types::Duration>, required: bool) -> Result<Duration, ApiError> {
     let Some(d) = d else {
-        return if required { Err(bad(format!("{what} is required (e.g. --latency 100ms)"))) } else { Ok(Duration::ZERO) };
+        return if required {
+            Err(bad(format!("{what} is required (e.g. --latency 100ms)")))
+        } else {
+            Ok(Duration::ZERO)
+        };
     };
     let d = duration_from_proto(d).ok_or_else(|| bad(format!("{what} must not be negative")))?;
     if required && d.is_zero() {
@@ -112,9 +121,9 @@ fn selector_from_pb(s: Option<pb::Selector>) -> Result<Selector, ApiError> {
         .peers
         .iter()
         .map(|p| {
-            let net = IpNet::from_str(p)
-                .or_else(|_| std::net::IpAddr::from_str(p).map(IpNet::from))
-                .map_err(|_| bad(format!("malformed peer '{p}': give a CIDR such as 10.0.0.0/24 or fd00::/64, or an address")))?;
+            let net = IpNet::from_str(p).or_else(|_| std::net::IpAddr::from_str(p).map(IpNet::from)).map_err(|_| {
+                bad(format!("malformed peer '{p}': give a CIDR such as 10.0.0.0/24 or fd00::/64, or an address"))
+            })?;
             Ok(net.trunc())
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -140,7 +149,9 @@ fn selector_from_pb(s: Option<pb::Selector>) -> Result<Selector, ApiError> {
 
 fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
     use pb::network_action::Kind;
-    let kind = a.and_then(|a| a.kind).ok_or_else(|| bad("no network action: delay, loss, partition, bandwidth, duplicate, corrupt or reorder"))?;
+    let kind = a
+        .and_then(|a| a.kind)
+        .ok_or_else(|| bad("no network action: delay, loss, partition, bandwidth, duplicate, corrupt or reorder"))?;
     Ok(match kind {
         Kind::Delay(d) => {
             let jitter = latency("jitter", d.jitter.as_ref(), false)?;
@@ -160,7 +171,12 @@ fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
             if distribution.is_some() && jitter.is_zero() {
                 return Err(bad("a delay distribution needs --jitter"));
             }
-            NetAction::Delay { latency, jitter, correlation: percent("correlation", d.correlation_percent, true)?, distribution }
+            NetAction::Delay {
+                latency,
+                jitter,
+                correlation: percent("correlation", d.correlation_percent, true)?,
+                distribution,
+            }
         }
         Kind::Loss(l) => NetAction::Loss {
             percent: percent("loss percent", l.percent, false)?,
@@ -198,7 +214,11 @@ pub fn parse_signal(s: &str) -> Result<i32, ApiError> {
         return Ok(libc::SIGKILL);
     }
     if let Ok(n) = s.parse::<i32>() {
-        return if (1..=64).contains(&n) { Ok(n) } else { Err(bad(format!("signal {n} does not exist: signals are 1..64"))) };
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad(format!("signal {n} does not exist: signals are 1..64")))
+        };
     }
     let upper = s.to_ascii_uppercase();
     let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
@@ -222,7 +242,10 @@ pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, Api
                         return Err(bad("workers must be at least 1"));
                     }
                     if c.load_percent == 0 || c.load_percent > 100 {
-                        return Err(bad(format!("load {} is outside 1..100 (percent of one CPU per worker)", c.load_percent)));
+                        return Err(bad(format!(
+                            "load {} is outside 1..100 (percent of one CPU per worker)",
+                            c.load_percent
+                        )));
                     }
                     Fault::Stress(StressFault::Cpu { workers: c.workers, load_percent: c.load_percent })
                 }
@@ -231,10 +254,15 @@ pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, Api
                         return Err(bad("workers must be at least 1"));
                     }
                     use pb::memory_stress::Size;
-                    let size = match m.size.ok_or_else(|| bad("memory size is required (e.g. --size 512MiB or --size 90%)"))? {
+                    let size = match m
+                        .size
+                        .ok_or_else(|| bad("memory size is required (e.g. --size 512MiB or --size 90%)"))?
+                    {
                         Size::Bytes(0) => return Err(bad("memory size must be above 0")),
                         Size::Bytes(b) => MemorySize::Bytes(b),
-                        Size::PercentOfLimit(p) => MemorySize::PercentOfLimit(percent("memory size percent", p, false)?),
+                        Size::PercentOfLimit(p) => {
+                            MemorySize::PercentOfLimit(percent("memory size percent", p, false)?)
+                        }
                     };
                     Fault::Stress(StressFault::Memory { size, workers: m.workers, oom_target: m.oom_target })
                 }
@@ -352,7 +380,10 @@ pub fn fault_to_pb(f: &Fault) -> pb::Fault {
                     latency: Some(duration_to_proto(*latency)),
                 }),
             };
-            Kind::Network(pb::NetworkFault { selector: Some(selector), action: Some(pb::NetworkAction { kind: Some(action) }) })
+            Kind::Network(pb::NetworkFault {
+                selector: Some(selector),
+                action: Some(pb::NetworkAction { kind: Some(action) }),
+            })
         }
         Fault::Stress(StressFault::Cpu { workers, load_percent }) => Kind::Stress(pb::StressFault {
             kind: Some(pb::stress_fault::Kind::Cpu(pb::CpuStress { workers: *workers, load_percent: *load_percent })),
@@ -416,8 +447,10 @@ fn fmt_ports(label: &str, r: &[PortRange]) -> Option<String> {
     if r.is_empty() {
         return None;
     }
-    let list: Vec<String> =
-        r.iter().map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }).collect();
+    let list: Vec<String> = r
+        .iter()
+        .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+        .collect();
     Some(format!("{label} {}", list.join(",")))
 }
 
@@ -444,7 +477,9 @@ pub fn summary(exp: &Experiment) -> String {
                 NetAction::Bandwidth { rate_bps, .. } => format!("bandwidth {}", fmt_rate(*rate_bps)),
                 NetAction::Duplicate { percent, .. } => format!("duplicate {}", fmt_pct(*percent)),
                 NetAction::Corrupt { percent, .. } => format!("corrupt {}", fmt_pct(*percent)),
-                NetAction::Reorder { percent, latency, .. } => format!("reorder {} (others {latency:?})", fmt_pct(*percent)),
+                NetAction::Reorder { percent, latency, .. } => {
+                    format!("reorder {} (others {latency:?})", fmt_pct(*percent))
+                }
             };
             let s = &n.selector;
             let mut parts = vec![action];
@@ -463,7 +498,9 @@ pub fn summary(exp: &Experiment) -> String {
             parts.push(format!("{:?}", s.direction).to_lowercase());
             parts.join(" ")
         }
-        Fault::Stress(StressFault::Cpu { workers, load_percent }) => format!("cpu {workers} worker(s) at {load_percent}%"),
+        Fault::Stress(StressFault::Cpu { workers, load_percent }) => {
+            format!("cpu {workers} worker(s) at {load_percent}%")
+        }
         Fault::Stress(StressFault::Memory { size, workers, .. }) => match size {
             MemorySize::Bytes(b) => format!("memory {} in {workers} worker(s)", fmt_bytes(*b)),
             MemorySize::PercentOfLimit(p) => format!("memory {} of limit in {workers} worker(s)", fmt_pct(*p)),

@@ -359,10 +359,9 @@ impl Engine {
             }
             return Ok(e);
         }
-        self.journal()
-            .get(id)
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .ok_or_else(|| ApiError::NotFound(format!("no experiment with id '{id}' (`chaosctl list --all` shows recent ones)")))
+        self.journal().get(id).map_err(|e| ApiError::Internal(e.to_string()))?.ok_or_else(|| {
+            ApiError::NotFound(format!("no experiment with id '{id}' (`chaosctl list --all` shows recent ones)"))
+        })
     }
 
     /// One pass of periodic work: driver ticks, expiry, vanished targets.

@@ -23,7 +23,9 @@ pub enum JournalError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("journal {path}: another chaosd uses this state directory (lock {lock} is held); stop it or pass --state-dir")]
+    #[error(
+        "journal {path}: another chaosd uses this state directory (lock {lock} is held); stop it or pass --state-dir"
+    )]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("journal {path}: {source}")]
     Io {
@@ -123,7 +125,11 @@ impl Journal {
     }
 
     fn decode(&self, id: &str, body: &str) -> Result<Experiment, JournalError> {
-        serde_json::from_str(body).map_err(|source| JournalError::Decode { path: self.path.clone(), id: id.into(), source })
+        serde_json::from_str(body).map_err(|source| JournalError::Decode {
+            path: self.path.clone(),
+            id: id.into(),
+            source,
+        })
     }
 
     /// Writes a new experiment (the intent).
@@ -205,9 +211,7 @@ impl Journal {
             "SELECT id, body FROM experiments WHERE state NOT IN ('recovered','failed','expired') ORDER BY created_ns DESC"
         };
         let mut stmt = self.conn.prepare(query).map_err(self.sql())?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(self.sql())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.sql())?;
         let mut out = Vec::new();
         for row in rows {
             let (id, body) = row.map_err(self.sql())?;

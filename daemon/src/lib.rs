@@ -16,10 +16,10 @@ pub mod privilege;
 pub mod probe;
 pub mod process;
 pub mod server;
+pub mod service;
 pub mod spec;
 pub mod stress;
 pub mod tc;
-pub mod service;
 
 /// The eBPF object built by build.rs from ebpf/chaosd-ebpf.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/chaosd.bpf.o"));

@@ -66,9 +66,7 @@ fn main() -> ExitCode {
         return chaosd::process::guardian::run(args);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHAOSD_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAOSD_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -166,11 +164,7 @@ fn build_drivers(host: &probe::HostProbe, args: &ServeArgs) -> Drivers {
         Ok(p) => p,
         Err(e) => {
             let why = format!("cannot find chaosd's own binary to start stressors: {e}");
-            return Drivers {
-                network,
-                stress: Slot::Unavailable(why.clone()),
-                process: Slot::Unavailable(why),
-            };
+            return Drivers { network, stress: Slot::Unavailable(why.clone()), process: Slot::Unavailable(why) };
         }
     };
     Drivers {

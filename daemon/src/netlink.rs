@@ -4,8 +4,7 @@
 //! the kernel's errno and its extended-ack message.
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -87,9 +86,7 @@ impl RouteSocket {
         packet.finalize();
         let mut out = vec![0; packet.buffer_len()];
         packet.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(|source| NetlinkError::Io { op: op.into(), source })?;
+        self.socket.send(&out, 0).map_err(|source| NetlinkError::Io { op: op.into(), source })?;
 
         let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut answers = Vec::new();
@@ -147,11 +144,8 @@ fn parse_ext_ack(payload: &[u8], flags: u16) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 || payload.len() < 16 {
         return None;
     }
-    let echoed = if flags & NLM_F_CAPPED != 0 {
-        16
-    } else {
-        u32::from_ne_bytes(payload[0..4].try_into().ok()?) as usize
-    };
+    let echoed =
+        if flags & NLM_F_CAPPED != 0 { 16 } else { u32::from_ne_bytes(payload[0..4].try_into().ok()?) as usize };
     let mut rest = payload.get(echoed..)?;
     while rest.len() >= 4 {
         let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;

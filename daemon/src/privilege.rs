@@ -26,9 +26,7 @@ const KEPT: &[Capability] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
-    #[error(
-        "chaosd lacks {missing}: run it as root (`sudo chaosd serve`) or grant these capabilities"
-    )]
+    #[error("chaosd lacks {missing}: run it as root (`sudo chaosd serve`) or grant these capabilities")]
     Missing { missing: String },
     #[error("reading the process capabilities: {0}")]
     Read(#[source] caps::errors::CapsError),
@@ -37,16 +35,9 @@ pub enum PrivilegeError {
 /// Fails with the list of missing capabilities (each with its use).
 pub fn check() -> Result<(), PrivilegeError> {
     let effective = caps::read(None, CapSet::Effective).map_err(PrivilegeError::Read)?;
-    let missing: Vec<String> = REQUIRED
-        .iter()
-        .filter(|(c, _)| !effective.contains(c))
-        .map(|(c, why)| format!("{c} ({why})"))
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(PrivilegeError::Missing { missing: missing.join(", ") })
-    }
+    let missing: Vec<String> =
+        REQUIRED.iter().filter(|(c, _)| !effective.contains(c)).map(|(c, why)| format!("{c} ({why})")).collect();
+    if missing.is_empty() { Ok(()) } else { Err(PrivilegeError::Missing { missing: missing.join(", ") }) }
 }
 
 /// Drops every capability chaosd does not use from the effective,

@@ -5,7 +5,10 @@
 
 use std::{collections::BTreeSet, fs, path::Path};
 
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::{NlOptions, TcAttachOptions}};
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    tc::{NlOptions, TcAttachOptions},
+};
 use netlink_packet_route::{link::InfoKind, tc::TcHandle};
 
 use crate::{
@@ -236,10 +239,18 @@ pub fn probe_cgroup(mounts: &Path, cgroup_root: &Path) -> CgroupProbe {
                     // Mount options that are not controllers.
                     if !matches!(
                         o,
-                        "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime" | "noatime" | "xattr"
-                            | "clone_children" | "noprefix" | "cpuset_v2_mode" | "favordynmods"
-                    )
-                        && !o.starts_with("name=")
+                        "rw" | "ro"
+                            | "nosuid"
+                            | "nodev"
+                            | "noexec"
+                            | "relatime"
+                            | "noatime"
+                            | "xattr"
+                            | "clone_children"
+                            | "noprefix"
+                            | "cpuset_v2_mode"
+                            | "favordynmods"
+                    ) && !o.starts_with("name=")
                         && !o.contains('=')
                     {
                         v1.insert(o.to_string());
@@ -251,14 +262,9 @@ pub fn probe_cgroup(mounts: &Path, cgroup_root: &Path) -> CgroupProbe {
     }
     if v2_at_root {
         let file = cgroup_root.join("cgroup.controllers");
-        let controllers = fs::read_to_string(&file)
-            .map(|s| s.split_whitespace().map(String::from).collect())
-            .unwrap_or_default();
-        return CgroupProbe {
-            version: CgroupVersion::V2,
-            controllers,
-            detail: format!("unified hierarchy at {root}"),
-        };
+        let controllers =
+            fs::read_to_string(&file).map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default();
+        return CgroupProbe { version: CgroupVersion::V2, controllers, detail: format!("unified hierarchy at {root}") };
     }
     if v1.is_empty() {
         return CgroupProbe {
@@ -327,7 +333,11 @@ impl HostProbe {
         out.push(FaultAvailability {
             fault: "stress-memory",
             available: mem_ok,
-            reason: if mem_ok { String::new() } else { format!("no memory cgroup controller ({})", self.cgroup.detail) },
+            reason: if mem_ok {
+                String::new()
+            } else {
+                format!("no memory cgroup controller ({})", self.cgroup.detail)
+            },
         });
         let kill_ok = self.effective_capabilities.iter().any(|c| c == "CAP_KILL");
         for fault in ["kill", "pause"] {

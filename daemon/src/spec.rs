@@ -122,7 +122,10 @@ impl NetAction {
     pub fn needs_netem(&self) -> bool {
         matches!(
             self,
-            NetAction::Delay { .. } | NetAction::Duplicate { .. } | NetAction::Corrupt { .. } | NetAction::Reorder { .. }
+            NetAction::Delay { .. }
+                | NetAction::Duplicate { .. }
+                | NetAction::Corrupt { .. }
+                | NetAction::Reorder { .. }
         )
     }
 
@@ -142,8 +145,15 @@ impl NetAction {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StressFault {
     /// `workers` processes each holding `load_percent` of one CPU.
-    Cpu { workers: u32, load_percent: u32 },
-    Memory { size: MemorySize, workers: u32, oom_target: bool },
+    Cpu {
+        workers: u32,
+        load_percent: u32,
+    },
+    Memory {
+        size: MemorySize,
+        workers: u32,
+        oom_target: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,7 +165,9 @@ pub enum MemorySize {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ProcessFault {
-    Kill { signal: i32 },
+    Kill {
+        signal: i32,
+    },
     /// SIGSTOP for the duration, then SIGCONT.
     Pause,
 }

@@ -30,11 +30,10 @@ fn a_killed_daemon_stops_its_faults_within_the_grace_period() {
     let topo = Topo::new();
     let mut nd = NetDaemon::start("2s");
     let b = topo.ip_b(false);
-    let id = nd
-        .d
-        .ctl_ok(&["inject", "network", "partition", "--netns", &topo.a, "--protocol", "udp", "--port", "7000"])
-        .trim()
-        .to_string();
+    let id =
+        nd.d.ctl_ok(&["inject", "network", "partition", "--netns", &topo.a, "--protocol", "udp", "--port", "7000"])
+            .trim()
+            .to_string();
     assert!(!udp_passes(&topo.a, &topo.b, sa(b, 7000)), "partition on port 7000 is not in effect");
     assert!(udp_passes(&topo.a, &topo.b, sa(b, 7001)), "port 7001 must not be affected");
 
@@ -60,20 +59,35 @@ fn a_daemon_restarted_within_the_grace_period_keeps_the_fault_and_recover_restor
     let before = topo.snapshot(&topo.a, "va");
     let mut nd = NetDaemon::start("10s");
     let b = topo.ip_b(true);
-    let id = nd
-        .d
-        .ctl_ok(&["inject", "network", "loss", "--netns", &topo.a, "--percent", "100", "--port", "7000", "--duration", "60s"])
+    let id =
+        nd.d.ctl_ok(&[
+            "inject",
+            "network",
+            "loss",
+            "--netns",
+            &topo.a,
+            "--percent",
+            "100",
+            "--port",
+            "7000",
+            "--duration",
+            "60s",
+        ])
         .trim()
         .to_string();
     assert!(!udp_passes(&topo.a, &topo.b, sa(b, 7000)), "100% loss on port 7000 is not in effect");
-    let remaining_before = nd.d.ctl_json(&["get", &id])["remaining"].as_str().unwrap().trim_end_matches('s').parse::<f64>().unwrap();
+    let remaining_before =
+        nd.d.ctl_json(&["get", &id])["remaining"].as_str().unwrap().trim_end_matches('s').parse::<f64>().unwrap();
 
     nd.d.crash();
     nd.restart("10s");
     let exp = nd.d.ctl_json(&["get", &id]);
     assert_eq!(exp["state"], "active", "adopted after a restart within grace: {exp}");
     let remaining = exp["remaining"].as_str().unwrap().trim_end_matches('s').parse::<f64>().unwrap();
-    assert!(remaining > 40.0 && remaining < remaining_before, "remaining time kept: {remaining_before} then {remaining}");
+    assert!(
+        remaining > 40.0 && remaining < remaining_before,
+        "remaining time kept: {remaining_before} then {remaining}"
+    );
     assert!(!udp_passes(&topo.a, &topo.b, sa(b, 7000)), "the fault went on through the restart");
     // Still active well after the old daemon's heartbeat would have lapsed
     // had nobody refreshed it... checked over a short wait here:

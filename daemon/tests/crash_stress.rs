@@ -55,7 +55,8 @@ fn stressors_die_within_a_second_of_a_daemon_crash() {
     let target = Target::sleep();
     let mut d = Daemon::start();
     let pid = target.pid().to_string();
-    let id = d.ctl_ok(&["inject", "stress", "cpu", "--pid", &pid, "--workers", "2", "--load", "30", "--duration", "5m"]);
+    let id =
+        d.ctl_ok(&["inject", "stress", "cpu", "--pid", &pid, "--workers", "2", "--load", "30", "--duration", "5m"]);
     let id = id.trim().to_string();
     wait_until(Duration::from_secs(5), "two stressors running", || stressors(&id).len() == 2);
     d.crash();

@@ -94,7 +94,10 @@ fn chaosctl_without_a_daemon_says_so_in_one_line_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(err.contains(&format!("cannot reach chaosd at {}", sock.display())) && err.contains("sudo chaosd serve"), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach chaosd at {}", sock.display())) && err.contains("sudo chaosd serve"),
+        "{err}"
+    );
     // CHAOSD_SOCKET chooses the daemon too.
     let out = Command::new(chaosctl()).env("CHAOSD_SOCKET", &sock).arg("list").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -109,4 +112,3 @@ fn unknown_subcommands_are_usage_errors() {
         assert!(text(&out.stderr).contains("unrecognized subcommand 'frobnicate'"), "{}", text(&out.stderr));
     }
 }
-

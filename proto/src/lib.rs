@@ -18,10 +18,7 @@ pub use prost_types::{Duration, Timestamp};
 
 /// Converts a std duration to its wire form.
 pub fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 /// Converts a wire duration to std; `None` when it is negative or out of range.
@@ -35,10 +32,7 @@ pub fn duration_from_proto(d: &prost_types::Duration) -> Option<std::time::Durat
 /// Converts a wall-clock time to its wire form.
 pub fn timestamp_to_proto(t: std::time::SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 #[cfg(test)]
@@ -49,9 +43,6 @@ mod tests {
     fn duration_round_trip_and_rejects_negative() {
         let d = std::time::Duration::from_millis(1500);
         assert_eq!(duration_from_proto(&duration_to_proto(d)), Some(d));
-        assert_eq!(
-            duration_from_proto(&prost_types::Duration { seconds: -1, nanos: 0 }),
-            None
-        );
+        assert_eq!(duration_from_proto(&prost_types::Duration { seconds: -1, nanos: 0 }), None);
     }
 }

@@ -24,11 +24,7 @@ pub fn chaosd() -> PathBuf {
 
 pub fn chaosctl() -> PathBuf {
     let p = chaosd().with_file_name("chaosctl");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
     p
 }
 
@@ -99,12 +95,7 @@ impl Daemon {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(chaosctl())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(chaosctl()).arg("--socket").arg(&self.socket).args(args).output().unwrap()
     }
 
     /// SIGTERM and wait; returns the exit status and stderr.
@@ -134,11 +125,7 @@ pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> Output {
         use std::io::Read;
         let _ = e.read_to_end(&mut stderr);
     }
-    Output {
-        status: child.wait().unwrap(),
-        stdout: Vec::new(),
-        stderr,
-    }
+    Output { status: child.wait().unwrap(), stdout: Vec::new(), stderr }
 }
 
 impl Drop for Daemon {
@@ -209,11 +196,7 @@ pub struct Netns(pub String);
 impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = format!("chaosd-t-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add")
-            .success();
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add").success();
         assert!(ok, "ip netns add {name} failed");
         let ns = Self(name);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -222,21 +205,13 @@ impl Netns {
 
     /// Runs a command in the namespace, panicking on failure.
     pub fn exec(&self, cmd: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
-            .output()
-            .expect("ip netns exec");
+        let out = Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec");
         assert!(out.status.success(), "{cmd:?} in {}: {}", self.0, text(&out.stderr));
         text(&out.stdout)
     }
 
     pub fn spawn(&self, cmd: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
-            .spawn()
-            .expect("ip netns exec")
+        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).spawn().expect("ip netns exec")
     }
 }
 
