@@ -29,20 +29,14 @@ pub struct Auth {
 
 impl Auth {
     pub fn load(path: &Path) -> Result<Auth, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.into(), source })?;
         let mut users = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, secret) = line.split_once(':').ok_or(AuthError::Syntax {
-                path: path.into(),
-                line: i + 1,
-            })?;
+            let (user, secret) = line.split_once(':').ok_or(AuthError::Syntax { path: path.into(), line: i + 1 })?;
             let secret = match secret.strip_prefix("sha256:") {
                 Some(hex) => Secret::Sha256(hex.to_ascii_lowercase()),
                 None => Secret::Plain(secret.as_bytes().to_vec()),
@@ -77,8 +71,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("pw");
         // sha256("secret")
-        std::fs::write(&p, "# users\nalice:pw1\nbob:sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\n")
-            .expect("write");
+        std::fs::write(
+            &p,
+            "# users\nalice:pw1\nbob:sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\n",
+        )
+        .expect("write");
         let a = Auth::load(&p).expect("loads");
         assert!(a.check(Some("alice"), Some(b"pw1")));
         assert!(!a.check(Some("alice"), Some(b"pw2")));

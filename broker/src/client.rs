@@ -75,9 +75,7 @@ impl ReadHalf {
     }
 
     pub async fn recv_timeout(&mut self, d: Duration) -> Result<Packet, ClientError> {
-        tokio::time::timeout(d, self.recv())
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(d, self.recv()).await.map_err(|_| ClientError::Timeout)?
     }
 }
 
@@ -118,22 +116,12 @@ pub struct Client {
 impl Client {
     /// Opens TCP only (for tests that send bytes by hand).
     pub async fn tcp(addr: SocketAddr, version: Version) -> Result<Client, ClientError> {
-        let s = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+        let s = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
         let _ = s.set_nodelay(true);
         let (rd, wr) = s.into_split();
         Ok(Client {
-            rd: ReadHalf {
-                rd,
-                buf: BytesMut::with_capacity(64 * 1024),
-                version,
-            },
-            wr: WriteHalf {
-                wr,
-                out: BytesMut::with_capacity(64 * 1024),
-                version,
-            },
+            rd: ReadHalf { rd, buf: BytesMut::with_capacity(64 * 1024), version },
+            wr: WriteHalf { wr, out: BytesMut::with_capacity(64 * 1024), version },
         })
     }
 

@@ -98,22 +98,14 @@ impl Default for Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 
     pub fn fsync_policy(&self) -> Result<FsyncPolicy, ConfigError> {
         match self.fsync.as_str() {
             "every-ack" => Ok(FsyncPolicy::EveryAck),
-            "group" => Ok(FsyncPolicy::Group(Duration::from_millis(
-                self.group_commit_ms.max(1),
-            ))),
+            "group" => Ok(FsyncPolicy::Group(Duration::from_millis(self.group_commit_ms.max(1)))),
             other => Err(ConfigError::Fsync(other.into())),
         }
     }
@@ -135,20 +127,11 @@ mod tests {
         let c = Config::load(&p).expect("loads");
         assert_eq!(c.mqtt_listen.port(), 1999);
         assert_eq!((c.node_name.as_str(), c.max_queued), ("n1", 10));
-        assert_eq!(
-            c.fsync_policy().expect("policy"),
-            FsyncPolicy::Group(Duration::from_millis(7))
-        );
-        assert_eq!(
-            Config::default().fsync_policy().expect("policy"),
-            FsyncPolicy::EveryAck
-        );
+        assert_eq!(c.fsync_policy().expect("policy"), FsyncPolicy::Group(Duration::from_millis(7)));
+        assert_eq!(Config::default().fsync_policy().expect("policy"), FsyncPolicy::EveryAck);
         std::fs::write(&p, "no_such_key = 1\n").expect("write");
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
-        let bad = Config {
-            fsync: "sometimes".into(),
-            ..Config::default()
-        };
+        let bad = Config { fsync: "sometimes".into(), ..Config::default() };
         assert!(bad.fsync_policy().is_err());
     }
 }

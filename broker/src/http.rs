@@ -10,12 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    node: String,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, node: String, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -45,17 +40,9 @@ async fn answer(mut s: TcpStream, metrics: &Metrics, node: &str) -> std::io::Res
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render(node)),
-        ("GET", "/health") => (
-            "200 OK",
-            "application/json",
-            format!("{{\"status\":\"ok\",\"node\":{node:?}}}\n"),
-        ),
+        ("GET", "/health") => ("200 OK", "application/json", format!("{{\"status\":\"ok\",\"node\":{node:?}}}\n")),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_owned(),
-        ),
+        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_owned()),
     };
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -10,10 +10,7 @@ use tokio_util::sync::CancellationToken;
 use broker::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "broker",
-    about = "MQTT 3.1.1/5.0 broker node with durable sessions"
-)]
+#[command(name = "broker", about = "MQTT 3.1.1/5.0 broker node with durable sessions")]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -53,16 +50,11 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     match cli.cmd {
         Some(Cmd::Bench(args)) => rt.block_on(broker::bench::run(args)),
         None => rt.block_on(run_broker(cli.run)),
@@ -103,11 +95,9 @@ async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding MQTT listener {}", cfg.mqtt_listen))?;
     let http = match cfg.http_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding HTTP listener {addr}"))?,
-        ),
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP listener {addr}"))?)
+        }
         None => None,
     };
     tracing::info!(
@@ -122,8 +112,7 @@ async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

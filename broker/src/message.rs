@@ -27,9 +27,7 @@ pub struct Message {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Message {
@@ -39,8 +37,7 @@ impl Message {
 
     /// Seconds left, for the message expiry interval sent on.
     pub fn remaining(&self, now: u64) -> Option<u32> {
-        self.expires_at
-            .map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)
+        self.expires_at.map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)
     }
 }
 

@@ -97,9 +97,8 @@ impl DropReason {
 }
 
 /// Upper bounds (seconds) of the delivery latency histogram.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -148,8 +147,7 @@ impl Metrics {
             self.latency_buckets[i].fetch_add(1, Relaxed);
         }
         self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_ns
-            .fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.latency_sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
     }
 
     pub fn render(&self, node: &str) -> String {
@@ -158,34 +156,11 @@ impl Metrics {
         let g = |o: &mut String, name: &str, help: &str, kind: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        g(
-            &mut o,
-            "broker_connections",
-            "Connected MQTT clients.",
-            "gauge",
-        );
-        let _ = writeln!(
-            o,
-            "broker_connections{{node=\"{n}\"}} {}",
-            self.connections_current.load(Relaxed)
-        );
-        g(
-            &mut o,
-            "broker_connections_total",
-            "Accepted MQTT connections.",
-            "counter",
-        );
-        let _ = writeln!(
-            o,
-            "broker_connections_total{{node=\"{n}\"}} {}",
-            self.connections_total.load(Relaxed)
-        );
-        g(
-            &mut o,
-            "broker_connections_closed_total",
-            "Closed connections by reason.",
-            "counter",
-        );
+        g(&mut o, "broker_connections", "Connected MQTT clients.", "gauge");
+        let _ = writeln!(o, "broker_connections{{node=\"{n}\"}} {}", self.connections_current.load(Relaxed));
+        g(&mut o, "broker_connections_total", "Accepted MQTT connections.", "counter");
+        let _ = writeln!(o, "broker_connections_total{{node=\"{n}\"}} {}", self.connections_total.load(Relaxed));
+        g(&mut o, "broker_connections_closed_total", "Closed connections by reason.", "counter");
         for (i, r) in CloseReason::ALL.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -195,28 +170,15 @@ impl Metrics {
             );
         }
         for (name, arr, help) in [
-            (
-                "broker_messages_received_total",
-                &self.received,
-                "PUBLISH packets received from clients.",
-            ),
-            (
-                "broker_messages_sent_total",
-                &self.sent,
-                "PUBLISH packets sent to clients.",
-            ),
+            ("broker_messages_received_total", &self.received, "PUBLISH packets received from clients."),
+            ("broker_messages_sent_total", &self.sent, "PUBLISH packets sent to clients."),
         ] {
             g(&mut o, name, help, "counter");
             for (q, a) in arr.iter().enumerate() {
                 let _ = writeln!(o, "{name}{{node=\"{n}\",qos=\"{q}\"}} {}", a.load(Relaxed));
             }
         }
-        g(
-            &mut o,
-            "broker_messages_dropped_total",
-            "Messages not delivered, by reason.",
-            "counter",
-        );
+        g(&mut o, "broker_messages_dropped_total", "Messages not delivered, by reason.", "counter");
         for (i, r) in DropReason::ALL.iter().enumerate() {
             for q in 0..3 {
                 let _ = writeln!(
@@ -228,57 +190,19 @@ impl Metrics {
             }
         }
         for (name, v, help) in [
-            (
-                "broker_retained_messages",
-                &self.retained,
-                "Retained messages.",
-            ),
-            (
-                "broker_subscriptions",
-                &self.subscriptions,
-                "Subscriptions.",
-            ),
-            (
-                "broker_sessions",
-                &self.sessions,
-                "Sessions (online and offline).",
-            ),
-            (
-                "broker_inflight_messages",
-                &self.inflight,
-                "Outgoing QoS 1/2 messages awaiting acknowledgement.",
-            ),
-            (
-                "broker_queued_messages",
-                &self.queued,
-                "Messages queued for sessions.",
-            ),
+            ("broker_retained_messages", &self.retained, "Retained messages."),
+            ("broker_subscriptions", &self.subscriptions, "Subscriptions."),
+            ("broker_sessions", &self.sessions, "Sessions (online and offline)."),
+            ("broker_inflight_messages", &self.inflight, "Outgoing QoS 1/2 messages awaiting acknowledgement."),
+            ("broker_queued_messages", &self.queued, "Messages queued for sessions."),
         ] {
             g(&mut o, name, help, "gauge");
             let _ = writeln!(o, "{name}{{node=\"{n}\"}} {}", v.load(Relaxed));
         }
-        g(
-            &mut o,
-            "broker_store_commits_total",
-            "Durable store commits.",
-            "counter",
-        );
-        let _ = writeln!(
-            o,
-            "broker_store_commits_total{{node=\"{n}\"}} {}",
-            self.store_commits.load(Relaxed)
-        );
-        g(
-            &mut o,
-            "broker_store_errors_total",
-            "Durable store commit failures.",
-            "counter",
-        );
-        let _ = writeln!(
-            o,
-            "broker_store_errors_total{{node=\"{n}\"}} {}",
-            self.store_errors.load(Relaxed)
-        );
+        g(&mut o, "broker_store_commits_total", "Durable store commits.", "counter");
+        let _ = writeln!(o, "broker_store_commits_total{{node=\"{n}\"}} {}", self.store_commits.load(Relaxed));
+        g(&mut o, "broker_store_errors_total", "Durable store commit failures.", "counter");
+        let _ = writeln!(o, "broker_store_errors_total{{node=\"{n}\"}} {}", self.store_errors.load(Relaxed));
         let name = "broker_delivery_latency_seconds";
         g(&mut o, name, "Broker in to subscriber out.", "histogram");
         let mut cum = 0;
@@ -288,26 +212,12 @@ impl Metrics {
         }
         let count = self.latency_count.load(Relaxed);
         let _ = writeln!(o, "{name}_bucket{{node=\"{n}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            o,
-            "{name}_sum{{node=\"{n}\"}} {}",
-            self.latency_sum_ns.load(Relaxed) as f64 / 1e9
-        );
+        let _ = writeln!(o, "{name}_sum{{node=\"{n}\"}} {}", self.latency_sum_ns.load(Relaxed) as f64 / 1e9);
         let _ = writeln!(o, "{name}_count{{node=\"{n}\"}} {count}");
         if let Some((cpu, rss)) = process_stats() {
-            g(
-                &mut o,
-                "process_cpu_seconds_total",
-                "User and system CPU time.",
-                "counter",
-            );
+            g(&mut o, "process_cpu_seconds_total", "User and system CPU time.", "counter");
             let _ = writeln!(o, "process_cpu_seconds_total{{node=\"{n}\"}} {cpu}");
-            g(
-                &mut o,
-                "process_resident_memory_bytes",
-                "Resident set size.",
-                "gauge",
-            );
+            g(&mut o, "process_resident_memory_bytes", "Resident set size.", "gauge");
             let _ = writeln!(o, "process_resident_memory_bytes{{node=\"{n}\"}} {rss}");
         }
         o

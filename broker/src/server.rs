@@ -60,12 +60,7 @@ pub async fn run(
     let router_stop = CancellationToken::new();
     let router_task = tokio::spawn(router.run(router_rx, router_stop.clone()));
     if let Some(h) = http {
-        tokio::spawn(crate::http::serve(
-            h,
-            metrics.clone(),
-            cfg.node_name.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
     }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),

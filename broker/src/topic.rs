@@ -59,15 +59,8 @@ mod tests {
 
     #[test]
     fn filters_and_names() {
-        assert!(
-            valid_filter("a/+/c") && valid_filter("#") && valid_filter("+") && valid_filter("a//b")
-        );
-        assert!(
-            !valid_filter("a/#/c")
-                && !valid_filter("a+")
-                && !valid_filter("a/b#")
-                && !valid_filter("")
-        );
+        assert!(valid_filter("a/+/c") && valid_filter("#") && valid_filter("+") && valid_filter("a//b"));
+        assert!(!valid_filter("a/#/c") && !valid_filter("a+") && !valid_filter("a/b#") && !valid_filter(""));
         assert!(valid_name("a/b") && !valid_name("a/+") && !valid_name("#") && !valid_name(""));
         assert_eq!(parse_shared("$share/g/a/+"), Some(Ok(("g", "a/+"))));
         assert_eq!(parse_shared("$share/g"), Some(Err(())));

@@ -41,17 +41,8 @@ async fn bench_counts_every_message_per_qos() {
         for (q, x) in r.qos.iter().enumerate() {
             assert!(x.sent > 0, "qos {q}: nothing sent");
             // split mode, 3 subscribers over 2 topics: subscriber 2 shares topic 0.
-            assert!(
-                x.expected > x.sent,
-                "qos {q}: expected {} sent {}",
-                x.expected,
-                x.sent
-            );
-            assert_eq!(
-                (x.received, x.lost, x.duplicated),
-                (x.expected, 0, 0),
-                "qos {q}: {x:?}"
-            );
+            assert!(x.expected > x.sent, "qos {q}: expected {} sent {}", x.expected, x.sent);
+            assert_eq!((x.received, x.lost, x.duplicated), (x.expected, 0, 0), "qos {q}: {x:?}");
             assert!(x.latency_ms.p50 > 0.0 && x.latency_ms.p99 >= x.latency_ms.p50);
         }
         assert_eq!(r.publisher_reconnects + r.subscriber_reconnects, 0);
@@ -66,29 +57,8 @@ async fn bench_survives_broker_kill9_and_keeps_qos1_with_persistent_sessions() {
     let port = free_port();
     let mut bp = BrokerProc::spawn(dir.path(), port, &[]);
     let child = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args([
-            "bench",
-            "--addr",
-            &bp.addr.to_string(),
-            "--protocol",
-            "5",
-            "--publishers",
-            "2",
-            "--subscribers",
-            "2",
-        ])
-        .args([
-            "--rate",
-            "200",
-            "--qos-mix",
-            "0/100/0",
-            "--duration",
-            "4",
-            "--drain",
-            "15",
-            "--persistent",
-            "--json",
-        ])
+        .args(["bench", "--addr", &bp.addr.to_string(), "--protocol", "5", "--publishers", "2", "--subscribers", "2"])
+        .args(["--rate", "200", "--qos-mix", "0/100/0", "--duration", "4", "--drain", "15", "--persistent", "--json"])
         .args(["--prefix", "kill", "--id-prefix", "kill"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -110,22 +80,12 @@ async fn bench_survives_broker_kill9_and_keeps_qos1_with_persistent_sessions() {
     assert!(st.success(), "bench failed: {st}");
     let mut out = String::new();
     use std::io::Read;
-    bench
-        .0
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
+    bench.0.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
     let r: serde_json::Value = serde_json::from_str(out.trim()).expect("bench JSON");
     assert!(r["publisher_reconnects"].as_u64().expect("n") > 0, "{r}");
     assert!(r["subscriber_reconnects"].as_u64().expect("n") > 0, "{r}");
     let q1 = &r["qos"][1];
     assert!(q1["sent"].as_u64().expect("n") > 500, "{q1}");
-    assert_eq!(
-        q1["lost"].as_u64(),
-        Some(0),
-        "QoS 1 lost across kill -9: {q1}"
-    );
+    assert_eq!(q1["lost"].as_u64(), Some(0), "QoS 1 lost across kill -9: {q1}");
     assert_eq!(q1["received"], q1["expected"], "{q1}");
 }

@@ -22,12 +22,7 @@ async fn publish_acked(p: &mut Client, qos: QoS, first_pid: u16, n: u32, tag: &s
         for i in 0..k {
             let seq = sent + i;
             let pid = first_pid + (i as u16);
-            let mut pk = broker::client::publish(
-                &format!("dur/{tag}"),
-                qos,
-                pid,
-                Bytes::from(format!("{tag}-{seq}")),
-            );
+            let mut pk = broker::client::publish(&format!("dur/{tag}"), qos, pid, Bytes::from(format!("{tag}-{seq}")));
             if let Packet::Publish(x) = &mut pk {
                 x.retain = false;
             }
@@ -36,11 +31,7 @@ async fn publish_acked(p: &mut Client, qos: QoS, first_pid: u16, n: u32, tag: &s
         p.wr.flush().await.expect("flush publishes");
         let mut recs = 0;
         while recs < k {
-            match p
-                .recv(Duration::from_secs(30))
-                .await
-                .expect("ack from broker")
-            {
+            match p.recv(Duration::from_secs(30)).await.expect("ack from broker") {
                 Packet::PubAck(a) if qos == QoS::AtLeastOnce => {
                     assert_eq!(a.code, 0);
                     recs += 1;
@@ -56,10 +47,7 @@ async fn publish_acked(p: &mut Client, qos: QoS, first_pid: u16, n: u32, tag: &s
         if qos == QoS::ExactlyOnce {
             p.wr.flush().await.expect("flush pubrel");
             for _ in 0..k {
-                assert!(matches!(
-                    p.recv(Duration::from_secs(30)).await.expect("pubcomp"),
-                    Packet::PubComp(_)
-                ));
+                assert!(matches!(p.recv(Duration::from_secs(30)).await.expect("pubcomp"), Packet::PubComp(_)));
             }
         }
         sent += k;
@@ -70,34 +58,18 @@ async fn durability_case(extra: &[&str], n1: u32, n2: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut b = BrokerProc::spawn(dir.path(), port, extra);
-    let sub_props = Properties {
-        session_expiry: Some(3600),
-        ..Default::default()
-    };
+    let sub_props = Properties { session_expiry: Some(3600), ..Default::default() };
     let mut sc = connect_packet(Version::V5, "dur-sub", true, 30);
     sc.props = sub_props.clone();
-    let (mut sub, _) = Client::connect(b.addr, sc)
+    let (mut sub, _) = Client::connect(b.addr, sc).await.expect("subscriber connects");
+    assert_eq!(subscribe(&mut sub, "dur/#", QoS::ExactlyOnce).await, vec![2]);
+    sub.send(&Packet::Disconnect(broker::codec::Disconnect { code: 0, props: Properties::default() }))
         .await
-        .expect("subscriber connects");
-    assert_eq!(
-        subscribe(&mut sub, "dur/#", QoS::ExactlyOnce).await,
-        vec![2]
-    );
-    sub.send(&Packet::Disconnect(broker::codec::Disconnect {
-        code: 0,
-        props: Properties::default(),
-    }))
-    .await
-    .expect("disconnect");
+        .expect("disconnect");
     drop(sub);
     let mut p = connect(b.addr, Version::V311, "dur-pub", true).await;
     p.send(&{
-        let mut r = broker::client::publish(
-            "keep/me",
-            QoS::AtLeastOnce,
-            1,
-            Bytes::from_static(b"retained"),
-        );
+        let mut r = broker::client::publish("keep/me", QoS::AtLeastOnce, 1, Bytes::from_static(b"retained"));
         if let Packet::Publish(x) = &mut r {
             x.retain = true;
         }
@@ -109,40 +81,23 @@ async fn durability_case(extra: &[&str], n1: u32, n2: u32) {
     let t0 = Instant::now();
     publish_acked(&mut p, QoS::AtLeastOnce, 1, n1, "q1").await;
     publish_acked(&mut p, QoS::ExactlyOnce, 1000, n2, "q2").await;
-    eprintln!(
-        "{} QoS 1 + {} QoS 2 acknowledged in {:?}",
-        n1,
-        n2,
-        t0.elapsed()
-    );
+    eprintln!("{} QoS 1 + {} QoS 2 acknowledged in {:?}", n1, n2, t0.elapsed());
     // No goodbye: SIGKILL right after the last acknowledgement.
     b.kill9();
     drop(p);
     let b = BrokerProc::spawn(dir.path(), port, extra);
     let mut sc = connect_packet(Version::V5, "dur-sub", false, 30);
     sc.props = sub_props;
-    let (mut sub, ack) = Client::connect(b.addr, sc)
-        .await
-        .expect("subscriber reconnects");
-    assert!(
-        ack.session_present,
-        "persistent session must survive kill -9"
-    );
+    let (mut sub, ack) = Client::connect(b.addr, sc).await.expect("subscriber reconnects");
+    assert!(ack.session_present, "persistent session must survive kill -9");
     let mut counts: HashMap<String, u32> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let want = (n1 + n2) as usize;
     while counts.len() < want {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {want} messages after restart",
-            counts.len()
-        );
+        assert!(Instant::now() < deadline, "only {} of {want} messages after restart", counts.len());
         let pk = match sub.recv(Duration::from_secs(10)).await {
             Ok(pk) => pk,
-            Err(e) => panic!(
-                "subscriber got {} of {want} messages, then: {e}",
-                counts.len()
-            ),
+            Err(e) => panic!("subscriber got {} of {want} messages, then: {e}", counts.len()),
         };
         match pk {
             Packet::Publish(m) => {
@@ -167,34 +122,20 @@ async fn durability_case(extra: &[&str], n1: u32, n2: u32) {
                 let body = String::from_utf8(m.payload.to_vec()).expect("utf8 payload");
                 *counts.entry(body).or_default() += 1;
                 if m.qos == QoS::AtLeastOnce {
-                    sub.send(&Packet::PubAck(Ack::new(m.pid, 0)))
-                        .await
-                        .expect("ack");
+                    sub.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("ack");
                 } else {
-                    sub.send(&Packet::PubRec(Ack::new(m.pid, 0)))
-                        .await
-                        .expect("ack");
+                    sub.send(&Packet::PubRec(Ack::new(m.pid, 0))).await.expect("ack");
                 }
             }
-            Packet::PubRel(a) => sub
-                .send(&Packet::PubComp(Ack::new(a.pid, 0)))
-                .await
-                .expect("pubcomp"),
+            Packet::PubRel(a) => sub.send(&Packet::PubComp(Ack::new(a.pid, 0))).await.expect("pubcomp"),
             other => panic!("unexpected {other:?}"),
         }
     }
     for i in 0..n1 {
-        assert!(
-            counts.get(&format!("q1-{i}")).is_some_and(|c| *c >= 1),
-            "QoS 1 message {i} lost"
-        );
+        assert!(counts.get(&format!("q1-{i}")).is_some_and(|c| *c >= 1), "QoS 1 message {i} lost");
     }
     for i in 0..n2 {
-        assert_eq!(
-            counts.get(&format!("q2-{i}")).copied(),
-            Some(1),
-            "QoS 2 message {i} not exactly once"
-        );
+        assert_eq!(counts.get(&format!("q2-{i}")).copied(), Some(1), "QoS 2 message {i} not exactly once");
     }
     // Retained message survived too.
     let mut r = connect(b.addr, Version::V311, "ret-check", true).await;
@@ -213,4 +154,31 @@ async fn kill9_keeps_10000_qos1_and_1000_qos2_fsync_every_ack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_keeps_messages_fsync_group_commit() {
     durability_case(&["--fsync", "group", "--group-commit-ms", "10"], 2_000, 200).await;
+}
+
+/// An outgoing QoS 2 message whose PUBREC the broker got before a kill -9 is
+/// finished with PUBREL after the restart, never delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_qos2_handshake_resends_pubrel_not_publish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut b = BrokerProc::spawn(dir.path(), port, &[]);
+    let sc = connect_packet(Version::V311, "q2-sub", false, 30);
+    let (mut sub, _) = Client::connect(b.addr, sc.clone()).await.expect("connect");
+    subscribe(&mut sub, "h/#", QoS::ExactlyOnce).await;
+    let mut p = connect(b.addr, Version::V311, "q2-pub", true).await;
+    p.send(&broker::client::publish("h/t", QoS::ExactlyOnce, 1, Bytes::from_static(b"once"))).await.expect("send");
+    assert!(matches!(next(&mut p).await, Packet::PubRec(_)));
+    let Packet::Publish(m) = next(&mut sub).await else { panic!("no delivery") };
+    sub.send(&Packet::PubRec(Ack::new(m.pid, 0))).await.expect("pubrec");
+    // PUBREL is sent only after the released state is on disk.
+    assert_eq!(next(&mut sub).await, Packet::PubRel(Ack::new(m.pid, 0)));
+    b.kill9();
+    drop(sub);
+    let b = BrokerProc::spawn(dir.path(), port, &[]);
+    let (mut sub, ack) = Client::connect(b.addr, sc).await.expect("reconnect");
+    assert!(ack.session_present);
+    assert_eq!(next(&mut sub).await, Packet::PubRel(Ack::new(m.pid, 0)));
+    sub.send(&Packet::PubComp(Ack::new(m.pid, 0))).await.expect("pubcomp");
+    nothing(&mut sub, Duration::from_millis(500)).await;
 }

@@ -55,16 +55,10 @@ async fn output(mut g: ChildGuard, within: Duration) -> String {
                 use std::io::Read;
                 so.read_to_string(&mut out).expect("read stdout");
             }
-            assert!(
-                st.success() || st.code() == Some(27),
-                "mosquitto_sub exited with {st}: {out}"
-            );
+            assert!(st.success() || st.code() == Some(27), "mosquitto_sub exited with {st}: {out}");
             return out;
         }
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto_sub did not finish within {within:?}"
-        );
+        assert!(Instant::now() < deadline, "mosquitto_sub did not finish within {within:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -74,43 +68,23 @@ async fn mosquitto_clients_qos_retained_will_persistent() {
     let b = start(|_| {}).await;
     for v in VERSIONS {
         // QoS 0/1/2, delivered at min(publish, subscription) QoS.
-        let s = sub_cmd(
-            &b,
-            v,
-            &["-t", "m/#", "-q", "2", "-C", "3", "-F", "%t %q %p"],
-        );
+        let s = sub_cmd(&b, v, &["-t", "m/#", "-q", "2", "-C", "3", "-F", "%t %q %p"]);
         wait_subs(&b, 1.0).await;
         for q in ["0", "1", "2"] {
-            mpub(
-                &b,
-                v,
-                &["-t", &format!("m/{q}"), "-m", &format!("p{q}"), "-q", q],
-            );
+            mpub(&b, v, &["-t", &format!("m/{q}"), "-m", &format!("p{q}"), "-q", q]);
         }
         let out = output(s, Duration::from_secs(10)).await;
-        assert_eq!(
-            out.lines().collect::<Vec<_>>(),
-            vec!["m/0 0 p0", "m/1 1 p1", "m/2 2 p2"],
-            "{v}"
-        );
+        assert_eq!(out.lines().collect::<Vec<_>>(), vec!["m/0 0 p0", "m/1 1 p1", "m/2 2 p2"], "{v}");
         wait_subs_zero(&b).await;
 
         // Retained: set, replace, delivered on subscribe with the flag; cleared by a null message.
         mpub(&b, v, &["-t", "mr/a", "-m", "one", "-r", "-q", "1"]);
         mpub(&b, v, &["-t", "mr/a", "-m", "two", "-r", "-q", "1"]);
         let s = sub_cmd(&b, v, &["-t", "mr/#", "-C", "1", "-F", "%t %r %p"]);
-        assert_eq!(
-            output(s, Duration::from_secs(10)).await.trim(),
-            "mr/a 1 two",
-            "{v}"
-        );
+        assert_eq!(output(s, Duration::from_secs(10)).await.trim(), "mr/a 1 two", "{v}");
         mpub(&b, v, &["-t", "mr/a", "-r", "-n"]);
         let s = sub_cmd(&b, v, &["-t", "mr/#", "-W", "1", "-F", "%t %p"]);
-        assert_eq!(
-            output(s, Duration::from_secs(10)).await.trim(),
-            "",
-            "{v}: retained not cleared"
-        );
+        assert_eq!(output(s, Duration::from_secs(10)).await.trim(), "", "{v}: retained not cleared");
         wait_subs_zero(&b).await;
 
         // Will: a killed client's will reaches a watcher.
@@ -118,39 +92,16 @@ async fn mosquitto_clients_qos_retained_will_persistent() {
         let dying = sub_cmd(
             &b,
             v,
-            &[
-                "-t",
-                "never",
-                "--will-topic",
-                "mw/x",
-                "--will-payload",
-                "bye",
-                "-i",
-                &format!("dying-{v}"),
-            ],
+            &["-t", "never", "--will-topic", "mw/x", "--will-payload", "bye", "-i", &format!("dying-{v}")],
         );
         wait_subs(&b, 2.0).await;
         drop(dying);
-        assert_eq!(
-            output(watcher, Duration::from_secs(10)).await.trim(),
-            "mw/x bye",
-            "{v}"
-        );
+        assert_eq!(output(watcher, Duration::from_secs(10)).await.trim(), "mw/x bye", "{v}");
         wait_subs_zero(&b).await;
 
         // Persistent session: queued while offline, delivered on return.
         let id = format!("mps-{v}");
-        let mut pers = vec![
-            "-c",
-            "-i",
-            id.as_str(),
-            "-q",
-            "1",
-            "-t",
-            "ps/#",
-            "-F",
-            "%t %p",
-        ];
+        let mut pers = vec!["-c", "-i", id.as_str(), "-q", "1", "-t", "ps/#", "-F", "%t %p"];
         if v == "mqttv5" {
             pers.extend(["-x", "300"]);
         }
@@ -164,10 +115,7 @@ async fn mosquitto_clients_qos_retained_will_persistent() {
         again.extend(["-C", "3"]);
         let s = sub_cmd(&b, v, &again);
         assert_eq!(
-            output(s, Duration::from_secs(10))
-                .await
-                .lines()
-                .collect::<Vec<_>>(),
+            output(s, Duration::from_secs(10)).await.lines().collect::<Vec<_>>(),
             vec!["ps/t q0", "ps/t q1", "ps/t q2"],
             "{v}"
         );
@@ -188,10 +136,7 @@ async fn wait_subs_zero(b: &TestBroker) {
         if metric(&body, "broker_subscriptions{node=\"test\"}") == 0.0 {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "subscriptions did not go back to 0"
-        );
+        assert!(Instant::now() < deadline, "subscriptions did not go back to 0");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -199,20 +144,7 @@ async fn wait_subs_zero(b: &TestBroker) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_clients_v5_properties() {
     let b = start(|_| {}).await;
-    let s = sub_cmd(
-        &b,
-        "mqttv5",
-        &[
-            "-t",
-            "f/#",
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-F",
-            "%t|%q|%p|%P|%C|%R|%E",
-        ],
-    );
+    let s = sub_cmd(&b, "mqttv5", &["-t", "f/#", "-q", "1", "-C", "1", "-F", "%t|%q|%p|%P|%C|%R|%E"]);
     wait_subs(&b, 1.0).await;
     mpub(
         &b,
@@ -245,11 +177,7 @@ async fn mosquitto_clients_v5_properties() {
     );
     let out = output(s, Duration::from_secs(10)).await;
     let f: Vec<&str> = out.trim().split('|').collect();
-    assert_eq!(
-        &f[..6],
-        &["f/x", "1", "hi", "k:v", "text/plain", "r/t"],
-        "{out}"
-    );
+    assert_eq!(&f[..6], &["f/x", "1", "hi", "k:v", "text/plain", "r/t"], "{out}");
     let expiry: u32 = f[6].parse().expect("expiry");
     assert!(expiry > 0 && expiry <= 60, "{out}");
 }
@@ -271,48 +199,26 @@ fn paho(port: u16, version: &str) {
         if let Some(st) = child.0.try_wait().expect("try_wait") {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "paho_check.py {version} timed out"
-        );
+        assert!(Instant::now() < deadline, "paho_check.py {version} timed out");
         std::thread::sleep(Duration::from_millis(50));
     };
     use std::io::Read;
     let (mut out, mut err) = (String::new(), String::new());
-    child
-        .0
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    child
-        .0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("read");
-    assert!(
-        st.success() && out.contains("ALL OK"),
-        "paho {version} failed ({st}):\n{out}\n{err}"
-    );
+    child.0.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+    child.0.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    assert!(st.success() && out.contains("ALL OK"), "paho {version} failed ({st}):\n{out}\n{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_mqtt_v311() {
     let b = start(|_| {}).await;
     let port = b.addr.port();
-    tokio::task::spawn_blocking(move || paho(port, "3"))
-        .await
-        .expect("paho run");
+    tokio::task::spawn_blocking(move || paho(port, "3")).await.expect("paho run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_mqtt_v5() {
     let b = start(|_| {}).await;
     let port = b.addr.port();
-    tokio::task::spawn_blocking(move || paho(port, "5"))
-        .await
-        .expect("paho run");
+    tokio::task::spawn_blocking(move || paho(port, "5")).await.expect("paho run");
 }

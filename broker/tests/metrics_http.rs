@@ -23,12 +23,8 @@ async fn health_and_prometheus_metrics() {
     }
     p.send(&r).await.expect("send");
     assert!(matches!(next(&mut p).await, Packet::PubAck(_)));
-    let Packet::Publish(m) = next(&mut s).await else {
-        panic!("no delivery")
-    };
-    s.send(&Packet::PubAck(Ack::new(m.pid, 0)))
-        .await
-        .expect("ack");
+    let Packet::Publish(m) = next(&mut s).await else { panic!("no delivery") };
+    s.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("ack");
     // Gauges refresh on the router tick (250 ms).
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let (st, body) = http_get(b.http, "/metrics");
@@ -36,53 +32,21 @@ async fn health_and_prometheus_metrics() {
     let n = "node=\"test\"";
     assert_eq!(metric(&body, &format!("broker_connections{{{n}}}")), 2.0);
     assert!(metric(&body, &format!("broker_connections_total{{{n}}}")) >= 2.0);
-    assert_eq!(
-        metric(
-            &body,
-            &format!("broker_messages_received_total{{{n},qos=\"1\"}}")
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &body,
-            &format!("broker_messages_sent_total{{{n},qos=\"1\"}}")
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(&body, &format!("broker_retained_messages{{{n}}}")),
-        1.0
-    );
+    assert_eq!(metric(&body, &format!("broker_messages_received_total{{{n},qos=\"1\"}}")), 1.0);
+    assert_eq!(metric(&body, &format!("broker_messages_sent_total{{{n},qos=\"1\"}}")), 1.0);
+    assert_eq!(metric(&body, &format!("broker_retained_messages{{{n}}}")), 1.0);
     assert_eq!(metric(&body, &format!("broker_subscriptions{{{n}}}")), 1.0);
     assert_eq!(metric(&body, &format!("broker_sessions{{{n}}}")), 2.0);
-    assert_eq!(
-        metric(&body, &format!("broker_inflight_messages{{{n}}}")),
-        0.0
-    );
-    assert_eq!(
-        metric(
-            &body,
-            &format!("broker_delivery_latency_seconds_count{{{n}}}")
-        ),
-        1.0
-    );
+    assert_eq!(metric(&body, &format!("broker_inflight_messages{{{n}}}")), 0.0);
+    assert_eq!(metric(&body, &format!("broker_delivery_latency_seconds_count{{{n}}}")), 1.0);
     assert!(metric(&body, &format!("process_resident_memory_bytes{{{n}}}")) > 0.0);
-    assert!(body.contains(
-        "broker_messages_dropped_total{node=\"test\",reason=\"queue_full\",qos=\"1\"} 0"
-    ));
+    assert!(body.contains("broker_messages_dropped_total{node=\"test\",reason=\"queue_full\",qos=\"1\"} 0"));
     assert!(body.contains("# TYPE broker_delivery_latency_seconds histogram"));
     drop(p);
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let (_, body) = http_get(b.http, "/metrics");
     assert_eq!(metric(&body, &format!("broker_connections{{{n}}}")), 1.0);
-    assert_eq!(
-        metric(
-            &body,
-            &format!("broker_connections_closed_total{{{n},reason=\"eof\"}}")
-        ),
-        1.0
-    );
+    assert_eq!(metric(&body, &format!("broker_connections_closed_total{{{n},reason=\"eof\"}}")), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,10 +79,7 @@ pub struct Report {
 }
 
 fn parse_mix(s: &str) -> anyhow::Result<[u32; 3]> {
-    let v: Vec<u32> = s
-        .split('/')
-        .map(|x| x.trim().parse())
-        .collect::<Result<_, _>>()?;
+    let v: Vec<u32> = s.split('/').map(|x| x.trim().parse()).collect::<Result<_, _>>()?;
     anyhow::ensure!(
         v.len() == 3 && v.iter().sum::<u32>() == 100,
         "--qos-mix needs three percentages adding up to 100, got {s:?}"
@@ -93,29 +90,15 @@ fn parse_mix(s: &str) -> anyhow::Result<[u32; 3]> {
 /// Runs one benchmark and returns its report.
 pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
     let mix = parse_mix(&a.qos_mix)?;
-    anyhow::ensure!(
-        a.publishers > 0 && a.subscribers > 0,
-        "need at least one publisher and one subscriber"
-    );
-    anyhow::ensure!(
-        matches!(a.sub_mode.as_str(), "split" | "all"),
-        "--sub-mode is split or all"
-    );
+    anyhow::ensure!(a.publishers > 0 && a.subscribers > 0, "need at least one publisher and one subscriber");
+    anyhow::ensure!(matches!(a.sub_mode.as_str(), "split" | "all"), "--sub-mode is split or all");
     let version = match a.protocol {
         3 | 4 => Version::V311,
         5 => Version::V5,
         p => anyhow::bail!("--protocol {p}: expected 3 or 5"),
     };
-    let common = Common {
-        addr: a.addr,
-        version,
-        persistent: a.persistent,
-    };
-    let topics = if a.topics == 0 {
-        a.publishers
-    } else {
-        a.topics
-    };
+    let common = Common { addr: a.addr, version, persistent: a.persistent };
+    let topics = if a.topics == 0 { a.publishers } else { a.topics };
     let all = a.sub_mode == "all";
     let covers = move |s: usize, p: usize| all || s % topics == p % topics;
 
@@ -125,11 +108,7 @@ pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
     let last_rx = Arc::new(AtomicU64::new(0));
     let mut subs = Vec::new();
     for j in 0..a.subscribers {
-        let filter = if all {
-            format!("{}/#", a.prefix)
-        } else {
-            format!("{}/{}", a.prefix, j % topics)
-        };
+        let filter = if all { format!("{}/#", a.prefix) } else { format!("{}/{}", a.prefix, j % topics) };
         subs.push(tokio::spawn(worker::subscriber(SubCfg {
             common: common.clone(),
             id: format!("{}-sub-{j}", a.id_prefix),
@@ -144,18 +123,12 @@ pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
     while ready.load(Relaxed) < a.subscribers {
         if Instant::now() > deadline {
             stop.cancel();
-            anyhow::bail!(
-                "only {} of {} subscribers subscribed within 15 s",
-                ready.load(Relaxed),
-                a.subscribers
-            );
+            anyhow::bail!("only {} of {} subscribers subscribed within 15 s", ready.load(Relaxed), a.subscribers);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let start = Instant::now();
-    let start_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let start_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let stop_at = start + Duration::from_secs_f64(a.duration);
     let give_up_at = stop_at + Duration::from_secs_f64(a.drain);
     let mut pubs = Vec::new();
@@ -198,11 +171,7 @@ pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
         sub_reconnects += r.reconnects;
     }
     let last = last_rx.load(Relaxed);
-    let window_s = if last > start_ns {
-        (last - start_ns) as f64 / 1e9
-    } else {
-        start.elapsed().as_secs_f64()
-    };
+    let window_s = if last > start_ns { (last - start_ns) as f64 / 1e9 } else { start.elapsed().as_secs_f64() };
     let qos = stats::report(&sub_stats, &sent, &acked, &covers, window_s);
     let mut total = QosReport::default();
     for q in &qos {
@@ -261,12 +230,7 @@ pub fn table(r: &Report) -> String {
         "p99 ms",
         "max ms"
     );
-    let rows = r
-        .qos
-        .iter()
-        .enumerate()
-        .map(|(q, x)| (q.to_string(), x))
-        .chain([("all".to_string(), &r.total)]);
+    let rows = r.qos.iter().enumerate().map(|(q, x)| (q.to_string(), x)).chain([("all".to_string(), &r.total)]);
     for (name, x) in rows {
         let _ = writeln!(
             o,

@@ -126,17 +126,9 @@ pub fn report(
             lat.extend_from_slice(&st.latency_us[q]);
         }
         lat.sort_unstable();
-        r.latency_ms = Latency {
-            p50: pct(&lat, 0.50),
-            p95: pct(&lat, 0.95),
-            p99: pct(&lat, 0.99),
-            max: pct(&lat, 1.0),
-        };
-        r.throughput_msgs_per_s = if window_s > 0.0 {
-            r.received as f64 / window_s
-        } else {
-            0.0
-        };
+        r.latency_ms =
+            Latency { p50: pct(&lat, 0.50), p95: pct(&lat, 0.95), p99: pct(&lat, 0.99), max: pct(&lat, 1.0) };
+        r.throughput_msgs_per_s = if window_s > 0.0 { r.received as f64 / window_s } else { 0.0 };
     }
     out
 }
@@ -152,16 +144,7 @@ mod tests {
             s.record(0, 1, seq, 100);
         }
         let r = report(&[s], &[[0, 7, 0]], &[[0, 7, 0]], &|_, _| true, 1.0);
-        assert_eq!(
-            (
-                r[1].expected,
-                r[1].received,
-                r[1].lost,
-                r[1].duplicated,
-                r[1].out_of_order
-            ),
-            (7, 5, 2, 1, 1)
-        );
+        assert_eq!((r[1].expected, r[1].received, r[1].lost, r[1].duplicated, r[1].out_of_order), (7, 5, 2, 1, 1));
         assert_eq!(r[1].latency_ms.p50, 0.1);
         let mut h = [0u8; HEADER];
         encode_header(&mut h, 3, 2, 99, 12345);

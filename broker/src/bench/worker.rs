@@ -12,14 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::stats::{self, SubStats};
 use crate::client::{Client, WriteHalf, connect_packet};
-use crate::codec::{
-    Ack, Disconnect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
-};
+use crate::codec::{Ack, Disconnect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version};
 
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[derive(Clone)]
@@ -138,12 +134,7 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
             let now = Instant::now();
             let publishing = now < cfg.stop_at;
             if (!publishing && unacked.is_empty()) || now >= cfg.give_up_at {
-                let _ = wr
-                    .send(&Packet::Disconnect(Disconnect {
-                        code: 0,
-                        props: Properties::default(),
-                    }))
-                    .await;
+                let _ = wr.send(&Packet::Disconnect(Disconnect { code: 0, props: Properties::default() })).await;
                 break 'conn;
             }
             let can_send = publishing && unacked.len() < cfg.inflight;
@@ -221,12 +212,7 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
     res
 }
 
-fn handle_pub_ack(
-    pkt: Packet,
-    unacked: &mut HashMap<u16, Unacked>,
-    res: &mut PubResult,
-    wr: &mut WriteHalf,
-) {
+fn handle_pub_ack(pkt: Packet, unacked: &mut HashMap<u16, Unacked>, res: &mut PubResult, wr: &mut WriteHalf) {
     match pkt {
         Packet::PubAck(a) if unacked.remove(&a.pid).is_some() => res.acked[1] += 1,
         Packet::PubRec(a) => {
@@ -319,13 +305,7 @@ pub async fn subscriber(cfg: SubCfg) -> SubResult {
     SubResult { stats, reconnects }
 }
 
-fn on_sub_packet(
-    pkt: Packet,
-    stats: &mut SubStats,
-    pending: &mut HashSet<u16>,
-    wr: &mut WriteHalf,
-    cfg: &SubCfg,
-) {
+fn on_sub_packet(pkt: Packet, stats: &mut SubStats, pending: &mut HashSet<u16>, wr: &mut WriteHalf, cfg: &SubCfg) {
     match pkt {
         Packet::Publish(p) => {
             let fresh = match p.qos {

@@ -4,8 +4,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::{
-    Ack, ConnAck, Connect, Disconnect, Packet, Properties, Publish, QoS, SubAck, SubOptions,
-    Subscribe, UnsubAck, Unsubscribe, Version, Will, reason,
+    Ack, ConnAck, Connect, Disconnect, Packet, Properties, Publish, QoS, SubAck, SubOptions, Subscribe, UnsubAck,
+    Unsubscribe, Version, Will, reason,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,11 +55,7 @@ impl Rd {
         self.buf.is_empty()
     }
     fn need(&self, n: usize) -> Result<(), DecodeError> {
-        if self.buf.len() < n {
-            Err(DecodeError::Malformed("packet shorter than its fields"))
-        } else {
-            Ok(())
-        }
+        if self.buf.len() < n { Err(DecodeError::Malformed("packet shorter than its fields")) } else { Ok(()) }
     }
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         self.need(1)?;
@@ -90,15 +86,11 @@ impl Rd {
                 return Ok(value);
             }
         }
-        Err(DecodeError::Malformed(
-            "variable byte integer longer than 4 bytes",
-        ))
+        Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
     }
     pub(crate) fn take(&mut self, n: usize) -> Result<Rd, DecodeError> {
         self.need(n)?;
-        Ok(Rd {
-            buf: self.buf.split_to(n),
-        })
+        Ok(Rd { buf: self.buf.split_to(n) })
     }
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u16()? as usize;
@@ -107,8 +99,7 @@ impl Rd {
     }
     pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
         let b = self.binary()?;
-        let s = std::str::from_utf8(&b)
-            .map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
+        let s = std::str::from_utf8(&b).map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
         // MQTT 1.5.4: U+0000 is not allowed in any string.
         if s.contains('\0') {
             return Err(DecodeError::Malformed("string contains U+0000"));
@@ -136,28 +127,19 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, DecodeError> {
             return Ok(Some((first, 2 + i, len)));
         }
     }
-    Err(DecodeError::Malformed(
-        "remaining length longer than 4 bytes",
-    ))
+    Err(DecodeError::Malformed("remaining length longer than 4 bytes"))
 }
 
 /// Takes one packet off the front of `buf`. `Ok(None)`: not enough bytes yet.
 /// `max_size` bounds the whole packet (fixed header included), checked before
 /// the body is buffered so a huge length cannot make us allocate.
-pub fn decode(
-    buf: &mut BytesMut,
-    version: Version,
-    max_size: usize,
-) -> Result<Option<Packet>, DecodeError> {
+pub fn decode(buf: &mut BytesMut, version: Version, max_size: usize) -> Result<Option<Packet>, DecodeError> {
     let Some((first, hlen, rlen)) = fixed_header(buf)? else {
         return Ok(None);
     };
     let total = hlen + rlen;
     if total > max_size {
-        return Err(DecodeError::TooLarge {
-            size: total,
-            max: max_size,
-        });
+        return Err(DecodeError::TooLarge { size: total, max: max_size });
     }
     if buf.len() < total {
         buf.reserve(total - buf.len());
@@ -185,11 +167,7 @@ pub fn decode_connect(buf: &mut BytesMut, max_size: usize) -> Result<Option<Conn
 }
 
 fn expect_flags(first: u8, want: u8) -> Result<(), DecodeError> {
-    if first & 0x0f != want {
-        Err(DecodeError::Malformed("reserved fixed header flags"))
-    } else {
-        Ok(())
-    }
+    if first & 0x0f != want { Err(DecodeError::Malformed("reserved fixed header flags")) } else { Ok(()) }
 }
 
 fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError> {
@@ -207,16 +185,8 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
                 return Err(DecodeError::Malformed("CONNACK reserved flags"));
             }
             let code = rd.u8()?;
-            let props = if v5 {
-                Properties::decode(&mut rd)?
-            } else {
-                Properties::default()
-            };
-            Packet::ConnAck(ConnAck {
-                session_present: flags & 1 == 1,
-                code,
-                props,
-            })
+            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
+            Packet::ConnAck(ConnAck { session_present: flags & 1 == 1, code, props })
         }
         3 => Packet::Publish(publish(first, &mut rd, v5)?),
         4..=7 => {
@@ -242,17 +212,12 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
         8 => {
             expect_flags(first, 0b0010)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 {
-                Properties::decode(&mut rd)?
-            } else {
-                Properties::default()
-            };
+            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
             let mut filters = Vec::new();
             while !rd.is_empty() {
                 let f = rd.string()?;
                 let o = rd.u8()?;
-                let qos =
-                    QoS::from_u8(o & 3).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
+                let qos = QoS::from_u8(o & 3).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
                 if (v5 && o & 0xc0 != 0) || (!v5 && o & 0xfc != 0) {
                     return Err(DecodeError::Malformed("subscription options reserved bits"));
                 }
@@ -262,42 +227,25 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
                 }
                 filters.push((
                     f,
-                    SubOptions {
-                        qos,
-                        no_local: o & 4 != 0,
-                        retain_as_published: o & 8 != 0,
-                        retain_handling,
-                    },
+                    SubOptions { qos, no_local: o & 4 != 0, retain_as_published: o & 8 != 0, retain_handling },
                 ));
             }
             if filters.is_empty() {
                 return Err(DecodeError::Protocol("SUBSCRIBE without topic filters"));
             }
-            Packet::Subscribe(Subscribe {
-                pid,
-                props,
-                filters,
-            })
+            Packet::Subscribe(Subscribe { pid, props, filters })
         }
         9 => {
             expect_flags(first, 0)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 {
-                Properties::decode(&mut rd)?
-            } else {
-                Properties::default()
-            };
+            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
             let codes = rd.rest().to_vec();
             Packet::SubAck(SubAck { pid, props, codes })
         }
         10 => {
             expect_flags(first, 0b0010)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 {
-                Properties::decode(&mut rd)?
-            } else {
-                Properties::default()
-            };
+            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
             let mut filters = Vec::new();
             while !rd.is_empty() {
                 filters.push(rd.string()?);
@@ -305,20 +253,12 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
             if filters.is_empty() {
                 return Err(DecodeError::Protocol("UNSUBSCRIBE without topic filters"));
             }
-            Packet::Unsubscribe(Unsubscribe {
-                pid,
-                props,
-                filters,
-            })
+            Packet::Unsubscribe(Unsubscribe { pid, props, filters })
         }
         11 => {
             expect_flags(first, 0)?;
             let pid = nonzero_pid(&mut rd)?;
-            let props = if v5 {
-                Properties::decode(&mut rd)?
-            } else {
-                Properties::default()
-            };
+            let props = if v5 { Properties::decode(&mut rd)? } else { Properties::default() };
             let codes = rd.rest().to_vec();
             Packet::UnsubAck(UnsubAck { pid, props, codes })
         }
@@ -327,32 +267,21 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
             if !rd.is_empty() {
                 return Err(DecodeError::Malformed("PINGREQ/PINGRESP with a body"));
             }
-            if kind == 12 {
-                Packet::PingReq
-            } else {
-                Packet::PingResp
-            }
+            if kind == 12 { Packet::PingReq } else { Packet::PingResp }
         }
         14 | 15 => {
             expect_flags(first, 0)?;
             if kind == 15 && !v5 {
                 return Err(DecodeError::Malformed("AUTH in MQTT 3.1.1"));
             }
-            let mut d = Disconnect {
-                code: 0,
-                props: Properties::default(),
-            };
+            let mut d = Disconnect { code: 0, props: Properties::default() };
             if v5 && !rd.is_empty() {
                 d.code = rd.u8()?;
                 if !rd.is_empty() {
                     d.props = Properties::decode(&mut rd)?;
                 }
             }
-            if kind == 14 {
-                Packet::Disconnect(d)
-            } else {
-                Packet::Auth(d)
-            }
+            if kind == 14 { Packet::Disconnect(d) } else { Packet::Auth(d) }
         }
         _ => return Err(DecodeError::Malformed("reserved packet type")),
     };
@@ -364,11 +293,7 @@ fn decode_body(first: u8, mut rd: Rd, v: Version) -> Result<Packet, DecodeError>
 
 fn nonzero_pid(rd: &mut Rd) -> Result<u16, DecodeError> {
     let pid = rd.u16()?;
-    if pid == 0 {
-        Err(DecodeError::Malformed("packet identifier 0"))
-    } else {
-        Ok(pid)
-    }
+    if pid == 0 { Err(DecodeError::Malformed("packet identifier 0")) } else { Ok(pid) }
 }
 
 fn publish(first: u8, rd: &mut Rd, v5: bool) -> Result<Publish, DecodeError> {
@@ -379,25 +304,9 @@ fn publish(first: u8, rd: &mut Rd, v5: bool) -> Result<Publish, DecodeError> {
         return Err(DecodeError::Malformed("DUP set on a QoS 0 PUBLISH"));
     }
     let topic = rd.string()?;
-    let pid = if qos == QoS::AtMostOnce {
-        0
-    } else {
-        nonzero_pid(rd)?
-    };
-    let props = if v5 {
-        Properties::decode(rd)?
-    } else {
-        Properties::default()
-    };
-    Ok(Publish {
-        dup,
-        qos,
-        retain,
-        topic,
-        pid,
-        props,
-        payload: rd.rest(),
-    })
+    let pid = if qos == QoS::AtMostOnce { 0 } else { nonzero_pid(rd)? };
+    let props = if v5 { Properties::decode(rd)? } else { Properties::default() };
+    Ok(Publish { dup, qos, retain, topic, pid, props, payload: rd.rest() })
 }
 
 fn connect(rd: &mut Rd) -> Result<Connect, DecodeError> {
@@ -427,48 +336,17 @@ fn connect(rd: &mut Rd) -> Result<Connect, DecodeError> {
         return Err(DecodeError::Malformed("password without user name"));
     }
     let keep_alive = rd.u16()?;
-    let props = if v5 {
-        Properties::decode(rd)?
-    } else {
-        Properties::default()
-    };
+    let props = if v5 { Properties::decode(rd)? } else { Properties::default() };
     let client_id = rd.string()?;
     let will = if will_flag {
-        let wprops = if v5 {
-            Properties::decode(rd)?
-        } else {
-            Properties::default()
-        };
+        let wprops = if v5 { Properties::decode(rd)? } else { Properties::default() };
         let topic = rd.string()?;
         let payload = rd.binary()?;
-        Some(Will {
-            topic,
-            payload,
-            qos: will_qos,
-            retain: will_retain,
-            props: wprops,
-        })
+        Some(Will { topic, payload, qos: will_qos, retain: will_retain, props: wprops })
     } else {
         None
     };
-    let username = if has_username {
-        Some(rd.string()?)
-    } else {
-        None
-    };
-    let password = if has_password {
-        Some(rd.binary()?)
-    } else {
-        None
-    };
-    Ok(Connect {
-        version,
-        clean_start,
-        keep_alive,
-        props,
-        client_id,
-        will,
-        username,
-        password,
-    })
+    let username = if has_username { Some(rd.string()?) } else { None };
+    let password = if has_password { Some(rd.binary()?) } else { None };
+    Ok(Connect { version, clean_start, keep_alive, props, client_id, will, username, password })
 }

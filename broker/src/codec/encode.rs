@@ -48,13 +48,7 @@ fn props_len(v5: bool, p: &Properties) -> usize {
 }
 
 /// Size of a PUBLISH on the wire, to honour the client's maximum packet size.
-pub fn publish_size(
-    version: Version,
-    topic: &str,
-    qos: QoS,
-    props: &Properties,
-    payload_len: usize,
-) -> usize {
+pub fn publish_size(version: Version, topic: &str, qos: QoS, props: &Properties, payload_len: usize) -> usize {
     let rem = 2
         + topic.len()
         + if qos == QoS::AtMostOnce { 0 } else { 2 }
@@ -65,10 +59,7 @@ pub fn publish_size(
 
 /// Writes a PUBLISH without building a `Publish` first (the routing hot path
 /// shares one message among all subscribers).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "mirrors the PUBLISH header fields one to one"
-)]
+#[expect(clippy::too_many_arguments, reason = "mirrors the PUBLISH header fields one to one")]
 pub fn encode_publish_parts(
     buf: &mut BytesMut,
     version: Version,
@@ -81,11 +72,7 @@ pub fn encode_publish_parts(
     payload: &Bytes,
 ) {
     let v5 = version == Version::V5;
-    let rem = 2
-        + topic.len()
-        + if qos == QoS::AtMostOnce { 0 } else { 2 }
-        + props_len(v5, props)
-        + payload.len();
+    let rem = 2 + topic.len() + if qos == QoS::AtMostOnce { 0 } else { 2 } + props_len(v5, props) + payload.len();
     let first = 0x30 | (u8::from(dup) << 3) | ((qos as u8) << 1) | u8::from(retain);
     buf.reserve(5 + rem);
     header(buf, first, rem);
@@ -113,11 +100,7 @@ fn connack_v3(code: u8) -> u8 {
 
 fn ack(buf: &mut BytesMut, first: u8, v5: bool, a: &super::Ack) {
     if v5 && (a.code != 0 || !a.props.is_empty()) {
-        let plen = if a.props.is_empty() {
-            0
-        } else {
-            a.props.encoded_len()
-        };
+        let plen = if a.props.is_empty() { 0 } else { a.props.encoded_len() };
         header(buf, first, 3 + plen);
         buf.put_u16(a.pid);
         buf.put_u8(a.code);
@@ -183,17 +166,15 @@ pub fn encode(pkt: &Packet, version: Version, buf: &mut BytesMut) {
                 c.props.encode(buf);
             }
         }
-        Packet::Publish(p) => encode_publish_parts(
-            buf, version, p.dup, p.qos, p.retain, &p.topic, p.pid, &p.props, &p.payload,
-        ),
+        Packet::Publish(p) => {
+            encode_publish_parts(buf, version, p.dup, p.qos, p.retain, &p.topic, p.pid, &p.props, &p.payload)
+        }
         Packet::PubAck(a) => ack(buf, 0x40, v5, a),
         Packet::PubRec(a) => ack(buf, 0x50, v5, a),
         Packet::PubRel(a) => ack(buf, 0x62, v5, a),
         Packet::PubComp(a) => ack(buf, 0x70, v5, a),
         Packet::Subscribe(s) => {
-            let body = 2
-                + props_len(v5, &s.props)
-                + s.filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>();
+            let body = 2 + props_len(v5, &s.props) + s.filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>();
             header(buf, 0x82, body);
             buf.put_u16(s.pid);
             if v5 {
@@ -203,9 +184,7 @@ pub fn encode(pkt: &Packet, version: Version, buf: &mut BytesMut) {
                 put_str(buf, f);
                 let mut b = o.qos as u8;
                 if v5 {
-                    b |= u8::from(o.no_local) << 2
-                        | u8::from(o.retain_as_published) << 3
-                        | o.retain_handling << 4;
+                    b |= u8::from(o.no_local) << 2 | u8::from(o.retain_as_published) << 3 | o.retain_handling << 4;
                 }
                 buf.put_u8(b);
             }
@@ -221,8 +200,7 @@ pub fn encode(pkt: &Packet, version: Version, buf: &mut BytesMut) {
             }
         }
         Packet::Unsubscribe(u) => {
-            let body =
-                2 + props_len(v5, &u.props) + u.filters.iter().map(|f| 2 + f.len()).sum::<usize>();
+            let body = 2 + props_len(v5, &u.props) + u.filters.iter().map(|f| 2 + f.len()).sum::<usize>();
             header(buf, 0xA2, body);
             buf.put_u16(u.pid);
             if v5 {
@@ -246,11 +224,7 @@ pub fn encode(pkt: &Packet, version: Version, buf: &mut BytesMut) {
         Packet::PingReq => header(buf, 0xC0, 0),
         Packet::PingResp => header(buf, 0xD0, 0),
         Packet::Disconnect(d) | Packet::Auth(d) => {
-            let first = if matches!(pkt, Packet::Auth(_)) {
-                0xF0
-            } else {
-                0xE0
-            };
+            let first = if matches!(pkt, Packet::Auth(_)) { 0xF0 } else { 0xE0 };
             if !v5 {
                 header(buf, first, 0);
             } else if d.props.is_empty() {

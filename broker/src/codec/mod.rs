@@ -134,11 +134,7 @@ pub struct Ack {
 
 impl Ack {
     pub fn new(pid: u16, code: u8) -> Ack {
-        Ack {
-            pid,
-            code,
-            props: Properties::default(),
-        }
+        Ack { pid, code, props: Properties::default() }
     }
 }
 
@@ -153,12 +149,7 @@ pub struct SubOptions {
 
 impl SubOptions {
     pub fn qos(qos: QoS) -> SubOptions {
-        SubOptions {
-            qos,
-            no_local: false,
-            retain_as_published: false,
-            retain_handling: 0,
-        }
+        SubOptions { qos, no_local: false, retain_as_published: false, retain_handling: 0 }
     }
 }
 

@@ -130,11 +130,7 @@ impl Properties {
             + s(&self.content_type)
             + s(&self.response_topic)
             + b(&self.correlation_data)
-            + self
-                .subscription_ids
-                .iter()
-                .map(|v| 1 + varint_len(*v as usize))
-                .sum::<usize>()
+            + self.subscription_ids.iter().map(|v| 1 + varint_len(*v as usize)).sum::<usize>()
             + n(self.session_expiry.is_some(), 4)
             + s(&self.assigned_client_id)
             + n(self.server_keep_alive.is_some(), 2)
@@ -151,11 +147,7 @@ impl Properties {
             + n(self.topic_alias.is_some(), 2)
             + n(self.maximum_qos.is_some(), 1)
             + n(self.retain_available.is_some(), 1)
-            + self
-                .user
-                .iter()
-                .map(|(k, v)| 5 + k.len() + v.len())
-                .sum::<usize>()
+            + self.user.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>()
             + n(self.maximum_packet_size.is_some(), 4)
             + n(self.wildcard_sub_available.is_some(), 1)
             + n(self.sub_id_available.is_some(), 1)

@@ -6,20 +6,13 @@ fn roundtrip(p: Packet, v: Version) {
     let mut buf = BytesMut::new();
     encode(&p, v, &mut buf);
     let mut rd = buf.clone();
-    let got = decode(&mut rd, v, 1 << 20)
-        .expect("decodes")
-        .expect("complete");
+    let got = decode(&mut rd, v, 1 << 20).expect("decodes").expect("complete");
     assert_eq!(got, p, "roundtrip {v:?} of {}", p.name());
     assert!(rd.is_empty());
     // Every strict prefix is incomplete, never an error or a packet.
     for n in 0..buf.len() {
         let mut part = BytesMut::from(&buf[..n]);
-        assert_eq!(
-            decode(&mut part, v, 1 << 20),
-            Ok(None),
-            "prefix {n} of {}",
-            p.name()
-        );
+        assert_eq!(decode(&mut part, v, 1 << 20), Ok(None), "prefix {n} of {}", p.name());
     }
 }
 
@@ -40,22 +33,14 @@ fn full_props() -> Properties {
 fn roundtrip_all_packets_both_versions() {
     for v in [Version::V311, Version::V5] {
         let v5 = v == Version::V5;
-        let props = if v5 {
-            full_props()
-        } else {
-            Properties::default()
-        };
+        let props = if v5 { full_props() } else { Properties::default() };
         roundtrip(
             Packet::Connect(Box::new(Connect {
                 version: v,
                 clean_start: true,
                 keep_alive: 60,
                 props: if v5 {
-                    Properties {
-                        session_expiry: Some(10),
-                        receive_maximum: Some(5),
-                        ..Default::default()
-                    }
+                    Properties { session_expiry: Some(10), receive_maximum: Some(5), ..Default::default() }
                 } else {
                     Properties::default()
                 },
@@ -66,10 +51,7 @@ fn roundtrip_all_packets_both_versions() {
                     qos: QoS::AtLeastOnce,
                     retain: true,
                     props: if v5 {
-                        Properties {
-                            will_delay: Some(5),
-                            ..Default::default()
-                        }
+                        Properties { will_delay: Some(5), ..Default::default() }
                     } else {
                         Properties::default()
                     },
@@ -79,14 +61,7 @@ fn roundtrip_all_packets_both_versions() {
             })),
             v,
         );
-        roundtrip(
-            Packet::ConnAck(ConnAck {
-                session_present: true,
-                code: 0,
-                props: Properties::default(),
-            }),
-            v,
-        );
+        roundtrip(Packet::ConnAck(ConnAck { session_present: true, code: 0, props: Properties::default() }), v);
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
             roundtrip(
                 Packet::Publish(Publish {
@@ -110,10 +85,7 @@ fn roundtrip_all_packets_both_versions() {
             Packet::Subscribe(Subscribe {
                 pid: 4,
                 props: if v5 {
-                    Properties {
-                        subscription_ids: vec![3],
-                        ..Default::default()
-                    }
+                    Properties { subscription_ids: vec![3], ..Default::default() }
                 } else {
                     Properties::default()
                 },
@@ -132,20 +104,9 @@ fn roundtrip_all_packets_both_versions() {
             }),
             v,
         );
+        roundtrip(Packet::SubAck(SubAck { pid: 4, props: Properties::default(), codes: vec![0, 1, 2, 0x80] }), v);
         roundtrip(
-            Packet::SubAck(SubAck {
-                pid: 4,
-                props: Properties::default(),
-                codes: vec![0, 1, 2, 0x80],
-            }),
-            v,
-        );
-        roundtrip(
-            Packet::Unsubscribe(Unsubscribe {
-                pid: 5,
-                props: Properties::default(),
-                filters: vec!["x".into()],
-            }),
+            Packet::Unsubscribe(Unsubscribe { pid: 5, props: Properties::default(), filters: vec!["x".into()] }),
             v,
         );
         roundtrip(
@@ -158,13 +119,7 @@ fn roundtrip_all_packets_both_versions() {
         );
         roundtrip(Packet::PingReq, v);
         roundtrip(Packet::PingResp, v);
-        roundtrip(
-            Packet::Disconnect(Disconnect {
-                code: if v5 { 0x04 } else { 0 },
-                props: Properties::default(),
-            }),
-            v,
-        );
+        roundtrip(Packet::Disconnect(Disconnect { code: if v5 { 0x04 } else { 0 }, props: Properties::default() }), v);
     }
 }
 
@@ -177,54 +132,30 @@ fn err(bytes: &[u8], v: Version) -> DecodeError {
 fn rejects_malformed_input() {
     use Version::*;
     // QoS 3 publish.
-    assert_eq!(
-        err(&[0x36, 5, 0, 1, b'a', 0, 1], V311).reason_code(),
-        reason::MALFORMED
-    );
+    assert_eq!(err(&[0x36, 5, 0, 1, b'a', 0, 1], V311).reason_code(), reason::MALFORMED);
     // Reserved packet type 0.
     assert_eq!(err(&[0x00, 0], V5).reason_code(), reason::MALFORMED);
     // SUBSCRIBE with wrong fixed header flags.
-    assert_eq!(
-        err(&[0x80, 6, 0, 1, 0, 1, b'a', 0], V311).reason_code(),
-        reason::MALFORMED
-    );
+    assert_eq!(err(&[0x80, 6, 0, 1, 0, 1, b'a', 0], V311).reason_code(), reason::MALFORMED);
     // Invalid UTF-8 topic.
-    assert_eq!(
-        err(&[0x30, 4, 0, 2, 0xff, 0xfe], V311).reason_code(),
-        reason::MALFORMED
-    );
+    assert_eq!(err(&[0x30, 4, 0, 2, 0xff, 0xfe], V311).reason_code(), reason::MALFORMED);
     // Remaining length of five bytes.
-    assert_eq!(
-        err(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], V5).reason_code(),
-        reason::MALFORMED
-    );
+    assert_eq!(err(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], V5).reason_code(), reason::MALFORMED);
     // Packet id 0 on PUBACK.
     assert_eq!(err(&[0x40, 2, 0, 0], V311).reason_code(), reason::MALFORMED);
     // Duplicate property.
-    assert_eq!(
-        err(&[0x30, 10, 0, 1, b'a', 4, 0x01, 0, 0x01, 1, b'x', b'y'], V5).reason_code(),
-        reason::PROTOCOL_ERROR
-    );
+    assert_eq!(err(&[0x30, 10, 0, 1, b'a', 4, 0x01, 0, 0x01, 1, b'x', b'y'], V5).reason_code(), reason::PROTOCOL_ERROR);
     // PINGREQ with body.
     assert_eq!(err(&[0xC0, 1, 0], V5).reason_code(), reason::MALFORMED);
     // Too large, detected from the header alone.
     let mut b = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x03][..]);
-    assert!(matches!(
-        decode(&mut b, V5, 1024),
-        Err(DecodeError::TooLarge { .. })
-    ));
+    assert!(matches!(decode(&mut b, V5, 1024), Err(DecodeError::TooLarge { .. })));
     // CONNECT not first.
     let mut b = BytesMut::from(&[0xC0u8, 0][..]);
-    assert!(matches!(
-        decode_connect(&mut b, 1024),
-        Err(DecodeError::Protocol(_))
-    ));
+    assert!(matches!(decode_connect(&mut b, 1024), Err(DecodeError::Protocol(_))));
     // Unsupported protocol level.
     let mut b = BytesMut::from(&[0x10u8, 10, 0, 4, b'M', b'Q', b'T', b'T', 3, 2, 0, 60, 0, 0][..]);
-    assert!(matches!(
-        decode_connect(&mut b, 1024),
-        Err(DecodeError::UnsupportedVersion { .. })
-    ));
+    assert!(matches!(decode_connect(&mut b, 1024), Err(DecodeError::UnsupportedVersion { .. })));
 }
 
 #[test]

@@ -23,11 +23,7 @@ pub struct Accepted {
 async fn refuse(wr: &mut OwnedWriteHalf, version: Version, code: u8) {
     let mut out = BytesMut::new();
     codec::encode(
-        &Packet::ConnAck(ConnAck {
-            session_present: false,
-            code,
-            props: Properties::default(),
-        }),
+        &Packet::ConnAck(ConnAck { session_present: false, code, props: Properties::default() }),
         version,
         &mut out,
     );
@@ -57,8 +53,7 @@ pub async fn accept(
             }
         }
     };
-    let c = match tokio::time::timeout(Duration::from_millis(sh.cfg.connect_timeout_ms), read).await
-    {
+    let c = match tokio::time::timeout(Duration::from_millis(sh.cfg.connect_timeout_ms), read).await {
         Err(_) => {
             tracing::warn!(%peer, reason = "connect_timeout", "closing connection: no CONNECT within {} ms", sh.cfg.connect_timeout_ms);
             return Err(CloseReason::ConnectTimeout);
@@ -89,9 +84,7 @@ pub async fn accept(
             tracing::warn!(%peer, reason = "client_id_invalid", "closing connection: empty client id with a persistent session");
             return Err(CloseReason::ClientIdInvalid);
         }
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         client_id = format!("auto-{}-{id}-{nanos:08x}", sh.cfg.node_name);
         props.assigned_client_id = Some(client_id.clone());
     }
@@ -135,10 +128,6 @@ pub async fn accept(
         connect: c,
         client_id,
         keep_alive,
-        connack: ConnAck {
-            session_present: false,
-            code: reason::SUCCESS,
-            props,
-        },
+        connack: ConnAck { session_present: false, code: reason::SUCCESS, props },
     })
 }

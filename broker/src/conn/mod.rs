@@ -46,22 +46,10 @@ struct End {
 
 impl End {
     fn bad(reason: CloseReason, code: u8, detail: impl Into<String>) -> End {
-        End {
-            reason,
-            send: Some(code),
-            publish_will: true,
-            session_expiry: None,
-            detail: Some(detail.into()),
-        }
+        End { reason, send: Some(code), publish_will: true, session_expiry: None, detail: Some(detail.into()) }
     }
     fn quiet(reason: CloseReason) -> End {
-        End {
-            reason,
-            send: None,
-            publish_will: true,
-            session_expiry: None,
-            detail: None,
-        }
+        End { reason, send: None, publish_will: true, session_expiry: None, detail: None }
     }
 }
 
@@ -75,26 +63,23 @@ fn decode_end(e: &DecodeError) -> End {
     End::bad(reason, e.reason_code(), e.to_string())
 }
 
-pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    sh: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, shutdown: CancellationToken) {
     sh.metrics.connections_total.fetch_add(1, Relaxed);
     sh.metrics.connections_current.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
+    // TCP keepalive finds half-open connections of clients that asked for
+    // MQTT keep alive 0 (which disables the 1.5x rule): about 90 s.
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
     let reason = run(stream, peer, &sh, shutdown).await;
     sh.metrics.closed(reason);
     sh.metrics.connections_current.fetch_sub(1, Relaxed);
 }
 
-async fn run(
-    stream: TcpStream,
-    peer: SocketAddr,
-    sh: &Arc<Shared>,
-    shutdown: CancellationToken,
-) -> CloseReason {
+async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: CancellationToken) -> CloseReason {
     let id = sh.next_id.fetch_add(1, Relaxed);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(4096);
@@ -111,18 +96,8 @@ async fn run(
         id,
         tx: tx.clone(),
         version,
-        receive_max: accepted
-            .connect
-            .props
-            .receive_maximum
-            .unwrap_or(u16::MAX)
-            .min(sh.cfg.max_inflight)
-            .max(1),
-        max_packet: accepted
-            .connect
-            .props
-            .maximum_packet_size
-            .unwrap_or(u32::MAX),
+        receive_max: accepted.connect.props.receive_maximum.unwrap_or(u16::MAX).min(sh.cfg.max_inflight).max(1),
+        max_packet: accepted.connect.props.maximum_packet_size.unwrap_or(u32::MAX),
         qos0_pending: qos0_pending.clone(),
         acks_in_store: Arc::new(AtomicU64::new(0)),
     };
@@ -167,9 +142,7 @@ async fn run(
         connect_expiry,
     };
     let ka = accepted.keep_alive;
-    let end = reader
-        .read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code)
-        .await;
+    let end = reader.read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code).await;
     if let Some(detail) = &end.detail {
         tracing::warn!(%peer, client = %client, reason = end.reason.label(), "closing connection: {detail}");
     } else {
@@ -192,10 +165,7 @@ async fn run(
         .await;
     drop(tx);
     // Let the writer flush the DISCONNECT; never wait on a peer that stopped reading.
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
         local.cancel();
     }
     end.reason
@@ -274,10 +244,7 @@ impl Reader<'_> {
     async fn to_router(&self, m: ToRouter) -> Option<End> {
         match self.sh.router.send(m).await {
             Ok(()) => None,
-            Err(_) => Some(End {
-                send: Some(reason::SERVER_SHUTTING_DOWN),
-                ..End::quiet(CloseReason::Shutdown)
-            }),
+            Err(_) => Some(End { send: Some(reason::SERVER_SHUTTING_DOWN), ..End::quiet(CloseReason::Shutdown) }),
         }
     }
 
@@ -331,10 +298,7 @@ impl Reader<'_> {
                         }
                     }
                     QoS::ExactlyOnce => {
-                        if self.qos2_in.insert(p.pid)
-                            && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit
-                            && v5
-                        {
+                        if self.qos2_in.insert(p.pid) && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
                             return Some(End::bad(
                                 CloseReason::ReceiveMaxExceeded,
                                 reason::RECEIVE_MAX_EXCEEDED,
@@ -343,50 +307,18 @@ impl Reader<'_> {
                         }
                     }
                 }
-                self.to_router(ToRouter::Publish {
-                    conn,
-                    client,
-                    publish: p,
-                })
-                .await
+                self.to_router(ToRouter::Publish { conn, client, publish: p }).await
             }
-            Packet::PubAck(a) => {
-                self.to_router(ToRouter::PubAck {
-                    conn,
-                    client,
-                    pid: a.pid,
-                })
-                .await
-            }
-            Packet::PubRec(a) => {
-                self.to_router(ToRouter::PubRec {
-                    conn,
-                    client,
-                    pid: a.pid,
-                    code: a.code,
-                })
-                .await
-            }
-            Packet::PubComp(a) => {
-                self.to_router(ToRouter::PubComp {
-                    conn,
-                    client,
-                    pid: a.pid,
-                })
-                .await
-            }
+            Packet::PubAck(a) => self.to_router(ToRouter::PubAck { conn, client, pid: a.pid }).await,
+            Packet::PubRec(a) => self.to_router(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code }).await,
+            Packet::PubComp(a) => self.to_router(ToRouter::PubComp { conn, client, pid: a.pid }).await,
             Packet::PubRel(a) => {
                 if !self.qos2_in.remove(&a.pid) {
                     // PUBREL for a message of an earlier connection: the
                     // writer will still decrement for its PUBCOMP.
                     self.inflight_in.fetch_add(1, Relaxed);
                 }
-                self.to_router(ToRouter::PubRel {
-                    conn,
-                    client,
-                    pid: a.pid,
-                })
-                .await
+                self.to_router(ToRouter::PubRel { conn, client, pid: a.pid }).await
             }
             Packet::Subscribe(s) => {
                 if s.props.subscription_ids.len() > 1 {
@@ -396,21 +328,9 @@ impl Reader<'_> {
                         "several subscription identifiers",
                     ));
                 }
-                self.to_router(ToRouter::Subscribe {
-                    conn,
-                    client,
-                    sub: s,
-                })
-                .await
+                self.to_router(ToRouter::Subscribe { conn, client, sub: s }).await
             }
-            Packet::Unsubscribe(u) => {
-                self.to_router(ToRouter::Unsubscribe {
-                    conn,
-                    client,
-                    unsub: u,
-                })
-                .await
-            }
+            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: u }).await,
             Packet::PingReq => {
                 let _ = self.tx.send(Outbound::packet(Packet::PingResp));
                 None

@@ -39,12 +39,7 @@ fn saturating_dec(a: &AtomicUsize) {
 impl Writer {
     /// Encodes one item; returns true when the connection must close after
     /// this batch.
-    fn put(
-        &mut self,
-        out: &mut BytesMut,
-        item: Outbound,
-        aliases: &mut HashMap<String, u16>,
-    ) -> bool {
+    fn put(&mut self, out: &mut BytesMut, item: Outbound, aliases: &mut HashMap<String, u16>) -> bool {
         match item {
             Outbound::Packet(p) => {
                 if matches!(*p, Packet::PubAck(_) | Packet::PubComp(_)) {
@@ -61,10 +56,7 @@ impl Writer {
                 self.close_code.store(code, Relaxed);
                 if self.version == Version::V5 {
                     codec::encode(
-                        &Packet::Disconnect(Disconnect {
-                            code,
-                            props: Properties::default(),
-                        }),
+                        &Packet::Disconnect(Disconnect { code, props: Properties::default() }),
                         self.version,
                         out,
                     );
@@ -82,8 +74,7 @@ impl Writer {
         let m = &d.msg;
         let v5 = self.version == Version::V5;
         let mut topic: &str = &m.topic;
-        let needs_props =
-            v5 && (!d.sub_ids.is_empty() || m.expires_at.is_some() || self.alias_max > 0);
+        let needs_props = v5 && (!d.sub_ids.is_empty() || m.expires_at.is_some() || self.alias_max > 0);
         if needs_props {
             let mut props = m.props.clone();
             props.subscription_ids = d.sub_ids;
@@ -98,29 +89,9 @@ impl Writer {
                     props.topic_alias = Some(a);
                 }
             }
-            encode_publish_parts(
-                out,
-                self.version,
-                d.dup,
-                d.qos,
-                d.retain,
-                topic,
-                d.pid,
-                &props,
-                &m.payload,
-            );
+            encode_publish_parts(out, self.version, d.dup, d.qos, d.retain, topic, d.pid, &props, &m.payload);
         } else {
-            encode_publish_parts(
-                out,
-                self.version,
-                d.dup,
-                d.qos,
-                d.retain,
-                topic,
-                d.pid,
-                &m.props,
-                &m.payload,
-            );
+            encode_publish_parts(out, self.version, d.dup, d.qos, d.retain, topic, d.pid, &m.props, &m.payload);
         }
         self.metrics.sent[q].fetch_add(1, Relaxed);
         if !d.dup {

@@ -11,8 +11,8 @@ use super::session::{ConnHandle, Session};
 use super::subs::Sub;
 use super::{Router, split_share};
 use crate::codec::{
-    Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck,
-    Unsubscribe, Version, Will, reason,
+    Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will,
+    reason,
 };
 use crate::message::{Message, Outbound, unix_now};
 use crate::store::Op;
@@ -47,10 +47,7 @@ impl Router {
             }
         }
         let ctx_store = self.store.clone();
-        let s = self
-            .sessions
-            .entry(id.clone())
-            .or_insert_with(|| Session::new(id.clone()));
+        let s = self.sessions.entry(id.clone()).or_insert_with(|| Session::new(id.clone()));
         let was_stored = s.stored;
         s.conn = Some(conn.clone());
         s.disconnected_at = None;
@@ -59,11 +56,7 @@ impl Router {
         s.will = c.will;
         connack.session_present = present;
         let _ = conn.tx.send(Outbound::packet(Packet::ConnAck(connack)));
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: ctx_store.as_ref(),
-        };
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
         if s.persistent() {
             s.save(&ctx);
         } else if was_stored {
@@ -75,13 +68,7 @@ impl Router {
         s.resume(&ctx);
     }
 
-    pub(super) fn on_disconnected(
-        &mut self,
-        conn: u64,
-        client: &Arc<str>,
-        publish_will: bool,
-        expiry: Option<u32>,
-    ) {
+    pub(super) fn on_disconnected(&mut self, conn: u64, client: &Arc<str>, publish_will: bool, expiry: Option<u32>) {
         let Some(s) = self.sessions.get_mut(client) else {
             return;
         };
@@ -94,11 +81,7 @@ impl Router {
             && e != s.expiry
         {
             s.expiry = e;
-            let ctx = super::session::Ctx {
-                cfg: &self.cfg,
-                metrics: &self.metrics,
-                store: self.store.as_ref(),
-            };
+            let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
             s.save(&ctx);
         }
         let will = s.will.take();
@@ -111,11 +94,7 @@ impl Router {
                 self.publish_will(client, w);
             } else {
                 let wait = delay.min(expiry);
-                self.pending_wills.push((
-                    Instant::now() + Duration::from_secs(u64::from(wait)),
-                    client.clone(),
-                    w,
-                ));
+                self.pending_wills.push((Instant::now() + Duration::from_secs(u64::from(wait)), client.clone(), w));
             }
         }
         if expiry == 0 {
@@ -167,11 +146,7 @@ impl Router {
         match &self.store {
             Some(st) if needs_store || conn.acks_in_store.load(Relaxed) > 0 => {
                 conn.acks_in_store.fetch_add(1, Relaxed);
-                st.send(Op::Then(
-                    conn.tx.clone(),
-                    Outbound::packet(pkt),
-                    conn.acks_in_store.clone(),
-                ));
+                st.send(Op::Then(conn.tx.clone(), Outbound::packet(pkt), conn.acks_in_store.clone()));
             }
             _ => {
                 let _ = conn.tx.send(Outbound::packet(pkt));
@@ -196,11 +171,7 @@ impl Router {
                 return;
             }
             if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
-                self.send_ack(
-                    &c,
-                    Packet::PubRec(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)),
-                    false,
-                );
+                self.send_ack(&c, Packet::PubRec(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
                 return;
             }
             s.incoming_qos2.insert(p.pid);
@@ -214,11 +185,7 @@ impl Router {
             && p.props.payload_format == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
-            self.send_ack(
-                &c,
-                Packet::PubAck(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)),
-                false,
-            );
+            self.send_ack(&c, Packet::PubAck(Ack::new(p.pid, reason::PAYLOAD_FORMAT_INVALID)), false);
             return;
         }
         let (qos, pid) = (p.qos, p.pid);
@@ -236,19 +203,11 @@ impl Router {
             received_at: Instant::now(),
         };
         let (matched, persisted) = self.route(Arc::new(msg));
-        let code = if v5 && matched == 0 {
-            reason::NO_MATCHING_SUBSCRIBERS
-        } else {
-            0
-        };
+        let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send_ack(&c, Packet::PubAck(Ack::new(pid, code)), persisted),
-            QoS::ExactlyOnce => self.send_ack(
-                &c,
-                Packet::PubRec(Ack::new(pid, code)),
-                persisted || stored_in,
-            ),
+            QoS::ExactlyOnce => self.send_ack(&c, Packet::PubRec(Ack::new(pid, code)), persisted || stored_in),
         }
     }
 
@@ -273,11 +232,7 @@ impl Router {
     }
 
     pub(super) fn on_complete(&mut self, conn: u64, client: &Arc<str>, pid: u16, qos: QoS) {
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: self.store.as_ref(),
-        };
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         let Some(s) = self.sessions.get_mut(client) else {
             return;
         };
@@ -287,11 +242,7 @@ impl Router {
     }
 
     pub(super) fn on_pubrec(&mut self, conn: u64, client: &Arc<str>, pid: u16, code: u8) {
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: self.store.as_ref(),
-        };
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         let Some(s) = self.sessions.get_mut(client) else {
             return;
         };
@@ -339,29 +290,18 @@ impl Router {
             let new = self.subs.insert(client, share, f, entry);
             s.subs.insert(filter.clone(), entry);
             codes.push(opts.qos as u8);
-            if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new))
-            {
+            if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
                 retained_for.push((f.to_owned(), entry));
             }
         }
-        let _ = c.tx.send(Outbound::packet(Packet::SubAck(SubAck {
-            pid: sub.pid,
-            props: Properties::default(),
-            codes,
-        })));
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: self.store.as_ref(),
-        };
+        let _ =
+            c.tx.send(Outbound::packet(Packet::SubAck(SubAck { pid: sub.pid, props: Properties::default(), codes })));
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         s.save(&ctx);
         let _ = v5;
         for (f, entry) in retained_for {
-            let mut matching: Vec<&Arc<Message>> = self
-                .retained
-                .values()
-                .filter(|m| crate::topic::matches(&f, &m.topic))
-                .collect();
+            let mut matching: Vec<&Arc<Message>> =
+                self.retained.values().filter(|m| crate::topic::matches(&f, &m.topic)).collect();
             matching.sort_by(|a, b| a.topic.cmp(&b.topic));
             for m in matching {
                 let qos = entry.opts.qos.min(m.qos);
@@ -391,22 +331,11 @@ impl Router {
             let (share, f) = split_share(filter);
             let removed = s.subs.remove(filter).is_some();
             self.subs.remove(client, share, f);
-            codes.push(if removed {
-                0
-            } else {
-                reason::NO_SUBSCRIPTION_EXISTED
-            });
+            codes.push(if removed { 0 } else { reason::NO_SUBSCRIPTION_EXISTED });
         }
-        let _ = c.tx.send(Outbound::packet(Packet::UnsubAck(UnsubAck {
-            pid: u.pid,
-            props: Properties::default(),
-            codes,
-        })));
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: self.store.as_ref(),
-        };
+        let _ =
+            c.tx.send(Outbound::packet(Packet::UnsubAck(UnsubAck { pid: u.pid, props: Properties::default(), codes })));
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         s.save(&ctx);
     }
 
@@ -447,9 +376,7 @@ impl Router {
                 if sub.opts.no_local && msg.publisher.as_deref() == Some(&**c) {
                     return;
                 }
-                let e = targets
-                    .entry(c.clone())
-                    .or_insert((QoS::AtMostOnce, false, Vec::new()));
+                let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new()));
                 e.0 = e.0.max(sub.opts.qos.min(msg.qos));
                 e.1 |= sub.opts.retain_as_published;
                 if let Some(id) = sub.id {
@@ -458,24 +385,11 @@ impl Router {
             });
         }
         let n = targets.len();
-        let ctx = super::session::Ctx {
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-            store: self.store.as_ref(),
-        };
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         for (client, (qos, rap, sub_ids)) in targets {
             if let Some(s) = self.sessions.get_mut(&client) {
                 let retain = rap && msg.retain;
-                persisted |= s.deliver(
-                    &ctx,
-                    Entry {
-                        msg: msg.clone(),
-                        qos,
-                        retain,
-                        released: false,
-                        sub_ids,
-                    },
-                );
+                persisted |= s.deliver(&ctx, Entry { msg: msg.clone(), qos, retain, released: false, sub_ids });
             }
         }
         (n, persisted)
@@ -484,32 +398,16 @@ impl Router {
     pub(super) fn publish_sys(&mut self) {
         let m = self.metrics.clone();
         let online = self.sessions.values().filter(|s| s.conn.is_some()).count();
-        let sum =
-            |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|x| x.load(Relaxed)).sum::<u64>();
+        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|x| x.load(Relaxed)).sum::<u64>();
         let stats = [
-            (
-                "$SYS/broker/version",
-                format!("chaosd-broker {}", env!("CARGO_PKG_VERSION")),
-            ),
-            (
-                "$SYS/broker/uptime",
-                format!("{} seconds", self.started.elapsed().as_secs()),
-            ),
+            ("$SYS/broker/version", format!("chaosd-broker {}", env!("CARGO_PKG_VERSION"))),
+            ("$SYS/broker/uptime", format!("{} seconds", self.started.elapsed().as_secs())),
             ("$SYS/broker/clients/connected", online.to_string()),
             ("$SYS/broker/clients/total", self.sessions.len().to_string()),
-            (
-                "$SYS/broker/messages/received",
-                sum(&m.received).to_string(),
-            ),
+            ("$SYS/broker/messages/received", sum(&m.received).to_string()),
             ("$SYS/broker/messages/sent", sum(&m.sent).to_string()),
-            (
-                "$SYS/broker/subscriptions/count",
-                self.subs.len().to_string(),
-            ),
-            (
-                "$SYS/broker/retained messages/count",
-                self.retained.len().to_string(),
-            ),
+            ("$SYS/broker/subscriptions/count", self.subs.len().to_string()),
+            ("$SYS/broker/retained messages/count", self.retained.len().to_string()),
         ];
         for (topic, value) in stats {
             let msg = Message {

@@ -96,12 +96,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
-        cfg: Arc<Config>,
-        metrics: Arc<Metrics>,
-        store: Option<StoreHandle>,
-        loaded: Loaded,
-    ) -> Router {
+    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, store: Option<StoreHandle>, loaded: Loaded) -> Router {
         let mut r = Router {
             cfg,
             metrics,
@@ -151,54 +146,31 @@ impl Router {
         }
         for s in self.sessions.values() {
             if let Some(c) = &s.conn {
-                let _ = c.tx.send(crate::message::Outbound::Close(
-                    crate::codec::reason::SERVER_SHUTTING_DOWN,
-                ));
+                let _ = c.tx.send(crate::message::Outbound::Close(crate::codec::reason::SERVER_SHUTTING_DOWN));
             }
         }
     }
 
     fn handle(&mut self, m: ToRouter) {
         match m {
-            ToRouter::Connect {
-                conn,
-                connect,
-                connack,
-                reply,
-            } => {
+            ToRouter::Connect { conn, connect, connack, reply } => {
                 self.on_connect(conn, *connect, connack);
                 let _ = reply.send(());
             }
-            ToRouter::Publish {
-                conn,
-                client,
-                publish,
-            } => self.on_publish(conn, &client, publish),
+            ToRouter::Publish { conn, client, publish } => self.on_publish(conn, &client, publish),
             ToRouter::PubAck { conn, client, pid } => {
                 self.on_complete(conn, &client, pid, crate::codec::QoS::AtLeastOnce)
             }
             ToRouter::PubComp { conn, client, pid } => {
                 self.on_complete(conn, &client, pid, crate::codec::QoS::ExactlyOnce)
             }
-            ToRouter::PubRec {
-                conn,
-                client,
-                pid,
-                code,
-            } => self.on_pubrec(conn, &client, pid, code),
+            ToRouter::PubRec { conn, client, pid, code } => self.on_pubrec(conn, &client, pid, code),
             ToRouter::PubRel { conn, client, pid } => self.on_pubrel(conn, &client, pid),
             ToRouter::Subscribe { conn, client, sub } => self.on_subscribe(conn, &client, sub),
-            ToRouter::Unsubscribe {
-                conn,
-                client,
-                unsub,
-            } => self.on_unsubscribe(conn, &client, unsub),
-            ToRouter::Disconnected {
-                conn,
-                client,
-                publish_will,
-                session_expiry,
-            } => self.on_disconnected(conn, &client, publish_will, session_expiry),
+            ToRouter::Unsubscribe { conn, client, unsub } => self.on_unsubscribe(conn, &client, unsub),
+            ToRouter::Disconnected { conn, client, publish_will, session_expiry } => {
+                self.on_disconnected(conn, &client, publish_will, session_expiry)
+            }
         }
     }
 
@@ -211,8 +183,7 @@ impl Router {
             .filter(|s| {
                 s.conn.is_none()
                     && s.expiry != u32::MAX
-                    && s.disconnected_at
-                        .is_some_and(|t| now >= t + Duration::from_secs(u64::from(s.expiry)))
+                    && s.disconnected_at.is_some_and(|t| now >= t + Duration::from_secs(u64::from(s.expiry)))
             })
             .map(|s| s.id.clone())
             .collect();
@@ -221,9 +192,7 @@ impl Router {
         }
         // Delayed wills.
         let due: Vec<_> = {
-            let (due, keep) = std::mem::take(&mut self.pending_wills)
-                .into_iter()
-                .partition(|(t, _, _)| *t <= now);
+            let (due, keep) = std::mem::take(&mut self.pending_wills).into_iter().partition(|(t, _, _)| *t <= now);
             self.pending_wills = keep;
             due
         };
@@ -233,9 +202,7 @@ impl Router {
         let unix = crate::message::unix_now();
         self.retained.retain(|_, m| !m.expired(unix));
         self.update_gauges();
-        if self.cfg.sys_interval_secs > 0
-            && now >= self.last_sys + Duration::from_secs(self.cfg.sys_interval_secs)
-        {
+        if self.cfg.sys_interval_secs > 0 && now >= self.last_sys + Duration::from_secs(self.cfg.sys_interval_secs) {
             self.last_sys = now;
             self.publish_sys();
         }
@@ -246,17 +213,8 @@ impl Router {
         m.sessions.store(self.sessions.len() as u64, Relaxed);
         m.subscriptions.store(self.subs.len() as u64, Relaxed);
         m.retained.store(self.retained.len() as u64, Relaxed);
-        m.inflight.store(
-            self.sessions
-                .values()
-                .map(|s| s.inflight_len() as u64)
-                .sum(),
-            Relaxed,
-        );
-        m.queued.store(
-            self.sessions.values().map(|s| s.queued_len() as u64).sum(),
-            Relaxed,
-        );
+        m.inflight.store(self.sessions.values().map(|s| s.inflight_len() as u64).sum(), Relaxed);
+        m.queued.store(self.sessions.values().map(|s| s.queued_len() as u64).sum(), Relaxed);
     }
 }
 

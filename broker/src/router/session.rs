@@ -87,12 +87,7 @@ impl Session {
     }
 
     /// Rebuilds a session from the store; every message is resent with DUP.
-    pub fn restore(
-        id: Arc<str>,
-        meta: SessionMeta,
-        mut entries: Vec<(u64, Entry)>,
-        in_qos2: Vec<u16>,
-    ) -> Session {
+    pub fn restore(id: Arc<str>, meta: SessionMeta, mut entries: Vec<(u64, Entry)>, in_qos2: Vec<u16>) -> Session {
         let mut s = Session::new(id);
         s.expiry = meta.expiry;
         s.v5 = meta.v5;
@@ -130,11 +125,7 @@ impl Session {
     }
 
     pub fn meta(&self) -> SessionMeta {
-        SessionMeta {
-            expiry: self.expiry,
-            v5: self.v5,
-            subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect(),
-        }
+        SessionMeta { expiry: self.expiry, v5: self.v5, subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect() }
     }
 
     /// Writes the session record if the session is persistent and a store exists.
@@ -250,8 +241,7 @@ impl Session {
         for (seq, e) in &self.inflight {
             let pid = pid_of(*seq);
             if e.released {
-                let _ =
-                    c.tx.send(Outbound::packet(Packet::PubRel(Ack::new(pid, 0))));
+                let _ = c.tx.send(Outbound::packet(Packet::PubRel(Ack::new(pid, 0))));
             } else {
                 let _ = c.tx.send(Outbound::Deliver(Delivery {
                     msg: e.msg.clone(),
@@ -282,18 +272,9 @@ impl Session {
 
     /// PUBREC from the client: the message is delivered; answer PUBREL, once
     /// the released state is durable for a stored session.
-    pub fn received(
-        &mut self,
-        ctx: &Ctx,
-        pid: u16,
-        code: u8,
-        send_ack: &mut dyn FnMut(Packet, bool),
-    ) {
+    pub fn received(&mut self, ctx: &Ctx, pid: u16, code: u8, send_ack: &mut dyn FnMut(Packet, bool)) {
         let Some(&seq) = self.pids.get(&pid) else {
-            send_ack(
-                Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)),
-                false,
-            );
+            send_ack(Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)), false);
             return;
         };
         let Some(e) = self.inflight.get_mut(&seq) else {
@@ -333,12 +314,6 @@ impl Session {
 
 fn fits(c: &ConnHandle, e: &Entry) -> bool {
     // Subscription ids and expiry add a few bytes; 16 is a safe margin.
-    let size = publish_size(
-        c.version,
-        &e.msg.topic,
-        e.qos,
-        &e.msg.props,
-        e.msg.payload.len(),
-    ) + 16;
+    let size = publish_size(c.version, &e.msg.topic, e.qos, &e.msg.props, e.msg.payload.len()) + 16;
     size <= c.max_packet as usize
 }

@@ -42,10 +42,7 @@ struct Node {
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty()
-            && self.plus.is_none()
-            && self.hash.is_empty()
-            && self.here.is_empty()
+        self.children.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.here.is_empty()
     }
 }
 
@@ -107,13 +104,7 @@ impl SubTable {
     }
 
     /// Adds or replaces; returns true when the subscription is new.
-    pub fn insert(
-        &mut self,
-        client: &Arc<str>,
-        share: Option<&str>,
-        filter: &str,
-        sub: Sub,
-    ) -> bool {
+    pub fn insert(&mut self, client: &Arc<str>, share: Option<&str>, filter: &str, sub: Sub) -> bool {
         let leaf = leaf_mut(&mut self.root, filter);
         let new = match share {
             None => leaf.subs.insert(client.clone(), sub).is_none(),
@@ -163,12 +154,7 @@ impl SubTable {
     /// Calls `out` for every subscription matching `topic`. For each shared
     /// group one member is chosen, round robin, preferring members for which
     /// `online` holds.
-    pub fn matches(
-        &mut self,
-        topic: &str,
-        online: &dyn Fn(&str) -> bool,
-        out: &mut dyn FnMut(&Arc<str>, &Sub),
-    ) {
+    pub fn matches(&mut self, topic: &str, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         walk(&mut self.root, &levels, 0, dollar, online, out);
@@ -185,10 +171,7 @@ fn visit(leaf: &mut Leaf, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Ar
             continue;
         }
         let start = group.next % n;
-        let pick = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| online(&group.members[i].0))
-            .unwrap_or(start);
+        let pick = (0..n).map(|i| (start + i) % n).find(|&i| online(&group.members[i].0)).unwrap_or(start);
         group.next = pick + 1;
         let (c, s) = &group.members[pick];
         out(c, s);
@@ -233,15 +216,10 @@ mod tests {
 
     #[test]
     fn trie_matches_like_the_reference() {
-        let filters = [
-            "a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "a/+/c", "/a", "+/+",
-        ];
+        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "a/+/c", "/a", "+/+"];
         let topics = ["a/b", "a", "a/b/c", "$SYS/x", "b", "/a", "a/", "x/b"];
         let mut t = SubTable::default();
-        let sub = Sub {
-            opts: SubOptions::qos(QoS::AtMostOnce),
-            id: None,
-        };
+        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
         for (i, f) in filters.iter().enumerate() {
             t.insert(&Arc::from(format!("c{i}")), None, f, sub);
         }
@@ -265,10 +243,7 @@ mod tests {
     #[test]
     fn shared_round_robin() {
         let mut t = SubTable::default();
-        let sub = Sub {
-            opts: SubOptions::qos(QoS::AtMostOnce),
-            id: None,
-        };
+        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
         t.insert(&Arc::from("x"), Some("g"), "s/#", sub);
         t.insert(&Arc::from("y"), Some("g"), "s/#", sub);
         let a = collect(&mut t, "s/1");

@@ -101,15 +101,9 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.into(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.into(), source })?;
         let path = dir.join("broker.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Open {
-            path,
-            source: Box::new(e.into()),
-        })?;
+        let db = Database::create(&path).map_err(|e| StoreError::Open { path, source: Box::new(e.into()) })?;
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(SESSIONS).map_err(db_err)?;
@@ -124,63 +118,28 @@ impl Store {
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let mut out = Loaded::default();
-        for row in txn
-            .open_table(SESSIONS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
+        for row in txn.open_table(SESSIONS).map_err(db_err)?.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            let meta = record::decode_meta(v.value()).map_err(|source| StoreError::Corrupt {
-                table: "sessions",
-                source,
-            })?;
+            let meta =
+                record::decode_meta(v.value()).map_err(|source| StoreError::Corrupt { table: "sessions", source })?;
             out.sessions.entry(k.value().to_owned()).or_default().meta = Some(meta);
         }
-        for row in txn
-            .open_table(QUEUE)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
+        for row in txn.open_table(QUEUE).map_err(db_err)?.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
             let (client, seq) = k.value();
-            let e = record::decode_entry(v.value()).map_err(|source| StoreError::Corrupt {
-                table: "queue",
-                source,
-            })?;
-            out.sessions
-                .entry(client.to_owned())
-                .or_default()
-                .entries
-                .push((seq, e));
+            let e = record::decode_entry(v.value()).map_err(|source| StoreError::Corrupt { table: "queue", source })?;
+            out.sessions.entry(client.to_owned()).or_default().entries.push((seq, e));
         }
-        for row in txn
-            .open_table(INQOS2)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
+        for row in txn.open_table(INQOS2).map_err(db_err)?.iter().map_err(db_err)? {
             let (k, _) = row.map_err(db_err)?;
             let (client, pid) = k.value();
-            out.sessions
-                .entry(client.to_owned())
-                .or_default()
-                .incoming_qos2
-                .push(pid);
+            out.sessions.entry(client.to_owned()).or_default().incoming_qos2.push(pid);
         }
-        for row in txn
-            .open_table(RETAINED)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
+        for row in txn.open_table(RETAINED).map_err(db_err)?.iter().map_err(db_err)? {
             let (_, v) = row.map_err(db_err)?;
             let mut rd = crate::codec::Rd::new(bytes::Bytes::copy_from_slice(v.value()));
-            let m = record::decode_message(&mut rd).map_err(|source| StoreError::Corrupt {
-                table: "retained",
-                source,
-            })?;
+            let m =
+                record::decode_message(&mut rd).map_err(|source| StoreError::Corrupt { table: "retained", source })?;
             out.retained.push(m);
         }
         // Sessions whose meta is gone were being deleted: drop their rest.

@@ -20,8 +20,7 @@ fn put_str(b: &mut BytesMut, s: &str) {
 fn get_str(rd: &mut Rd) -> Result<String, DecodeError> {
     let n = rd.u32()? as usize;
     let raw = rd.take_bytes(n)?;
-    String::from_utf8(raw.to_vec())
-        .map_err(|_| DecodeError::Malformed("stored string is not UTF-8"))
+    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Malformed("stored string is not UTF-8"))
 }
 
 /// A message queued or in flight for one session.
@@ -112,10 +111,7 @@ pub fn encode_meta(m: &SessionMeta) -> Vec<u8> {
         put_str(&mut b, f);
         let o = s.opts;
         b.put_u8(
-            o.qos as u8
-                | u8::from(o.no_local) << 2
-                | u8::from(o.retain_as_published) << 3
-                | o.retain_handling << 4,
+            o.qos as u8 | u8::from(o.no_local) << 2 | u8::from(o.retain_as_published) << 3 | o.retain_handling << 4,
         );
         b.put_u32(s.id.unwrap_or(0));
     }
@@ -138,13 +134,7 @@ pub fn decode_meta(raw: &[u8]) -> Result<SessionMeta, DecodeError> {
             retain_as_published: o & 8 != 0,
             retain_handling: (o >> 4) & 3,
         };
-        subs.push((
-            f,
-            Sub {
-                opts,
-                id: (id != 0).then_some(id),
-            },
-        ));
+        subs.push((f, Sub { opts, id: (id != 0).then_some(id) }));
     }
     Ok(SessionMeta { expiry, v5, subs })
 }
@@ -169,34 +159,16 @@ mod tests {
             publisher: Some(Arc::from("p")),
             received_at: Instant::now(),
         };
-        let e = Entry {
-            msg: Arc::new(msg),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            released: true,
-            sub_ids: vec![7],
-        };
+        let e = Entry { msg: Arc::new(msg), qos: QoS::AtLeastOnce, retain: false, released: true, sub_ids: vec![7] };
         let d = decode_entry(&encode_entry(&e)).expect("decodes");
-        assert_eq!(
-            (d.qos, d.retain, d.released, d.sub_ids.clone()),
-            (e.qos, e.retain, e.released, e.sub_ids.clone())
-        );
-        assert_eq!(
-            (d.msg.topic.as_str(), &d.msg.payload[..], d.msg.expires_at),
-            ("a/b", &b"hello"[..], Some(123))
-        );
+        assert_eq!((d.qos, d.retain, d.released, d.sub_ids.clone()), (e.qos, e.retain, e.released, e.sub_ids.clone()));
+        assert_eq!((d.msg.topic.as_str(), &d.msg.payload[..], d.msg.expires_at), ("a/b", &b"hello"[..], Some(123)));
         assert_eq!(d.msg.props, e.msg.props);
         assert_eq!(d.msg.publisher.as_deref(), Some("p"));
         let m = SessionMeta {
             expiry: 5,
             v5: true,
-            subs: vec![(
-                "x/#".into(),
-                Sub {
-                    opts: SubOptions::qos(QoS::AtLeastOnce),
-                    id: Some(3),
-                },
-            )],
+            subs: vec![("x/#".into(), Sub { opts: SubOptions::qos(QoS::AtLeastOnce), id: Some(3) })],
         };
         assert_eq!(decode_meta(&encode_meta(&m)).expect("decodes"), m);
         assert!(decode_entry(&[0xff]).is_err());

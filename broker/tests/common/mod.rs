@@ -31,28 +31,17 @@ impl Drop for TestBroker {
 
 pub async fn start(f: impl FnOnce(&mut Config)) -> TestBroker {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: None,
-        sys_interval_secs: 0,
-        node_name: "test".into(),
-        ..Config::default()
-    };
+    let mut cfg = Config { data_dir: None, sys_interval_secs: 0, node_name: "test".into(), ..Config::default() };
     f(&mut cfg);
     if cfg.data_dir.as_deref() == Some(std::path::Path::new("TEMP")) {
         cfg.data_dir = Some(dir.path().join("data"));
     }
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind mqtt");
-    let h = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind http");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mqtt");
+    let h = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let (addr, http) = (l.local_addr().expect("addr"), h.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
@@ -61,20 +50,11 @@ pub async fn start(f: impl FnOnce(&mut Config)) -> TestBroker {
             panic!("broker failed: {e:?}");
         }
     });
-    TestBroker {
-        addr,
-        http,
-        dir,
-        shutdown,
-    }
+    TestBroker { addr, http, dir, shutdown }
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// The `broker` binary as a child process (for kill -9).
@@ -89,12 +69,7 @@ impl BrokerProc {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args([
-                "--mqtt-listen",
-                &addr.to_string(),
-                "--http-listen",
-                &http.to_string(),
-            ])
+            .args(["--mqtt-listen", &addr.to_string(), "--http-listen", &http.to_string()])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -139,18 +114,10 @@ pub async fn connect(addr: SocketAddr, v: Version, id: &str, clean: bool) -> Cli
     connect_with(addr, v, id, clean, Properties::default()).await
 }
 
-pub async fn connect_with(
-    addr: SocketAddr,
-    v: Version,
-    id: &str,
-    clean: bool,
-    props: Properties,
-) -> Client {
+pub async fn connect_with(addr: SocketAddr, v: Version, id: &str, clean: bool, props: Properties) -> Client {
     let mut c = connect_packet(v, id, clean, 30);
     c.props = props;
-    let (cl, ack) = Client::connect(addr, c)
-        .await
-        .unwrap_or_else(|e| panic!("connect {id}: {e}"));
+    let (cl, ack) = Client::connect(addr, c).await.unwrap_or_else(|e| panic!("connect {id}: {e}"));
     assert_eq!(ack.code, 0, "connack for {id}: {ack:?}");
     cl
 }
@@ -159,20 +126,11 @@ pub async fn subscribe(c: &mut Client, filter: &str, qos: QoS) -> Vec<u8> {
     subscribe_opts(c, filter, SubOptions::qos(qos), Properties::default()).await
 }
 
-pub async fn subscribe_opts(
-    c: &mut Client,
-    filter: &str,
-    o: SubOptions,
-    props: Properties,
-) -> Vec<u8> {
+pub async fn subscribe_opts(c: &mut Client, filter: &str, o: SubOptions, props: Properties) -> Vec<u8> {
     let pid = 9;
-    c.send(&Packet::Subscribe(Subscribe {
-        pid,
-        props,
-        filters: vec![(filter.into(), o)],
-    }))
-    .await
-    .expect("send subscribe");
+    c.send(&Packet::Subscribe(Subscribe { pid, props, filters: vec![(filter.into(), o)] }))
+        .await
+        .expect("send subscribe");
     match c.recv(T).await.expect("suback") {
         Packet::SubAck(a) => {
             assert_eq!(a.pid, pid);
@@ -203,10 +161,7 @@ pub async fn expect_disconnect(c: &mut Client, code: u8) {
         Ok(Packet::Disconnect(d)) => assert_eq!(d.code, code, "disconnect reason"),
         other => panic!("expected DISCONNECT {code:#x}, got {other:?}"),
     }
-    assert!(
-        matches!(c.recv(T).await, Err(broker::client::ClientError::Closed)),
-        "connection not closed"
-    );
+    assert!(matches!(c.recv(T).await, Err(broker::client::ClientError::Closed)), "connection not closed");
 }
 
 pub async fn expect_closed(c: &mut Client) {
@@ -224,26 +179,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("http write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("http read");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
 /// Value of one Prometheus series (exact label text).
 pub fn metric(body: &str, series: &str) -> f64 {
     body.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|r| r.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("series {series} not in metrics"))
 }
 
@@ -263,11 +207,7 @@ pub fn tool(name: &str) -> PathBuf {
 /// Debian's python3 with paho-mqtt 1.6 (not a pyenv shim).
 pub fn python_paho() -> PathBuf {
     let py = tool("python3");
-    let ok = Command::new(&py)
-        .args(["-c", "import paho.mqtt.client"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let ok = Command::new(&py).args(["-c", "import paho.mqtt.client"]).status().map(|s| s.success()).unwrap_or(false);
     assert!(
         ok,
         "{} cannot import paho.mqtt.client: install the Debian package python3-paho-mqtt (scripts/setup.sh)",
