@@ -119,13 +119,16 @@ pub fn run(args: GuardianArgs) -> ExitCode {
             resume_all(&procs, why);
             return ExitCode::SUCCESS;
         }
-        let mut fds = vec![libc::pollfd { fd: sigfd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        // In this order: pid lines already sent are read before a signal
+        // that arrived with them is acted on.
+        let mut fds = Vec::with_capacity(3);
         if stdin_open {
             fds.push(libc::pollfd { fd: stdin_fd, events: libc::POLLIN, revents: 0 });
         }
         if let (Some(d), None) = (&daemon, daemon_died) {
             fds.push(libc::pollfd { fd: d.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        fds.push(libc::pollfd { fd: sigfd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
         // Wake at least twice a second to notice that every guarded
         // process is gone (nothing left to resume: exit).
         let timeout = wait_ms.map_or(500, |w| w.min(500)) as i32;
@@ -212,11 +215,23 @@ impl Guardian {
             cmd.args(["--deadline-unix-ms", &ms.to_string()]);
         }
         // Its own session: terminal signals and a process-group kill aimed
-        // at the daemon do not reach it.
-        // SAFETY: setsid is async-signal-safe.
+        // at the daemon do not reach it. The signals it handles are blocked
+        // before exec (the mask survives exec), so one sent before it has
+        // its signalfd stays pending instead of killing it with the
+        // default action and leaving the processes stopped.
+        // SAFETY: setsid, sigemptyset, sigaddset and sigprocmask are
+        // async-signal-safe and only touch the local set.
         unsafe {
             cmd.pre_exec(|| {
                 libc::setsid();
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
+                    libc::sigaddset(&mut set, sig);
+                }
+                if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
