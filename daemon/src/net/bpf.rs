@@ -94,6 +94,11 @@ pub struct Maps {
 pub struct Datapath {
     dir: PathBuf,
     pub maps: Mutex<Maps>,
+    /// Classifier copies of namespaces whose last rule went: loaded but
+    /// neither attached nor pinned (held only by these fds, gone with the
+    /// daemon), so that the next fault there skips BPF_PROG_LOAD and the
+    /// verifier (~100 ms per program).
+    spare: Mutex<std::collections::HashMap<u32, Vec<(u8, SchedClassifier)>>>,
     grace: Duration,
     /// TCX links where the kernel has them (6.6+), clsact otherwise.
     pub tcx: bool,
@@ -151,8 +156,7 @@ impl Datapath {
             take("CHAOSD_PROTECTED")?.try_into().map_err(map_err("PROTECTED"))?;
 
         let old = control.get(&CONTROL_HEARTBEAT, 0).map_err(map_err("CONTROL"))?;
-        let stale_at_start =
-            old.heartbeat_ns != 0 && boot_ns().saturating_sub(old.heartbeat_ns) > old.grace_ns;
+        let stale_at_start = old.heartbeat_ns != 0 && boot_ns().saturating_sub(old.heartbeat_ns) > old.grace_ns;
         let mut used_ids = BTreeSet::new();
         for id in 1..MAX_RULES {
             if let Ok(r) = rules.get(&id, 0) {
@@ -172,6 +176,7 @@ impl Datapath {
         let dp = Self {
             dir: dir.to_path_buf(),
             maps: Mutex::new(Maps { control, devices, index, rules, peers, stats, protected: protected_map, used_ids }),
+            spare: Mutex::new(std::collections::HashMap::new()),
             grace,
             tcx,
             stale_at_start,
@@ -215,6 +220,14 @@ impl Datapath {
         }
         let ns_dir = self.ns_dir(netns);
         fs::create_dir_all(&ns_dir).map_err(io(format!("create {}", ns_dir.display())))?;
+        if let Some(progs) = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(&netns) {
+            for (dir, mut prog) in progs {
+                let pin = self.prog_pin(netns, dir);
+                let _ = fs::remove_file(&pin);
+                prog.pin(&pin).map_err(|e| BpfError::Other(format!("pin program at {}: {e}", pin.display())))?;
+            }
+            return Ok(());
+        }
         let mut loader = EbpfLoader::new();
         // No CO-RE relocations in these programs: skip parsing the kernel's
         // BTF, which costs hundreds of milliseconds per load.
@@ -234,8 +247,7 @@ impl Datapath {
             prog.load().map_err(|source| BpfError::Program { what: format!("BPF_PROG_LOAD {name}"), source })?;
             let pin = self.prog_pin(netns, dir);
             let _ = fs::remove_file(&pin);
-            prog.pin(&pin)
-                .map_err(|e| BpfError::Other(format!("pin {name} at {}: {e}", pin.display())))?;
+            prog.pin(&pin).map_err(|e| BpfError::Other(format!("pin {name} at {}: {e}", pin.display())))?;
         }
         Ok(())
     }
@@ -243,7 +255,20 @@ impl Datapath {
     /// Removes the namespace's program pins and directory (links must be
     /// gone already; the programs unload with their last reference).
     pub fn remove_programs(&self, netns: u32) -> Result<(), BpfError> {
+        const SPARE_MAX: usize = 64;
         let dir = self.ns_dir(netns);
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < SPARE_MAX && !spare.contains_key(&netns) {
+                let progs: Vec<(u8, SchedClassifier)> = [DIR_EGRESS, DIR_INGRESS]
+                    .into_iter()
+                    .filter_map(|d| SchedClassifier::from_pin(self.prog_pin(netns, d)).ok().map(|p| (d, p)))
+                    .collect();
+                if progs.len() == 2 {
+                    spare.insert(netns, progs);
+                }
+            }
+        }
         match fs::read_dir(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(format!("read {}", dir.display()))(e)),
@@ -265,10 +290,7 @@ impl Datapath {
     /// Namespaces that have program pins.
     pub fn pinned_namespaces(&self) -> Vec<u32> {
         let Ok(entries) = fs::read_dir(&self.dir) else { return vec![] };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("ns-")?.parse().ok())
-            .collect()
+        entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("ns-")?.parse().ok()).collect()
     }
 
     /// Sum of a rule's per-CPU counters.
@@ -378,9 +400,7 @@ pub fn test_run(prog_pin: &Path, ifindex: u32, packet: &[u8], repeat: u32) -> Re
     opts.data_out = Some(&mut out);
     opts.ctx_in = Some(&ctx);
     opts.repeat = repeat;
-    let r = prog
-        .test_run(opts)
-        .map_err(|source| BpfError::Program { what: "BPF_PROG_TEST_RUN".into(), source })?;
+    let r = prog.test_run(opts).map_err(|source| BpfError::Program { what: "BPF_PROG_TEST_RUN".into(), source })?;
     Ok((r.return_value, r.duration))
 }
 

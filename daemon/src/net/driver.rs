@@ -151,7 +151,8 @@ impl NetworkDriver {
                 }
                 ipnet::IpNet::V6(_) if !has_v6 && !has_v4 => {
                     return Err(ApiError::InvalidArgument(format!(
-                        "peer {p} is IPv6 but device(s) {} have no IP address", names()
+                        "peer {p} is IPv6 but device(s) {} have no IP address",
+                        names()
                     )));
                 }
                 _ => {}
@@ -267,8 +268,12 @@ impl NetworkDriver {
             let ifbs = shaping::apply(&ns, &plan, exp.forced)?;
             let mut maps = self.dp.lock();
             for (dev_ifindex, ifb_ifindex) in ifbs {
-                rulemaps::set_ifb(&mut maps, DevKey { netns: ns.inode, ifindex: dev_ifindex, dir: DIR_INGRESS as u32 }, ifb_ifindex)
-                    .map_err(api_internal)?;
+                rulemaps::set_ifb(
+                    &mut maps,
+                    DevKey { netns: ns.inode, ifindex: dev_ifindex, dir: DIR_INGRESS as u32 },
+                    ifb_ifindex,
+                )
+                .map_err(api_internal)?;
             }
         }
 
@@ -298,7 +303,11 @@ impl NetworkDriver {
         for dk in &fresh {
             let name = selected.iter().find(|d| d.ifindex == dk.ifindex).map(|d| d.name.clone()).unwrap_or_default();
             if how == AttachKind::Clsact {
-                self.record(rec, done, NetObject::Clsact { netns: ns.inode, ifindex: dk.ifindex, ifname: name.clone() })?;
+                self.record(
+                    rec,
+                    done,
+                    NetObject::Clsact { netns: ns.inode, ifindex: dk.ifindex, ifname: name.clone() },
+                )?;
             }
             let obj = NetObject::Attach { netns: ns.inode, ifindex: dk.ifindex, ifname: name, dir: dk.dir as u8, how };
             self.record(rec, done, obj.clone())?;
@@ -335,14 +344,19 @@ impl NetworkDriver {
                 }
                 Ok(())
             })
-            .map_err(|e| ApiError::NotFound(format!("the target's network namespace went away during injection: {e}")))?;
-        kernel.map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))?;
+            .map_err(|e| {
+                ApiError::NotFound(format!("the target's network namespace went away during injection: {e}"))
+            })?;
+        kernel
+            .map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))?;
 
         // A pid that exited meanwhile leaves a namespace nobody uses.
         if let Target::Pid(pid) = exp.target {
             let still = target::resolve(&exp.target).map(|t| t.inode == ns.inode).unwrap_or(false);
             if !still {
-                return Err(ApiError::NotFound(format!("pid {pid} exited during injection; nothing was left in place")));
+                return Err(ApiError::NotFound(format!(
+                    "pid {pid} exited during injection; nothing was left in place"
+                )));
             }
         }
         Ok(())
@@ -363,18 +377,10 @@ impl NetworkDriver {
             .find_map(|l| l.first().map(|r| r.first))
             .unwrap_or(40000);
         let _ = c;
-        let peer4: IpAddr = sel
-            .peers
-            .iter()
-            .find(|p| p.addr().is_ipv4())
-            .map(|p| p.addr())
-            .unwrap_or(IpAddr::from([192, 0, 2, 1]));
-        let peer6: IpAddr = sel
-            .peers
-            .iter()
-            .find(|p| p.addr().is_ipv6())
-            .map(|p| p.addr())
-            .unwrap_or("2001:db8::1".parse().unwrap());
+        let peer4: IpAddr =
+            sel.peers.iter().find(|p| p.addr().is_ipv4()).map(|p| p.addr()).unwrap_or(IpAddr::from([192, 0, 2, 1]));
+        let peer6: IpAddr =
+            sel.peers.iter().find(|p| p.addr().is_ipv6()).map(|p| p.addr()).unwrap_or("2001:db8::1".parse().unwrap());
         let mut out = Vec::new();
         for d in devices {
             for &dir in dirs {
@@ -467,11 +473,14 @@ impl NetworkDriver {
             .filter(|o| matches!(o, NetObject::Htb { .. } | NetObject::Class { .. } | NetObject::Ifb { .. }))
             .cloned()
             .collect();
-        let needs_ns = !shaping_objs.is_empty() || !clsact.is_empty() || detach.iter().any(|d| d.2 == AttachKind::Clsact);
+        let needs_ns =
+            !shaping_objs.is_empty() || !clsact.is_empty() || detach.iter().any(|d| d.2 == AttachKind::Clsact);
         let ns_inode = objects.iter().find_map(|o| match o {
             NetObject::Rule { netns, .. } | NetObject::Programs { netns } => Some(*netns),
             NetObject::Attach { netns, .. } | NetObject::Clsact { netns, .. } => Some(*netns),
-            NetObject::Htb { netns, .. } | NetObject::Class { netns, .. } | NetObject::Ifb { netns, .. } => Some(*netns),
+            NetObject::Htb { netns, .. } | NetObject::Class { netns, .. } | NetObject::Ifb { netns, .. } => {
+                Some(*netns)
+            }
         });
         if needs_ns {
             if let Some(t) = ns_inode.and_then(ns_alive) {
@@ -526,7 +535,10 @@ fn parse_objects(objects: &[Value]) -> Vec<NetObject> {
 impl Driver for NetworkDriver {
     fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
         let Fault::Network(fault) = &exp.fault else {
-            return Err(ApiError::InvalidArgument(format!("the network driver cannot apply a {} fault", exp.fault.name())));
+            return Err(ApiError::InvalidArgument(format!(
+                "the network driver cannot apply a {} fault",
+                exp.fault.name()
+            )));
         };
         self.check_host(&fault.action, fault.selector.direction.ingress())?;
         let mut done = Vec::new();
@@ -578,7 +590,8 @@ impl Driver for NetworkDriver {
             )));
         }
         let objs = parse_objects(objects);
-        let Some(NetObject::Rule { netns, rule, .. }) = objs.iter().find(|o| matches!(o, NetObject::Rule { .. })).cloned()
+        let Some(NetObject::Rule { netns, rule, .. }) =
+            objs.iter().find(|o| matches!(o, NetObject::Rule { .. })).cloned()
         else {
             return Err(ApiError::FailedPrecondition(format!("{}: no rule recorded, nothing to resume", exp.id)));
         };

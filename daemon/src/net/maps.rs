@@ -23,7 +23,16 @@ fn index_keys<'a>(c: &'a Compiled, at: &'a Placement<'a>) -> impl Iterator<Item 
                     (
                         ti,
                         DevKey { netns: at.netns, ifindex, dir: dir as u32 },
-                        IndexKey { netns: at.netns, ifindex, dir, proto: t.proto, role: t.role, _pad: 0, port, _pad2: 0 },
+                        IndexKey {
+                            netns: at.netns,
+                            ifindex,
+                            dir,
+                            proto: t.proto,
+                            role: t.role,
+                            _pad: 0,
+                            port,
+                            _pad2: 0,
+                        },
                     )
                 })
             })
@@ -46,7 +55,12 @@ pub struct SlotFull {
 
 /// Enters rule `id`. Returns the (device, direction) pairs that had no
 /// rule before (they need the classifier attached), or the first full slot.
-pub fn install(maps: &mut Maps, id: u32, c: &Compiled, at: &Placement<'_>) -> Result<Result<Vec<DevKey>, SlotFull>, BpfError> {
+pub fn install(
+    maps: &mut Maps,
+    id: u32,
+    c: &Compiled,
+    at: &Placement<'_>,
+) -> Result<Result<Vec<DevKey>, SlotFull>, BpfError> {
     // Check room first, so that a refusal changes nothing.
     for (_, _, key) in index_keys(c, at) {
         if let Ok(slot) = maps.index.get(&key, 0) {
@@ -58,9 +72,7 @@ pub fn install(maps: &mut Maps, id: u32, c: &Compiled, at: &Placement<'_>) -> Re
     Datapath::reset_stats(maps, id)?;
     maps.rules.set(id, c.rule, 0).map_err(|source| BpfError::Map { map: "RULES", source })?;
     for (len, addr) in &c.peers {
-        maps.peers
-            .insert(&peer_key(id, *len, *addr), 1, 0)
-            .map_err(|source| BpfError::Map { map: "PEERS", source })?;
+        maps.peers.insert(&peer_key(id, *len, *addr), 1, 0).map_err(|source| BpfError::Map { map: "PEERS", source })?;
     }
     for (_, _, key) in index_keys(c, at) {
         let mut slot = maps.index.get(&key, 0).unwrap_or_default();
@@ -110,7 +122,8 @@ pub fn remove(maps: &mut Maps, id: u32, c: &Compiled, at: &Placement<'_>) -> Vec
                 *r = 0;
             }
         }
-        let res = if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
+        let res =
+            if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
         if let Err(e) = res {
             errors.push(format!("BPF map INDEX: {e}"));
         }
@@ -122,7 +135,11 @@ pub fn remove(maps: &mut Maps, id: u32, c: &Compiled, at: &Placement<'_>) -> Vec
         if conf.users[slot_ix] == 0 {
             conf.mask &= !(1 << slot_ix);
         }
-        let res = if conf.users.iter().all(|u| *u == 0) { maps.devices.remove(&dk) } else { maps.devices.insert(dk, conf, 0) };
+        let res = if conf.users.iter().all(|u| *u == 0) {
+            maps.devices.remove(&dk)
+        } else {
+            maps.devices.insert(dk, conf, 0)
+        };
         if let Err(e) = res {
             errors.push(format!("BPF map DEVICES: {e}"));
         }

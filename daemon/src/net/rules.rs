@@ -79,20 +79,13 @@ type Split = (Vec<(u8, Vec<PortRange>)>, Option<(u8, Vec<PortRange>)>);
 
 fn split_ports(sel: &Selector) -> Result<Split, CompileError> {
     // (role used for the index, role of the residual check, list)
-    let lists: Vec<(u8, &Vec<PortRange>)> = [
-        (ROLE_DPORT, &sel.destination_ports),
-        (ROLE_SPORT, &sel.source_ports),
-        (ROLE_ANY, &sel.ports),
-    ]
-    .into_iter()
-    .filter(|(_, l)| !l.is_empty())
-    .collect();
+    let lists: Vec<(u8, &Vec<PortRange>)> =
+        [(ROLE_DPORT, &sel.destination_ports), (ROLE_SPORT, &sel.source_ports), (ROLE_ANY, &sel.ports)]
+            .into_iter()
+            .filter(|(_, l)| !l.is_empty())
+            .collect();
     let index_of = |role: u8, l: &Vec<PortRange>| -> Vec<(u8, Vec<PortRange>)> {
-        if role == ROLE_ANY {
-            vec![(ROLE_DPORT, l.clone()), (ROLE_SPORT, l.clone())]
-        } else {
-            vec![(role, l.clone())]
-        }
+        if role == ROLE_ANY { vec![(ROLE_DPORT, l.clone()), (ROLE_SPORT, l.clone())] } else { vec![(role, l.clone())] }
     };
     let resid = |role: u8, l: &Vec<PortRange>| -> Result<(u8, Vec<PortRange>), CompileError> {
         if l.len() > MAX_RANGES {
@@ -196,9 +189,7 @@ pub fn only_protected(sel: &Selector, protected: &[u16]) -> bool {
     let lists = [&sel.ports, &sel.source_ports, &sel.destination_ports];
     let nonempty: Vec<_> = lists.iter().filter(|l| !l.is_empty()).collect();
     !nonempty.is_empty()
-        && nonempty.iter().any(|l| {
-            l.iter().all(|r| (r.first..=r.last).all(|p| protected.contains(&p)))
-        })
+        && nonempty.iter().any(|l| l.iter().all(|r| (r.first..=r.last).all(|p| protected.contains(&p))))
 }
 
 /// Whether two faults on the same namespace could act on the same packet.
@@ -230,7 +221,11 @@ fn protocols_overlap(a: &Selector, b: &Selector) -> bool {
             Protocol::All => vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::All],
             p => vec![p],
         };
-        if has_ports(s) { all.into_iter().filter(|p| matches!(p, Protocol::Tcp | Protocol::Udp)).collect() } else { all }
+        if has_ports(s) {
+            all.into_iter().filter(|p| matches!(p, Protocol::Tcp | Protocol::Udp)).collect()
+        } else {
+            all
+        }
     };
     let (sa, sb) = (set(a), set(b));
     sa.iter().any(|p| sb.contains(p))

@@ -12,7 +12,10 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 
-use super::{objects::NetObject, target::{Device, TargetNs}};
+use super::{
+    objects::NetObject,
+    target::{Device, TargetNs},
+};
 use crate::{
     error::ApiError,
     netlink::{NetlinkError, RouteSocket},
@@ -132,7 +135,8 @@ fn qdiscs(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<(String, TcHandle,
             if q.header.index as u32 != ifindex {
                 continue;
             }
-            let kind = q.attributes.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None });
+            let kind =
+                q.attributes.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None });
             out.push((kind.unwrap_or_default(), q.header.handle, q.header.parent));
         }
     }
@@ -192,20 +196,17 @@ fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), 
     }
     let mut msg = tc_msg(ifindex, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 });
     msg.attributes.push(TcAttribute::Kind("htb".into()));
-    msg.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
-        2,
-        tc::htb_init_options(DEFAULT_MINOR as u32),
-    )));
+    msg.attributes
+        .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, tc::htb_init_options(DEFAULT_MINOR as u32))));
     // Replacing is only reached when forced or when the root is a kernel
     // default (validated before).
     let flags = if forced { NLM_F_CREATE | NLM_F_REPLACE } else { NLM_F_CREATE | NLM_F_REPLACE };
     sock.request(&format!("add HTB root on ifindex {ifindex}"), RouteNetlinkMessage::NewQueueDiscipline(msg), flags)?;
-    let mut cls = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
+    let mut cls =
+        tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
     cls.attributes.push(TcAttribute::Kind("htb".into()));
-    cls.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
-        2,
-        htb_class_options(UNSHAPED_BPS, 200_000),
-    )));
+    cls.attributes
+        .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, htb_class_options(UNSHAPED_BPS, 200_000))));
     sock.request("add HTB default class", RouteNetlinkMessage::NewTrafficClass(cls), NLM_F_CREATE | NLM_F_EXCL)
 }
 
@@ -309,7 +310,12 @@ pub fn ensure_clsact(ifname: &str) -> Result<(), String> {
     tc::qdisc_add(
         &mut sock,
         idx,
-        &QdiscSpec { kind: "clsact", parent: TcHandle::CLSACT, handle: TcHandle { major: 0xffff, minor: 0 }, options: None },
+        &QdiscSpec {
+            kind: "clsact",
+            parent: TcHandle::CLSACT,
+            handle: TcHandle { major: 0xffff, minor: 0 },
+            options: None,
+        },
     )
     .map_err(|e| e.to_string())
 }

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use chaosd_common::{ACTION_NONE, DevConf, DevKey, MAX_RULES, Rule, mask_bit};
 use serde_json::Value;
 
-use super::{bpf::{self, Datapath}, objects::NetObject};
+use super::{
+    bpf::{self, Datapath},
+    objects::NetObject,
+};
 use crate::experiment::Experiment;
 
 pub fn sweep(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
@@ -41,7 +44,8 @@ pub fn sweep(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
         for r in slot.rules.iter().filter(|r| **r != 0) {
             users.entry(dk).or_default().entry(table).or_default().insert(*r);
         }
-        let _ = if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
+        let _ =
+            if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
     }
     let devs: Vec<_> = maps.devices.keys().filter_map(Result::ok).collect();
     for dk in devs {

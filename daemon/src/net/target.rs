@@ -32,7 +32,9 @@ pub fn resolve(target: &Target) -> Result<TargetNs, ApiError> {
     let netns = match target {
         Target::Pid(pid) => {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(ApiError::NotFound(format!("no process with pid {pid}: check the pid (it may have exited)")));
+                return Err(ApiError::NotFound(format!(
+                    "no process with pid {pid}: check the pid (it may have exited)"
+                )));
             }
             NetnsRef::of_pid(*pid)
         }

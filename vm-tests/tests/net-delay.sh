@@ -1,0 +1,105 @@
+#!/bin/sh
+# Delay through chaosd serve + chaosctl on a stock kernel with netem: 100 ms
+# of ICMP delay raises the median ping RTT by 100 ms (IPv4 and IPv6) and the
+# namespace is identical to its snapshot after recover; delay on TCP port
+# 1883 slows connections to 1883 and not to 7000; ingress delay (through the
+# IFB chaosd creates) raises the RTT likewise and leaves no IFB behind.
+# vm-test-timeout: 300
+. "$VM_TEST_LIB"
+need chaosd chaosctl ip tc ping ping6 nc awk
+
+sock=/run/chaosd/chaosd.sock
+log=/tmp/chaosd.log
+trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
+
+ip netns add a && ip netns add b || fail "ip netns add"
+ip -n a link add va type veth peer name vb netns b || fail "veth"
+ip -n a link set lo up; ip -n b link set lo up
+ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
+ip -n a addr add fd09::1/64 dev va nodad; ip -n b addr add fd09::2/64 dev vb nodad
+ip -n a link set va up; ip -n b link set vb up
+wait_for 10 "IPv4 between the namespaces" ip netns exec a ping -c1 -W1 10.9.0.2
+wait_for 10 "IPv6 between the namespaces" ip netns exec a ping6 -c1 -W1 fd09::2
+
+snapshot() {
+  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link; ip -6 link'
+}
+# median RTT in ms of COUNT pings: median_rtt PING ADDR COUNT
+median_rtt() {
+  ip netns exec a "$1" -c "$3" -i 0.2 -W 3 "$2" 2>/dev/null \
+    | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n \
+    | awk '{ v[NR] = $1 } END { if (NR == 0) { print "none"; exit } print v[int((NR + 1) / 2)] }'
+}
+inject() { # inject ARGS...: prints the id
+  chaosctl --output json inject network delay --netns a "$@" > /tmp/inject.json 2> /tmp/inject.err \
+    || fail "chaosctl inject network delay $*: $(cat /tmp/inject.err)"
+  json_get id < /tmp/inject.json | tr -d '"'
+}
+# within A B TOL: |A - B| <= TOL
+within() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= t) }'; }
+
+rm -f "$sock"
+RUST_BACKTRACE=1 chaosd serve >> "$log" 2>&1 &
+daemon=$!
+wait_for 60 "chaosd's socket" test -S "$sock"
+ok "chaosd serving (pid $daemon)"
+
+before=$(snapshot)
+for fam in 4 6; do
+  if [ $fam = 4 ]; then p=ping; dst=10.9.0.2; else p=ping6; dst=fd09::2; fi
+  base=$(median_rtt $p $dst 15)
+  id=$(inject --protocol icmp --latency 100ms --duration 2m)
+  delayed=$(median_rtt $p $dst 15)
+  echo "IPv$fam ICMP: median RTT $base ms -> $delayed ms with 100ms egress delay ($id)"
+  within "$delayed" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 5 \
+    || fail "IPv$fam median RTT $delayed ms is not baseline $base + 100 ms (+-5)"
+  chaosctl recover "$id" > /dev/null || fail "chaosctl recover $id"
+  after=$(snapshot)
+  [ "$after" = "$before" ] || fail "namespace differs from its snapshot after recover:
+--- before
+$before
+--- after
+$after"
+  ok "IPv$fam: +100 ms, namespace identical after recover"
+done
+
+# Port selectivity: TCP connects to 1883 slowed, 7000 not.
+for port in 1883 7000; do
+  ip netns exec b nc -ll -p $port -e true &
+done
+sleep 0.5
+cycles() { # seconds for 10 connect+close cycles to PORT
+  s=$(cut -d' ' -f1 /proc/uptime)
+  i=0
+  while [ $i -lt 10 ]; do
+    ip netns exec a nc -w 3 10.9.0.2 "$1" < /dev/null > /dev/null 2>&1
+    i=$((i + 1))
+  done
+  e=$(cut -d' ' -f1 /proc/uptime)
+  awk -v s="$s" -v e="$e" 'BEGIN { printf "%.2f", e - s }'
+}
+b1883=$(cycles 1883); b7000=$(cycles 7000)
+id=$(inject --protocol tcp --port 1883 --latency 100ms --duration 2m)
+d1883=$(cycles 1883); d7000=$(cycles 7000)
+echo "10 TCP cycles: port 1883 ${b1883}s -> ${d1883}s, port 7000 ${b7000}s -> ${d7000}s"
+awk -v b="$b1883" -v d="$d1883" 'BEGIN { exit !(d - b >= 0.9) }' || fail "port 1883 not delayed (${b1883}s -> ${d1883}s)"
+awk -v b="$b7000" -v d="$d7000" 'BEGIN { exit !(d - b <= 0.5) }' || fail "port 7000 slowed (${b7000}s -> ${d7000}s)"
+chaosctl recover "$id" > /dev/null || fail "recover $id"
+[ "$(snapshot)" = "$before" ] || fail "snapshot differs after the port delay"
+ok "delay on port 1883 only"
+
+# Ingress delay through an IFB.
+base=$(median_rtt ping 10.9.0.2 15)
+id=$(inject --protocol icmp --direction ingress --latency 100ms --duration 2m)
+ip -n a link | grep -q chaosd-ifb || fail "no IFB in the namespace: $(ip -n a link)"
+delayed=$(median_rtt ping 10.9.0.2 15)
+echo "ingress ICMP: median RTT $base ms -> $delayed ms"
+within "$delayed" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 5 \
+  || fail "ingress: median RTT $delayed ms is not baseline $base + 100 ms (+-5)"
+chaosctl recover "$id" > /dev/null || fail "recover $id"
+[ "$(snapshot)" = "$before" ] || fail "snapshot differs after ingress delay (IFB left?): $(ip -n a link)"
+ok "ingress delay via IFB, IFB removed"
+
+kill -TERM "$daemon"; wait "$daemon"
+trap - EXIT
+ok "net-delay done"
