@@ -135,3 +135,38 @@ fn stress_beyond_the_limit_is_oom_killed_and_reported() {
     assert!(alive(target.pid()), "the OOM killer chose the target, not the stressor");
     driver.revert(&exp, &rec.0).unwrap();
 }
+
+/// `oom_target`: the stressors get no preference, so the kernel picks by
+/// size; here the target holds more than the stress and is the one killed.
+/// The OOM kill is counted, the stress goes on, and the target is gone.
+#[test]
+fn with_oom_target_the_kernel_may_choose_the_target() {
+    require_root();
+    let cg = TestCgroup::new("oomtarget");
+    set_limit(&cg, 128 * MIB);
+    // The target: 90 MiB resident, then sleeps.
+    let mut target = Proc(
+        std::process::Command::new("python3")
+            .args(["-c", "import time\nb = bytearray(90 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\ntime.sleep(600)\n"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("this test needs python3 for its target process: {e}")),
+    );
+    cg.add(target.pid());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(target.0.stdout.take().unwrap()), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let driver = StressDriver::new(CHAOSD).unwrap();
+    let exp = experiment("oomt", Target::Pid(target.pid()), memory(MemorySize::Bytes(60 * MIB), 1, true), None);
+    let mut rec = VecRecorder::default();
+    driver.apply(&exp, &ctx(&exp), &mut rec).unwrap_or_else(|e| panic!("apply: {e}"));
+    let stressor = recorded_pids(&rec.0, "stressor")[0];
+    wait_until("the OOM killer to pick the target", Duration::from_secs(20), || !alive(target.pid()));
+    let counters = driver.counters(&exp, &rec.0);
+    println!("oom_target: target killed, stressor alive: {}, counters {counters:?}", alive(stressor));
+    assert!(counters.oom_kills >= 1, "{counters:?}");
+    assert!(alive(stressor), "the stressor should have been spared (it is the smaller one)");
+    assert!(driver.tick().is_empty(), "the stress itself did not end");
+    assert_eq!(driver.liveness(&exp, &rec.0), chaosd::driver::Liveness::Gone);
+    driver.revert(&exp, &rec.0).unwrap();
+}
