@@ -32,6 +32,7 @@ use chaosd_common::*;
 pub const FILTER_PRIORITY: u16 = 0xc4a0;
 pub const PROG_EGRESS: &str = "chaosd_tc";
 pub const PROG_INGRESS: &str = "chaosd_tc_ingress";
+pub const PROG_IFB_SEL: &str = "chaosd_ifb_sel";
 
 const MAP_NAMES: [&str; 7] = [
     "CHAOSD_CONTROL",
@@ -99,6 +100,9 @@ pub struct Datapath {
     /// daemon), so that the next fault there skips BPF_PROG_LOAD and the
     /// verifier (~100 ms per program).
     spare: Mutex<std::collections::HashMap<u32, Vec<(u8, SchedClassifier)>>>,
+    /// The selector in front of the mirred action to IFBs (no per-namespace
+    /// state, so one copy, pinned as `prog-ifb-sel`).
+    ifb_sel: SchedClassifier,
     grace: Duration,
     /// TCX links where the kernel has them (6.6+), clsact otherwise.
     pub tcx: bool,
@@ -143,6 +147,21 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(crate::BPF_OBJECT).map_err(BpfError::Load)?;
+        let sel_pin = dir.join("prog-ifb-sel");
+        let ifb_sel = match SchedClassifier::from_pin(&sel_pin) {
+            Ok(p) => p,
+            Err(_) => {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(PROG_IFB_SEL)
+                    .ok_or_else(|| BpfError::Other(format!("BPF object has no program {PROG_IFB_SEL}")))?
+                    .try_into()
+                    .map_err(|source| BpfError::Program { what: PROG_IFB_SEL.into(), source })?;
+                prog.load().map_err(|source| BpfError::Program { what: format!("BPF_PROG_LOAD {PROG_IFB_SEL}"), source })?;
+                prog.pin(&sel_pin).map_err(|e| BpfError::Other(format!("pin {}: {e}", sel_pin.display())))?;
+                SchedClassifier::from_pin(&sel_pin)
+                    .map_err(|source| BpfError::Program { what: format!("open {}", sel_pin.display()), source })?
+            }
+        };
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| BpfError::Other(format!("BPF object has no map {name}")))
         };
@@ -177,12 +196,20 @@ impl Datapath {
             dir: dir.to_path_buf(),
             maps: Mutex::new(Maps { control, devices, index, rules, peers, stats, protected: protected_map, used_ids }),
             spare: Mutex::new(std::collections::HashMap::new()),
+            ifb_sel,
             grace,
             tcx,
             stale_at_start,
         };
         dp.heartbeat()?;
         Ok(dp)
+    }
+
+    /// File descriptor of the IFB selector program (for cls_bpf filters).
+    pub fn ifb_sel_fd(&self) -> Result<i32, BpfError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = self.ifb_sel.fd().map_err(|source| BpfError::Program { what: PROG_IFB_SEL.into(), source })?;
+        Ok(fd.as_fd().as_raw_fd())
     }
 
     pub fn dir(&self) -> &Path {

@@ -265,7 +265,8 @@ impl NetworkDriver {
             for obj in plan.objects(ns.inode) {
                 self.record(rec, done, obj)?;
             }
-            let ifbs = shaping::apply(&ns, &plan, exp.forced)?;
+            let sel_fd = self.dp.ifb_sel_fd().map_err(api_internal)?;
+            let ifbs = shaping::apply(&ns, &plan, exp.forced, sel_fd)?;
             let mut maps = self.dp.lock();
             for (dev_ifindex, ifb_ifindex) in ifbs {
                 rulemaps::set_ifb(
@@ -493,12 +494,12 @@ impl NetworkDriver {
                             }
                         }
                     }
+                    errs.extend(shaping::undo_here(&shaping_objs));
                     for ifname in &clsact {
-                        if let Err(e) = shaping::remove_clsact(ifname) {
+                        if let Err(e) = shaping::remove_clsact_if_empty(ifname) {
                             errs.push(e);
                         }
                     }
-                    errs.extend(shaping::undo_here(&shaping_objs));
                     errs
                 });
                 match res {

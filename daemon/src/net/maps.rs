@@ -144,6 +144,16 @@ pub fn remove(maps: &mut Maps, id: u32, c: &Compiled, at: &Placement<'_>) -> Vec
             errors.push(format!("BPF map DEVICES: {e}"));
         }
     }
+    // A DevConf without users (e.g. an IFB set before a failed install)
+    // must not keep the device counted as in use.
+    for &ifindex in at.ifindexes {
+        for &dir in at.dirs {
+            let dk = DevKey { netns: at.netns, ifindex, dir: dir as u32 };
+            if maps.devices.get(&dk, 0).is_ok_and(|c| c.users.iter().all(|u| *u == 0)) {
+                let _ = maps.devices.remove(&dk);
+            }
+        }
+    }
     for (len, addr) in &c.peers {
         let _ = maps.peers.remove(&peer_key(id, *len, *addr));
     }

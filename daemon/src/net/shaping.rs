@@ -23,7 +23,10 @@ use crate::{
     tc::{self, QdiscSpec},
 };
 
-pub const HTB_MAJOR: u16 = 0xc4a0;
+pub use chaosd_common::HTB_MAJOR;
+/// Priority of the cls_bpf + mirred filter that moves delayed ingress
+/// packets to the IFB (after chaosd's classifier at 0xc4a0).
+pub const IFB_FILTER_PRIORITY: u16 = 0xc4a1;
 /// Default class: unshaped (rate far above any link).
 const DEFAULT_MINOR: u16 = 1;
 /// 100 Gbit/s in bytes per second, the "never shapes" rate.
@@ -78,7 +81,7 @@ fn ifindex_here(name: &str) -> Result<u32, String> {
 }
 
 /// Sets everything up; returns (device ifindex, IFB ifindex) for ingress.
-pub fn apply(ns: &TargetNs, plan: &Plan, forced: bool) -> Result<Vec<(u32, u32)>, ApiError> {
+pub fn apply(ns: &TargetNs, plan: &Plan, forced: bool, sel_fd: i32) -> Result<Vec<(u32, u32)>, ApiError> {
     let targets = plan.targets.clone();
     let action = plan.action.clone();
     let classid = plan.classid;
@@ -98,6 +101,10 @@ pub fn apply(ns: &TargetNs, plan: &Plan, forced: bool) -> Result<Vec<(u32, u32)>
                 let idx = ifindex_here(dev)?;
                 ensure_htb(&mut sock, idx, forced).map_err(|e| e.to_string())?;
                 add_class(&mut sock, idx, classid, &action).map_err(|e| e.to_string())?;
+                if let Some((for_ifname, for_ifindex)) = ifb {
+                    ensure_clsact(for_ifname)?;
+                    add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd).map_err(|e| e.to_string())?;
+                }
             }
             Ok(ifbs)
         })
@@ -300,6 +307,81 @@ fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAct
     Ok(())
 }
 
+const TCA_OPTIONS: u16 = 2;
+
+fn ingress_parent() -> TcHandle {
+    TcHandle { major: 0xffff, minor: 0xfff2 }
+}
+
+/// cls_bpf (not direct-action) running `chaosd_ifb_sel` with a mirred
+/// "egress redirect" to the IFB; an existing one is kept.
+fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32) -> Result<(), NetlinkError> {
+    const TCA_BPF_ACT: u16 = 1;
+    const TCA_BPF_FD: u16 = 6;
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_ACT_KIND: u16 = 1;
+    const TCA_ACT_OPTIONS: u16 = 2;
+    const TCA_MIRRED_PARMS: u16 = 2;
+    const TC_ACT_STOLEN: i32 = 4;
+    const TCA_EGRESS_REDIR: i32 = 1;
+    // struct tc_mirred: index, capab, action, refcnt, bindcnt, eaction, ifindex
+    let mut parms = Vec::with_capacity(28);
+    for v in [0i32, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR] {
+        parms.extend_from_slice(&v.to_ne_bytes());
+    }
+    parms.extend_from_slice(&ifb.to_ne_bytes());
+    let mut act = tc::nla(TCA_ACT_KIND, b"mirred\0");
+    act.extend(tc::nla(TCA_ACT_OPTIONS, &tc::nla(TCA_MIRRED_PARMS, &parms)));
+    let mut opts = tc::nla(TCA_BPF_FD, &sel_fd.to_ne_bytes());
+    opts.extend(tc::nla(TCA_BPF_NAME, b"chaosd_ifb_sel\0"));
+    opts.extend(tc::nla(TCA_BPF_ACT, &tc::nla(1, &act)));
+    let mut msg = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 1 });
+    msg.header.info = ((IFB_FILTER_PRIORITY as u32) << 16) | (libc::ETH_P_ALL as u16).to_be() as u32;
+    msg.attributes.push(TcAttribute::Kind("bpf".into()));
+    msg.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(TCA_OPTIONS, opts)));
+    match sock.request(
+        &format!("add the IFB redirect filter on ifindex {dev}"),
+        RouteNetlinkMessage::NewTrafficFilter(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+fn del_ifb_filter(sock: &mut RouteSocket, dev: u32) -> Result<(), NetlinkError> {
+    let mut msg = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
+    msg.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
+    sock.request(&format!("delete the IFB redirect filter on ifindex {dev}"), RouteNetlinkMessage::DelTrafficFilter(msg), 0)
+}
+
+/// Number of tc filters under a device's clsact (ingress + egress).
+fn clsact_filters(sock: &mut RouteSocket, dev: u32) -> Result<usize, NetlinkError> {
+    let mut n = 0;
+    for minor in [0xfff2u16, 0xfff3] {
+        let req = tc_msg(dev, TcHandle { major: 0xffff, minor }, TcHandle { major: 0, minor: 0 });
+        n += sock
+            .dump("dump filters", RouteNetlinkMessage::GetTrafficFilter(req))?
+            .iter()
+            .filter(|m| matches!(m, RouteNetlinkMessage::NewTrafficFilter(f) if f.header.index as u32 == dev))
+            .count();
+    }
+    Ok(n)
+}
+
+/// Removes a device's clsact qdisc when no filter is left under it.
+pub fn remove_clsact_if_empty(ifname: &str) -> Result<(), String> {
+    let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
+    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    if !qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.iter().any(|q| q.0 == "clsact") {
+        return Ok(());
+    }
+    if clsact_filters(&mut sock, idx).map_err(|e| e.to_string())? > 0 {
+        return Ok(());
+    }
+    remove_clsact(ifname)
+}
+
 /// Adds a clsact qdisc unless the device has one.
 pub fn ensure_clsact(ifname: &str) -> Result<(), String> {
     let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
@@ -374,13 +456,23 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
         }
     }
     for o in objects {
-        if let NetObject::Ifb { name, .. } = o {
+        if let NetObject::Ifb { name, for_ifname, .. } = o {
             let Ok(idx) = nix::net::if_::if_nametoindex(name.as_str()) else { continue };
             let busy = classes(&mut sock, idx)
                 .map(|c| c.iter().any(|h| h.major == HTB_MAJOR && h.minor != DEFAULT_MINOR && h.minor != 0))
                 .unwrap_or(false);
             if busy {
                 continue;
+            }
+            if let Ok(dev) = nix::net::if_::if_nametoindex(for_ifname.as_str()) {
+                match del_ifb_filter(&mut sock, dev) {
+                    Ok(()) => {}
+                    Err(e) if gone(&e) => {}
+                    Err(e) => errors.push(e.to_string()),
+                }
+                if let Err(e) = remove_clsact_if_empty(for_ifname) {
+                    errors.push(e);
+                }
             }
             if let Err(e) = tc::link_del_by_name(&mut sock, name) {
                 if !gone(&e) {

@@ -60,6 +60,10 @@ pub const ACTION_PARTITION: u8 = 2;
 /// redirected to the device's IFB).
 pub const ACTION_CLASSIFY: u8 = 3;
 
+/// Handle major of chaosd's HTB qdiscs (c4a0:); classids under it are
+/// what the classifier writes into skb->priority.
+pub const HTB_MAJOR: u16 = 0xc4a0;
+
 /// Rule flag: the rule has peer prefixes in `PEERS`.
 pub const FLAG_PEERS: u8 = 1;
 

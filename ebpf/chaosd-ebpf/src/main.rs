@@ -8,8 +8,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_redirect},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
@@ -57,6 +57,19 @@ pub fn chaosd_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn chaosd_tc_ingress(ctx: TcContext) -> i32 {
     classify(&ctx, DIR_INGRESS)
+}
+
+/// Non-direct-action filter in front of the mirred action that moves
+/// delayed ingress packets to the device's IFB: matches (-1: default
+/// class) what the ingress classifier steered to one of chaosd's HTB
+/// classes. A plain bpf_redirect to an IFB is dropped by the 6.1 kernel
+/// (ifb_xmit wants skb->redirected, which act_mirred sets and bpf_redirect
+/// did not there), so ingress goes through act_mirred on every kernel.
+#[classifier]
+pub fn chaosd_ifb_sel(ctx: TcContext) -> i32 {
+    // SAFETY: reading a field of the kernel-provided __sk_buff.
+    let prio = unsafe { (*ctx.skb.skb).priority };
+    if prio >> 16 == HTB_MAJOR as u32 { -1 } else { 0 }
 }
 
 #[inline(always)]
@@ -288,12 +301,9 @@ fn act(ctx: &TcContext, dir: u8, dev: &DevConf, id: u32, rule: &Rule) -> i32 {
             stats.delayed += 1;
             // SAFETY: priority is writable for tc programs.
             unsafe { (*ctx.skb.skb).priority = rule.classid };
-            if dir == DIR_INGRESS {
-                if dev.ifb_ifindex == 0 {
-                    return TC_ACT_OK;
-                }
-                // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
-                return unsafe { bpf_redirect(dev.ifb_ifindex, 0) } as i32;
+            if dir == DIR_INGRESS && dev.ifb_ifindex != 0 {
+                // On to the next filter: chaosd_ifb_sel + mirred to the IFB.
+                return TC_ACT_UNSPEC;
             }
             TC_ACT_OK
         }
