@@ -111,10 +111,10 @@ pub fn run(args: GuardianArgs) -> ExitCode {
             wait_ms = Some(wait_ms.map_or(left, |w| w.min(left)));
         }
         if wait_ms == Some(0) {
-            let why = if daemon_died.is_some_and(|d| d.elapsed() >= grace) {
-                "the daemon died and the grace period is over"
-            } else {
+            let why = if args.deadline_unix_ms.is_some_and(|d| now_unix_ms() >= d) {
                 "the deadline passed"
+            } else {
+                "the daemon died and the grace period is over"
             };
             resume_all(&procs, why);
             return ExitCode::SUCCESS;
