@@ -32,10 +32,12 @@ wait_port() {
   done
   echo "bench-broker.sh: nothing listens on port $1" >&2; exit 1
 }
+# Sets $port. Not called in $(...): the pid must reach this shell's cleanup list.
 start_ours() { # name, extra args...
-  local port; port=$(free_port)
+  port=$(free_port)
   RUST_LOG=warn "$BIN" --mqtt-listen 127.0.0.1:"$port" "${@:2}" >"$tmp/$1.log" 2>&1 &
-  pids+=($!); wait_port "$port"; echo "$port"
+  pids+=($!)
+  wait_port "$port"
 }
 
 MQ_PORT=$(free_port)
@@ -43,10 +45,9 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_q
 mosquitto -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
 pids+=($!)
 wait_port "$MQ_PORT"
-OUR_PORT=$(start_ours ours)
-DATA1=$tmp/data-every; DATA2=$tmp/data-group
-P_EVERY=$(start_ours every --data-dir "$DATA1" --fsync every-ack)
-P_GROUP=$(start_ours group --data-dir "$DATA2" --fsync group --group-commit-ms 5)
+start_ours ours; OUR_PORT=$port
+start_ours every --data-dir "$tmp/data-every" --fsync every-ack; P_EVERY=$port
+start_ours group --data-dir "$tmp/data-group" --fsync group --group-commit-ms 5; P_GROUP=$port
 
 run() { # output name, port, bench args...
   "$BIN" bench --addr 127.0.0.1:"$2" --json --duration "$DUR" --drain "$DRAIN" --payload 256 \
