@@ -93,11 +93,7 @@ pub fn link_add(sock: &mut RouteSocket, name: &str, kind: InfoKind) -> Result<()
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(name.to_string()));
     msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind.clone())]));
-    sock.request(
-        &format!("create {kind} link {name}"),
-        RouteNetlinkMessage::NewLink(msg),
-        NLM_F_CREATE | NLM_F_EXCL,
-    )
+    sock.request(&format!("create {kind} link {name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
 }
 
 pub fn link_del_by_name(sock: &mut RouteSocket, name: &str) -> Result<(), NetlinkError> {

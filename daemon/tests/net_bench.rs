@@ -90,7 +90,13 @@ fn bench_network_datapath() {
         base.push(stream_bps(&topo, 7000 + r, span));
     }
     // (b) one non-matching rule (the classifier runs on every packet).
-    let one = experiment("bench-1", target.clone(), selector(&["va"], Protocol::Udp, &[9], Direction::Both), NetAction::Partition, None);
+    let one = experiment(
+        "bench-1",
+        target.clone(),
+        selector(&["va"], Protocol::Udp, &[9], Direction::Both),
+        NetAction::Partition,
+        None,
+    );
     let one_objs = apply(d, &one, &[]).unwrap();
     let mut b1 = Vec::new();
     for r in 0..rounds {
@@ -108,9 +114,7 @@ fn bench_network_datapath() {
     let ifindex: u32 = sh(&format!("ip netns exec {} cat /sys/class/net/va/ifindex", topo.a)).trim().parse().unwrap();
     let pkt = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), PROTO_TCP, 40000, 7000);
     let run = |pin: std::path::PathBuf, pkt: Vec<u8>| {
-        NetnsRef::named(&topo.a)
-            .run(move || bpf::test_run(&pin, ifindex, &pkt, 1_000_000).unwrap())
-            .unwrap()
+        NetnsRef::named(&topo.a).run(move || bpf::test_run(&pin, ifindex, &pkt, 1_000_000).unwrap()).unwrap()
     };
     let (_, ns1) = run(pin.clone(), pkt.clone());
 
@@ -142,7 +146,13 @@ fn bench_network_datapath() {
     let mut inject = Vec::new();
     let mut recover = Vec::new();
     for i in 0..200u16 {
-        let e = experiment(&format!("lat-{i}"), target.clone(), selector(&["va"], Protocol::Tcp, &[20_000 + i], Direction::Both), NetAction::Loss { percent: 10.0, correlation: 0.0 }, None);
+        let e = experiment(
+            &format!("lat-{i}"),
+            target.clone(),
+            selector(&["va"], Protocol::Tcp, &[20_000 + i], Direction::Both),
+            NetAction::Loss { percent: 10.0, correlation: 0.0 },
+            None,
+        );
         let t = Instant::now();
         let o = apply(d, &e, &[]).unwrap();
         inject.push(t.elapsed());
@@ -157,7 +167,13 @@ fn bench_network_datapath() {
     let mut cold_inject = Vec::new();
     let mut cold_recover = Vec::new();
     for i in 0..10u16 {
-        let e = experiment(&format!("cold-{i}"), target.clone(), selector(&["va"], Protocol::Tcp, &[30_000 + i], Direction::Egress), NetAction::Partition, None);
+        let e = experiment(
+            &format!("cold-{i}"),
+            target.clone(),
+            selector(&["va"], Protocol::Tcp, &[30_000 + i], Direction::Egress),
+            NetAction::Partition,
+            None,
+        );
         let t = Instant::now();
         let o = apply(d, &e, &[]).unwrap();
         cold_inject.push(t.elapsed());
@@ -167,12 +183,24 @@ fn bench_network_datapath() {
     }
     // Bandwidth (HTB class) inject/recover, the closest to delay on a
     // kernel without netem.
-    let keep = experiment("keep", target.clone(), selector(&["va"], Protocol::Udp, &[9], Direction::Egress), NetAction::Partition, None);
+    let keep = experiment(
+        "keep",
+        target.clone(),
+        selector(&["va"], Protocol::Udp, &[9], Direction::Egress),
+        NetAction::Partition,
+        None,
+    );
     let keep_o = apply(d, &keep, &[]).unwrap();
     let mut bw_inject = Vec::new();
     let mut bw_recover = Vec::new();
     for i in 0..50u16 {
-        let e = experiment(&format!("bw-{i}"), target.clone(), selector(&["va"], Protocol::Tcp, &[31_000 + i], Direction::Egress), NetAction::Bandwidth { rate_bps: 10_000_000, burst_bytes: 0 }, None);
+        let e = experiment(
+            &format!("bw-{i}"),
+            target.clone(),
+            selector(&["va"], Protocol::Tcp, &[31_000 + i], Direction::Egress),
+            NetAction::Bandwidth { rate_bps: 10_000_000, burst_bytes: 0 },
+            None,
+        );
         let t = Instant::now();
         let o = apply(d, &e, &[]).unwrap();
         bw_inject.push(t.elapsed());
@@ -187,7 +215,10 @@ fn bench_network_datapath() {
     let mut tc_del = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        sh(&format!("ip netns exec {} tc filter add dev va egress prio 7 handle 800::1 u32 match ip dport 7000 0xffff", topo.a));
+        sh(&format!(
+            "ip netns exec {} tc filter add dev va egress prio 7 handle 800::1 u32 match ip dport 7000 0xffff",
+            topo.a
+        ));
         tc_add.push(t.elapsed());
         let t = Instant::now();
         sh(&format!("ip netns exec {} tc filter del dev va egress prio 7", topo.a));
@@ -207,10 +238,19 @@ fn bench_network_datapath() {
 
     let a = median(base.iter().chain(after.iter()).cloned().collect());
     let (m1, m1024) = (median(b1.clone()), median(b1024.clone()));
-    println!("BENCH throughput (a) nothing: {:.2} Gbit/s (rounds {:?} then {:?})", a / 1e9, base.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>(), after.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>());
+    println!(
+        "BENCH throughput (a) nothing: {:.2} Gbit/s (rounds {:?} then {:?})",
+        a / 1e9,
+        base.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>(),
+        after.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>()
+    );
     println!("BENCH throughput (b) 1 non-matching rule: {:.2} Gbit/s, ratio b/a = {:.3}", m1 / 1e9, m1 / a);
     println!("BENCH throughput (c) 1024 non-matching rules: {:.2} Gbit/s, ratio c/a = {:.3}", m1024 / 1e9, m1024 / a);
-    println!("BENCH BPF_PROG_TEST_RUN non-matching TCP packet: 1 rule {} ns/packet, 1024 rules {} ns/packet", ns1.as_nanos(), ns1024.as_nanos());
+    println!(
+        "BENCH BPF_PROG_TEST_RUN non-matching TCP packet: 1 rule {} ns/packet, 1024 rules {} ns/packet",
+        ns1.as_nanos(),
+        ns1024.as_nanos()
+    );
     println!("BENCH BPF_PROG_TEST_RUN matching packet (50% loss rule, 1024 rules): {} ns/packet", ns_hit.as_nanos());
     let (i50, _) = summary("inject loss (classifier loaded in the netns)", inject);
     summary("recover loss (classifier stays loaded)", recover);

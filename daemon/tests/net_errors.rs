@@ -112,7 +112,12 @@ fn delay_without_netem_fails_clearly_and_changes_nothing() {
         "delay",
         Target::NetnsName(topo.a.clone()),
         selector(&[], Protocol::Tcp, &[1883], Direction::Both),
-        NetAction::Delay { latency: Duration::from_millis(100), jitter: Duration::ZERO, correlation: 0.0, distribution: None },
+        NetAction::Delay {
+            latency: Duration::from_millis(100),
+            jitter: Duration::ZERO,
+            correlation: 0.0,
+            distribution: None,
+        },
         None,
     );
     let err = apply(&td.driver, &exp, &[]).unwrap_err();

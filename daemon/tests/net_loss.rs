@@ -42,7 +42,11 @@ fn loss_case(percent: f64, v6: bool) {
 
     d.revert(&exp, &objects).unwrap_or_else(|e| panic!("revert: {e:?}"));
     assert_eq!(topo.snapshot(&topo.a, "va"), before, "namespace differs from its snapshot after revert");
-    let ns_pins: Vec<_> = std::fs::read_dir(&td.dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("ns-")).collect();
+    let ns_pins: Vec<_> = std::fs::read_dir(&td.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ns-"))
+        .collect();
     assert!(ns_pins.is_empty(), "program/link pins left: {ns_pins:?}");
     let after = udp_blast(&topo.a, &topo.b, sa(topo.ip_b(v6), 7000), 2_000, || 0);
     assert_eq!(after, 2_000, "after revert port 7000 loses nothing");

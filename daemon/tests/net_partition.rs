@@ -96,7 +96,8 @@ fn partition_peer_cidr_blocks_only_that_peer() {
     let _l3 = listen_in(&topo.b, sa(topo.ip_b(true), 7200));
     let before = topo.snapshot(&topo.a, "va");
     let mut sel = selector(&[], Protocol::All, &[], Direction::Both);
-    sel.peers = vec![format!("10.78.{}.0/24", topo.n).parse().unwrap(), format!("fd77:{}::2/128", topo.n).parse().unwrap()];
+    sel.peers =
+        vec![format!("10.78.{}.0/24", topo.n).parse().unwrap(), format!("fd77:{}::2/128", topo.n).parse().unwrap()];
     let exp = experiment("part-peer", Target::NetnsName(topo.a.clone()), sel, NetAction::Partition, None);
     let objects = apply(d, &exp, &[]).unwrap_or_else(|e| panic!("apply: {e}"));
     assert!(!connects(&topo.a, sa(topo.ip_b2(), 7200), T), "peer 10.78.N.2 is partitioned");
@@ -117,11 +118,29 @@ fn faults_on_different_ports_coexist_and_overlapping_ones_are_refused() {
     let _l3 = listen_in(&topo.b, sa(topo.ip_b(false), 7302));
     let before = topo.snapshot(&topo.a, "va");
     let target = Target::NetnsName(topo.a.clone());
-    let e1 = experiment("exp-one", target.clone(), selector(&[], Protocol::Tcp, &[7300], Direction::Both), NetAction::Partition, None);
-    let e2 = experiment("exp-two", target.clone(), selector(&[], Protocol::Tcp, &[7301], Direction::Egress), NetAction::Partition, None);
+    let e1 = experiment(
+        "exp-one",
+        target.clone(),
+        selector(&[], Protocol::Tcp, &[7300], Direction::Both),
+        NetAction::Partition,
+        None,
+    );
+    let e2 = experiment(
+        "exp-two",
+        target.clone(),
+        selector(&[], Protocol::Tcp, &[7301], Direction::Egress),
+        NetAction::Partition,
+        None,
+    );
     let o1 = apply(d, &e1, &[]).unwrap();
     let o2 = apply(d, &e2, &[e1.clone()]).unwrap_or_else(|e| panic!("a fault on another port must coexist: {e}"));
-    let e3 = experiment("exp-three", target, selector(&["va"], Protocol::All, &[7300], Direction::Egress), NetAction::Loss { percent: 50.0, correlation: 0.0 }, None);
+    let e3 = experiment(
+        "exp-three",
+        target,
+        selector(&["va"], Protocol::All, &[7300], Direction::Egress),
+        NetAction::Loss { percent: 50.0, correlation: 0.0 },
+        None,
+    );
     let err = apply(d, &e3, &[e1.clone(), e2.clone()]).expect_err("overlapping fault must be refused");
     assert!(matches!(err, chaosd::error::ApiError::AlreadyExists(_)), "{err:?}");
     assert!(err.to_string().contains("exp-one"), "the error names the other experiment: {err}");

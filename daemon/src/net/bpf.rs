@@ -156,7 +156,8 @@ impl Datapath {
                     .ok_or_else(|| BpfError::Other(format!("BPF object has no program {PROG_IFB_SEL}")))?
                     .try_into()
                     .map_err(|source| BpfError::Program { what: PROG_IFB_SEL.into(), source })?;
-                prog.load().map_err(|source| BpfError::Program { what: format!("BPF_PROG_LOAD {PROG_IFB_SEL}"), source })?;
+                prog.load()
+                    .map_err(|source| BpfError::Program { what: format!("BPF_PROG_LOAD {PROG_IFB_SEL}"), source })?;
                 prog.pin(&sel_pin).map_err(|e| BpfError::Other(format!("pin {}: {e}", sel_pin.display())))?;
                 SchedClassifier::from_pin(&sel_pin)
                     .map_err(|source| BpfError::Program { what: format!("open {}", sel_pin.display()), source })?
@@ -404,6 +405,9 @@ pub fn unpin_link(link_pin: &Path) -> Result<(), BpfError> {
 /// filter that is not there is not an error.
 pub fn detach_filter(ifname: &str, dir: u8) -> Result<(), BpfError> {
     let name = if dir == DIR_EGRESS { PROG_EGRESS } else { PROG_INGRESS };
+    // Filters carry the kernel's program name, cut to 15 characters
+    // (BPF_OBJ_NAME_LEN), since programs are attached from their pins.
+    let name = &name[..name.len().min(15)];
     match aya::programs::tc::qdisc_detach_program(ifname, attach_type(dir), name) {
         Ok(()) => Ok(()),
         Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

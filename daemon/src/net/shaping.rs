@@ -352,7 +352,11 @@ fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32) -> Re
 fn del_ifb_filter(sock: &mut RouteSocket, dev: u32) -> Result<(), NetlinkError> {
     let mut msg = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
     msg.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
-    sock.request(&format!("delete the IFB redirect filter on ifindex {dev}"), RouteNetlinkMessage::DelTrafficFilter(msg), 0)
+    sock.request(
+        &format!("delete the IFB redirect filter on ifindex {dev}"),
+        RouteNetlinkMessage::DelTrafficFilter(msg),
+        0,
+    )
 }
 
 /// Number of tc filters under a device's clsact (ingress + egress).

@@ -127,8 +127,19 @@ impl TestDriver {
     }
 
     pub fn on(dir: PathBuf, grace: Duration) -> Self {
+        Self::with_probe(dir, grace, probe())
+    }
+
+    /// A driver that attaches through clsact, as on kernels without TCX (6.1).
+    pub fn clsact(grace: Duration) -> Self {
+        let mut p = probe();
+        p.tcx.available = false;
+        Self::with_probe(test_bpffs(), grace, p)
+    }
+
+    pub fn with_probe(dir: PathBuf, grace: Duration, probe: chaosd::probe::HostProbe) -> Self {
         let config = NetConfig { grace, protected_ports: vec![22], bpffs: dir.clone(), ..NetConfig::default() };
-        let driver = Arc::new(NetworkDriver::new(&probe(), config).unwrap_or_else(|e| panic!("NetworkDriver::new: {e}")));
+        let driver = Arc::new(NetworkDriver::new(&probe, config).unwrap_or_else(|e| panic!("NetworkDriver::new: {e}")));
         let beat = Arc::new(AtomicBool::new(true));
         let (d, b) = (driver.clone(), beat.clone());
         let handle = thread::spawn(move || {
@@ -180,7 +191,13 @@ pub fn selector(devices: &[&str], protocol: Protocol, ports: &[u16], direction: 
     }
 }
 
-pub fn experiment(id: &str, target: Target, selector: Selector, action: NetAction, duration: Option<Duration>) -> Experiment {
+pub fn experiment(
+    id: &str,
+    target: Target,
+    selector: Selector,
+    action: NetAction,
+    duration: Option<Duration>,
+) -> Experiment {
     let now = SystemTime::now();
     Experiment {
         id: id.into(),
@@ -206,17 +223,11 @@ pub fn apply(d: &NetworkDriver, exp: &Experiment, active: &[Experiment]) -> Resu
 
 /// A UDP socket bound inside namespace `ns`.
 pub fn udp_in(ns: &str, addr: SocketAddr) -> UdpSocket {
-    NetnsRef::named(ns)
-        .run(move || UdpSocket::bind(addr))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
+    NetnsRef::named(ns).run(move || UdpSocket::bind(addr)).unwrap().unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
 }
 
 pub fn listen_in(ns: &str, addr: SocketAddr) -> TcpListener {
-    NetnsRef::named(ns)
-        .run(move || TcpListener::bind(addr))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("listen {addr}: {e}"))
+    NetnsRef::named(ns).run(move || TcpListener::bind(addr)).unwrap().unwrap_or_else(|e| panic!("listen {addr}: {e}"))
 }
 
 /// Whether a TCP connect from namespace `ns` to `addr` succeeds in time.
@@ -228,13 +239,7 @@ pub fn connects(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
 /// what a receiver in `to_ns` gets. `dropped` reports drops already known
 /// (e.g. from the rule's counters) so the sender can pace itself and never
 /// overrun the receiver's buffer.
-pub fn udp_blast(
-    from_ns: &str,
-    to_ns: &str,
-    to: SocketAddr,
-    count: u32,
-    dropped: impl Fn() -> u64,
-) -> u32 {
+pub fn udp_blast(from_ns: &str, to_ns: &str, to: SocketAddr, count: u32, dropped: impl Fn() -> u64) -> u32 {
     let rx = udp_in(to_ns, to);
     rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let any: SocketAddr = if to.is_ipv6() { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
