@@ -37,11 +37,21 @@ fn sub_cmd(b: &TestBroker, v: &str, args: &[&str]) -> ChildGuard {
 }
 
 fn mpub(b: &TestBroker, v: &str, args: &[&str]) {
-    let st = Command::new(tool("mosquitto_pub"))
+    let child = Command::new(tool("mosquitto_pub"))
         .args(["-h", "127.0.0.1", "-p", &b.addr.port().to_string(), "-V", v])
         .args(args)
-        .status()
+        .spawn()
         .expect("run mosquitto_pub");
+    // Bounded: a broker that never answers must fail the test, not hang it.
+    let mut g = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = g.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_pub {args:?} did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(st.success(), "mosquitto_pub {args:?} failed: {st}");
 }
 
