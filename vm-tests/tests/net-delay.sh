@@ -63,6 +63,22 @@ $after"
   ok "IPv$fam: +100 ms, namespace identical after recover"
 done
 
+# Jitter: netem without a distribution table spreads uniformly over
+# latency +- jitter, so p99 of 100 +- 20 ms sits near 119.6 ms (+ base).
+base=$(median_rtt ping 10.9.0.2 10)
+id=$(inject --protocol icmp --latency 100ms --jitter 20ms --duration 2m)
+ip netns exec a ping -c 80 -i 0.1 -W 3 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n > /tmp/jitter
+n=$(wc -l < /tmp/jitter)
+[ "$n" -ge 70 ] || fail "only $n of 80 pings answered under jitter"
+q() { awk -v p="$1" '{ v[NR] = $1 } END { i = int(p * (NR - 1) + 0.5) + 1; print v[i] }' /tmp/jitter; }
+p1=$(q 0.01); p50=$(q 0.5); p99=$(q 0.99)
+echo "jitter 100ms +- 20ms: p1 $p1 p50 $p50 p99 $p99 ms (base $base ms, n=$n)"
+within "$p99" "$(awk -v b="$base" 'BEGIN { print b + 119.6 }')" 3 || fail "jitter p99 $p99 ms is not within 3 ms of $base + 119.6"
+within "$p1" "$(awk -v b="$base" 'BEGIN { print b + 80.4 }')" 3 || fail "jitter p1 $p1 ms is not within 3 ms of $base + 80.4"
+chaosctl recover "$id" > /dev/null || fail "recover $id"
+[ "$(snapshot)" = "$before" ] || fail "snapshot differs after jitter"
+ok "jitter spread matches netem's uniform jitter"
+
 # Port selectivity: TCP connects to 1883 slowed, 7000 not.
 for port in 1883 7000; do
   ip netns exec b nc -ll -p $port -e true &

@@ -207,7 +207,8 @@ fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), 
         .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, tc::htb_init_options(DEFAULT_MINOR as u32))));
     // Replacing is only reached when forced or when the root is a kernel
     // default (validated before).
-    let flags = if forced { NLM_F_CREATE | NLM_F_REPLACE } else { NLM_F_CREATE | NLM_F_REPLACE };
+    let _ = forced;
+    let flags = NLM_F_CREATE | NLM_F_REPLACE;
     sock.request(&format!("add HTB root on ifindex {ifindex}"), RouteNetlinkMessage::NewQueueDiscipline(msg), flags)?;
     let mut cls =
         tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
