@@ -50,6 +50,11 @@ async fn connack_properties_and_reason_codes() {
         (p.retain_available, p.wildcard_sub_available, p.sub_id_available, p.shared_sub_available),
         (Some(1), Some(1), Some(1), Some(1))
     );
+    // Enhanced authentication is not offered: 0x8C.
+    let mut am = connect_packet(V5, "am", true, 30);
+    am.props.auth_method = Some("SCRAM-SHA-1".into());
+    let (_, refused) = Client::connect(b.addr, am).await.expect("connect");
+    assert_eq!(refused.code, reason::BAD_AUTH_METHOD);
     // No subscribers: 0x10 on PUBACK.
     c.send(&publish("nobody/here", QoS::AtLeastOnce, 1, b"x", false, Properties::default())).await.expect("send");
     assert_eq!(next(&mut c).await, Packet::PubAck(Ack::new(1, reason::NO_MATCHING_SUBSCRIBERS)));
@@ -230,6 +235,15 @@ async fn will_delay_and_disconnect_with_will() {
     again.clean_start = false;
     let (_c2, _) = Client::connect(b.addr, again).await.expect("connect");
     nothing(&mut w, Duration::from_millis(2500)).await;
+    // A clean start ends the old session: its delayed will goes out at once.
+    let (c, _) = Client::connect(b.addr, will_client("ended", 30)).await.expect("connect");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nothing(&mut w, Duration::from_millis(200)).await;
+    let t1 = Instant::now();
+    let (_c3, _) = Client::connect(b.addr, will_client("ended", 30)).await.expect("connect");
+    assert_eq!(got(next(&mut w).await).topic, "wd/ended");
+    assert!(t1.elapsed() < Duration::from_secs(2));
     // DISCONNECT with reason 0x04 sends the will.
     let (mut c, _) = Client::connect(b.addr, will_client("asked", 0)).await.expect("connect");
     c.send(&Packet::Disconnect(Disconnect { code: reason::DISCONNECT_WITH_WILL, props: Properties::default() }))

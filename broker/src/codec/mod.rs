@@ -64,6 +64,7 @@ pub mod reason {
     pub const UNSUPPORTED_VERSION: u8 = 0x84;
     pub const CLIENT_ID_INVALID: u8 = 0x85;
     pub const BAD_USER_OR_PASSWORD: u8 = 0x86;
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
     pub const NOT_AUTHORIZED: u8 = 0x87;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;

@@ -88,6 +88,12 @@ pub async fn accept(
         client_id = format!("auto-{}-{id}-{nanos:08x}", sh.cfg.node_name);
         props.assigned_client_id = Some(client_id.clone());
     }
+    if v5 && let Some(m) = &c.props.auth_method {
+        // Enhanced authentication (AUTH exchanges) is not supported.
+        refuse(wr, c.version, reason::BAD_AUTH_METHOD).await;
+        tracing::warn!(%peer, client = %client_id, reason = "not_authorized", "closing connection: unsupported authentication method {m:?}");
+        return Err(CloseReason::NotAuthorized);
+    }
     if let Some(auth) = &sh.auth
         && !auth.check(c.username.as_deref(), c.password.as_deref())
     {

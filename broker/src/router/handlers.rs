@@ -29,7 +29,11 @@ impl Router {
         } else {
             u32::MAX
         };
-        self.pending_wills.retain(|(_, client, _)| *client != id);
+        // Resuming the session cancels a will still waiting for its delay;
+        // a clean start ends the session, and `end_session` sends that will.
+        if !c.clean_start {
+            self.pending_wills.retain(|(_, client, _)| *client != id);
+        }
         let mut present = false;
         if let Some(old) = self.sessions.get_mut(&id) {
             if let Some(oc) = old.conn.take() {
