@@ -488,3 +488,50 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
     }
     errors
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn netem_options_carry_latency_jitter_and_a_limit_that_does_not_drop() {
+        let a = NetAction::Delay {
+            latency: Duration::from_millis(100),
+            jitter: Duration::from_millis(20),
+            correlation: 50.0,
+            distribution: None,
+        };
+        let b = netem_options(&a);
+        // tc_netem_qopt: latency and jitter in 64 ns ticks, limit in packets.
+        assert_eq!(u32_at(&b, 0), 100_000_000 / 64);
+        assert_eq!(u32_at(&b, 20), 20_000_000 / 64);
+        // 120 ms at ~1M packets/s.
+        assert_eq!(u32_at(&b, 4), 120_000);
+        // TCA_NETEM_CORR follows: delay correlation ~50%.
+        assert_eq!(u16::from_ne_bytes([b[26], b[27]]), 1);
+        assert_eq!(u32_at(&b, 28), (0.5 * u32::MAX as f64).round() as u32);
+    }
+
+    #[test]
+    fn htb_class_rate_is_ethernet_aware_and_64_bit_when_needed() {
+        let b = htb_class_options(125_000, 3000);
+        // Only TCA_HTB_PARMS for a rate that fits 32 bits.
+        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 1);
+        assert_eq!(b[4 + 1], 1, "TC_LINKLAYER_ETHERNET");
+        assert_eq!(u32_at(&b, 4 + 8), 125_000);
+        let big = htb_class_options(UNSHAPED_BPS * 100, 200_000);
+        assert_eq!(u16::from_ne_bytes([big[2], big[3]]), 6, "TCA_HTB_RATE64 first");
+    }
+
+    #[test]
+    fn classids_sit_under_chaosd_htb_handle() {
+        assert_eq!(classid(1), 0xc4a0_0002);
+        assert_eq!(ifb_name(12345).len(), 15);
+    }
+}
