@@ -29,6 +29,12 @@ pub fn chaosctl() -> PathBuf {
 }
 
 /// A daemon on a private socket and state dir, killed and cleaned on drop.
+/// The daemon's log, appended to across restarts. Never a pipe: a pipe
+/// nobody drains blocks the daemon once it holds 64 KiB of log lines.
+fn log_file(dir: &std::path::Path) -> Stdio {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join("chaosd.log")).expect("open chaosd.log").into()
+}
+
 /// One daemon at a time per test binary: a daemon's start-up sweep removes
 /// chaosd-marked objects that its own journal does not know, which would
 /// include those of a daemon started by a test running in parallel.
@@ -68,7 +74,7 @@ impl Daemon {
             .arg("--bpf-dir")
             .arg(&bpf_dir)
             .args(extra)
-            .stderr(Stdio::piped())
+            .stderr(log_file(dir.path()))
             .spawn()
             .expect("spawn chaosd");
         let d = Self {
@@ -103,8 +109,12 @@ impl Daemon {
         let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
         let out = wait_with_timeout(&mut child, Duration::from_secs(20));
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status, stderr)
+        (out.status, self.log())
+    }
+
+    /// Everything the daemon logged so far (all its runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.parent().unwrap().join("chaosd.log")).unwrap_or_default()
     }
 }
 
@@ -178,7 +188,7 @@ impl Daemon {
             .arg("--bpf-dir")
             .arg(&self.bpf_dir)
             .args(extra)
-            .stderr(Stdio::piped())
+            .stderr(log_file(self.state_dir.parent().unwrap()))
             .spawn()
             .expect("spawn chaosd");
         self.child = Some(child);
