@@ -130,31 +130,37 @@ fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
     // SAFETY: reading a field of the kernel-provided __sk_buff.
     let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     let mut peer = [0u8; 16];
+    // One bpf_skb_load_bytes per header: each helper call costs more than
+    // the parsing itself.
     let (proto, l4) = match eth_proto {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-            if vihl >> 4 != 4 {
+            let h: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+            if h[0] >> 4 != 4 {
                 return None;
             }
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
-            let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-            let addr: [u8; 4] = ctx.load(ETH_HLEN + if dir == DIR_EGRESS { 16 } else { 12 }).ok()?;
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            let frag = u16::from_be_bytes([h[6], h[7]]);
+            let a = if dir == DIR_EGRESS { 16 } else { 12 };
             peer[10] = 0xff;
             peer[11] = 0xff;
-            peer[12] = addr[0];
-            peer[13] = addr[1];
-            peer[14] = addr[2];
-            peer[15] = addr[3];
+            peer[12] = h[a];
+            peer[13] = h[a + 1];
+            peer[14] = h[a + 2];
+            peer[15] = h[a + 3];
             // Later fragments carry no L4 header: match them on protocol and
             // peer only (port 0).
             let l4 = if frag & 0x1fff != 0 { None } else { Some(ETH_HLEN + ihl) };
-            (proto, l4)
+            (h[9], l4)
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
-            peer = ctx.load(ETH_HLEN + if dir == DIR_EGRESS { 24 } else { 8 }).ok()?;
-            (next, Some(ETH_HLEN + 40))
+            let h: [u8; 40] = ctx.load(ETH_HLEN).ok()?;
+            let a = if dir == DIR_EGRESS { 24 } else { 8 };
+            let mut i = 0;
+            while i < 16 {
+                peer[i] = h[a + i];
+                i += 1;
+            }
+            (h[6], Some(ETH_HLEN + 40))
         }
         _ => return None,
     };
