@@ -136,3 +136,21 @@ fn live_system_bad_input_changes_nothing() {
     assert_eq!(nd.d.ctl_json(&["list"]).as_array().unwrap().len(), 0);
     assert_eq!(topo.snapshot(&topo.a, "va"), before);
 }
+
+#[test]
+fn a_clean_stop_recovers_network_faults_and_leaves_no_pins() {
+    common::require_root();
+    let topo = Topo::new();
+    let before = topo.snapshot(&topo.a, "va");
+    let mut nd = NetDaemon::start("5s");
+    let b = topo.ip_b(false);
+    nd.d.ctl_ok(&["inject", "network", "partition", "--netns", &topo.a, "--protocol", "udp", "--port", "7000"]);
+    nd.d.ctl_ok(&["inject", "network", "bandwidth", "--netns", &topo.a, "--rate", "10mbit", "--port", "7001"]);
+    assert!(!udp_passes(&topo.a, &topo.b, sa(b, 7000)));
+    assert!(nd.d.bpf_dir.exists(), "pins exist while faults are active");
+    let (status, log) = nd.d.stop();
+    assert!(status.success(), "clean stop failed: {log}");
+    assert!(udp_passes(&topo.a, &topo.b, sa(b, 7000)), "partition left after a clean stop");
+    assert_eq!(topo.snapshot(&topo.a, "va"), before, "namespace differs after a clean stop");
+    assert!(!nd.d.bpf_dir.exists(), "pins left under {} after a clean stop", nd.d.bpf_dir.display());
+}

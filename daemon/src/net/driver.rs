@@ -621,6 +621,14 @@ impl Driver for NetworkDriver {
         super::sweep::sweep(&self.dp, known)
     }
 
+    fn shutdown(&self) -> Result<(), Vec<String>> {
+        match self.dp.remove_pins_if_idle() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(vec![format!("classifiers are still pinned under {}", self.dp.dir().display())]),
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
     fn tick(&self) -> Vec<(String, String)> {
         // A failed refresh lets the dead man's switch fire, which is the
         // safe direction; nothing else to do here.

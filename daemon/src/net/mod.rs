@@ -9,6 +9,7 @@ pub mod maps;
 pub mod objects;
 pub mod rules;
 pub mod shaping;
+mod shutdown;
 pub mod sweep;
 pub mod target;
 
