@@ -236,6 +236,8 @@ fn bench_network_datapath() {
         after.push(stream_bps(&topo, 7300 + r, span));
     }
 
+    // The harness has printed "test ... " without a newline.
+    println!();
     let a = median(base.iter().chain(after.iter()).cloned().collect());
     let (m1, m1024) = (median(b1.clone()), median(b1024.clone()));
     println!(
