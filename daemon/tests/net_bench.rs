@@ -84,12 +84,9 @@ fn bench_network_datapath() {
     let span = Duration::from_millis(1500);
     let rounds = 3;
 
-    // (a) nothing attached.
-    let mut base = Vec::new();
-    for r in 0..rounds {
-        base.push(stream_bps(&topo, 7000 + r, span));
-    }
-    // (b) one non-matching rule (the classifier runs on every packet).
+    // (a) nothing attached and (b) one non-matching rule (the classifier
+    // runs on every packet), interleaved so that load from other work on
+    // the machine hits both alike.
     let one = experiment(
         "bench-1",
         target.clone(),
@@ -97,11 +94,15 @@ fn bench_network_datapath() {
         NetAction::Partition,
         None,
     );
-    let one_objs = apply(d, &one, &[]).unwrap();
+    let mut base = Vec::new();
     let mut b1 = Vec::new();
     for r in 0..rounds {
+        base.push(stream_bps(&topo, 7000 + r, span));
+        let o = apply(d, &one, &[]).unwrap();
         b1.push(stream_bps(&topo, 7100 + r, span));
+        d.revert(&one, &o).unwrap();
     }
+    let one_objs = apply(d, &one, &[]).unwrap();
     // Classifier cost per packet (non-matching TCP packet), 1 rule.
     let pin = d.datapath().prog_pin(
         std::fs::read_dir(&td.dir)
