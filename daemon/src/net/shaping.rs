@@ -227,6 +227,9 @@ pub fn netem_options(action: &NetAction) -> Vec<u8> {
     const TCA_NETEM_JITTER64: u16 = 11;
     let pct = |p: f64| (p / 100.0 * u32::MAX as f64).round() as u32;
     let (mut latency, mut jitter, mut dup, mut corr) = (0u64, 0u64, 0u32, [0u32; 3]);
+    // netem reorders only with a gap: with gap 0 every packet is delayed and
+    // none goes out at once. tc(8) sets gap 1 when `reorder` is given.
+    let mut gap = 0u32;
     let mut extra = Vec::new();
     match action {
         NetAction::Delay { latency: l, jitter: j, correlation, .. } => {
@@ -246,6 +249,7 @@ pub fn netem_options(action: &NetAction) -> Vec<u8> {
         }
         NetAction::Reorder { percent, correlation, latency: l } => {
             latency = l.as_nanos() as u64;
+            gap = 1;
             let mut b = Vec::new();
             b.extend_from_slice(&pct(*percent).to_ne_bytes());
             b.extend_from_slice(&pct(*correlation).to_ne_bytes());
@@ -260,7 +264,7 @@ pub fn netem_options(action: &NetAction) -> Vec<u8> {
     let ticks = |ns: u64| (ns / 64).min(u32::MAX as u64) as u32;
     let mut b = Vec::new();
     // latency, limit, loss, gap, duplicate, jitter
-    for v in [ticks(latency), limit, 0, 0, dup, ticks(jitter)] {
+    for v in [ticks(latency), limit, 0, gap, dup, ticks(jitter)] {
         b.extend_from_slice(&v.to_ne_bytes());
     }
     let mut c = Vec::new();
@@ -497,6 +501,20 @@ mod tests {
 
     fn u32_at(b: &[u8], off: usize) -> u32 {
         u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn reorder_sets_a_gap_so_that_some_packets_go_at_once() {
+        let gap = |a: &NetAction| u32::from_ne_bytes(netem_options(a)[12..16].try_into().unwrap());
+        let reorder = NetAction::Reorder { percent: 50.0, correlation: 0.0, latency: Duration::from_millis(100) };
+        assert_eq!(gap(&reorder), 1, "without a gap netem delays every packet");
+        let delay = NetAction::Delay {
+            latency: Duration::from_millis(100),
+            jitter: Duration::ZERO,
+            correlation: 0.0,
+            distribution: None,
+        };
+        assert_eq!(gap(&delay), 0);
     }
 
     #[test]

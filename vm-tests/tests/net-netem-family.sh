@@ -1,0 +1,64 @@
+#!/bin/sh
+# Duplicate, corrupt and reorder through chaosd on a stock kernel with netem,
+# on ICMP egress of namespace a: duplicate 100% makes every echo come back
+# twice, corrupt 100% loses (nearly) every echo to checksum errors, reorder
+# 50% with 100 ms sends about half the echoes at once and holds the rest;
+# the namespace equals its snapshot after each recover.
+# vm-test-timeout: 240
+. "$VM_TEST_LIB"
+need chaosd chaosctl ip tc ping awk
+
+sock=/run/chaosd/chaosd.sock
+log=/tmp/chaosd.log
+trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
+
+ip netns add a && ip netns add b || fail "ip netns add"
+ip -n a link add va type veth peer name vb netns b || fail "veth"
+ip -n a link set lo up; ip -n b link set lo up
+ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
+ip -n a link set va up; ip -n b link set vb up
+wait_for 10 "IPv4 between the namespaces" ip netns exec a ping -c1 -W1 10.9.0.2
+
+snapshot() {
+  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link'
+}
+inject() { # inject ACTION ARGS...: prints the id
+  chaosctl --output json inject network "$@" --netns a --protocol icmp --duration 2m > /tmp/inject.json 2> /tmp/inject.err \
+    || fail "chaosctl inject network $*: $(cat /tmp/inject.err)"
+  json_get id < /tmp/inject.json | tr -d '"'
+}
+recover() {
+  chaosctl recover "$1" > /dev/null || fail "recover $1"
+  [ "$(snapshot)" = "$before" ] || fail "namespace differs from its snapshot after recovering $2"
+}
+
+rm -f "$sock"
+chaosd serve >> "$log" 2>&1 &
+wait_for 60 "chaosd's socket" test -S "$sock"
+before=$(snapshot)
+
+id=$(inject duplicate --percent 100)
+ip netns exec a ping -c 10 -i 0.2 -W 2 10.9.0.2 > /tmp/dup 2>&1
+dups=$(grep -c 'DUP' /tmp/dup)
+echo "duplicate 100%: $dups duplicate replies to 10 echoes"
+[ "$dups" -ge 9 ] || fail "duplicate 100% gave $dups duplicates of 10: $(cat /tmp/dup)"
+recover "$id" duplicate
+ok "duplicate: every echo came back twice"
+
+id=$(inject corrupt --percent 100)
+got=$(ip netns exec a ping -c 10 -i 0.2 -W 1 10.9.0.2 2>/dev/null | grep -c 'bytes from')
+echo "corrupt 100%: $got of 10 echoes answered"
+[ "$got" -le 2 ] || fail "corrupt 100% still let $got of 10 echoes through"
+recover "$id" corrupt
+got=$(ip netns exec a ping -c 3 -i 0.2 -W 1 10.9.0.2 2>/dev/null | grep -c 'bytes from')
+[ "$got" -eq 3 ] || fail "after recovering corrupt only $got of 3 echoes answered"
+ok "corrupt: echoes lost while active, all back after recover"
+
+id=$(inject reorder --percent 50 --latency 100ms)
+ip netns exec a ping -c 40 -i 0.05 -W 2 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' > /tmp/reorder
+fast=$(awk '$1 < 50' /tmp/reorder | wc -l)
+slow=$(awk '$1 >= 90' /tmp/reorder | wc -l)
+echo "reorder 50% (others 100ms): $fast immediate, $slow held of $(wc -l < /tmp/reorder)"
+[ "$fast" -ge 8 ] && [ "$slow" -ge 8 ] || fail "reorder did not split the echoes: $fast fast, $slow slow"
+recover "$id" reorder
+ok "reorder: some echoes at once, the others held 100 ms"
