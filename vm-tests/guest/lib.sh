@@ -98,3 +98,42 @@ json_get() {
     index($0, p "=") == 1 { print substr($0, length(p) + 2); found = 1; exit }
     END { exit !found }'
 }
+
+# The daemon's socket and log in the guest.
+sock=/run/chaosd/chaosd.sock
+log=/tmp/chaosd.log
+
+# start_chaosd [SERVE-ARGS...]: `chaosd serve` in the background, its log
+# appended to $log and printed when the test ends; sets $daemon. Fails if
+# chaosd exits or has no socket after 60 s. Call again after a kill to
+# restart it on the same journal.
+start_chaosd() {
+  rm -f "$sock"
+  RUST_BACKTRACE=1 chaosd serve "$@" >> "$log" 2>&1 &
+  daemon=$!
+  trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
+  _tries=600
+  until [ -S "$sock" ]; do
+    kill -0 "$daemon" 2>/dev/null || fail "chaosd serve exited before creating $sock"
+    _tries=$((_tries - 1))
+    [ "$_tries" -gt 0 ] || fail "no socket $sock after 60s"
+    sleep 0.1
+  done
+}
+
+# two_namespaces: namespaces a and b joined by veth va <-> vb, with
+# a = 10.9.0.1/24 and fd09::1/64, b = 10.9.0.2/24 and fd09::2/64.
+two_namespaces() {
+  ip netns add a && ip netns add b || fail "ip netns add"
+  ip -n a link add va type veth peer name vb netns b || fail "veth"
+  ip -n a link set lo up; ip -n b link set lo up
+  ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
+  ip -n a addr add fd09::1/64 dev va nodad; ip -n b addr add fd09::2/64 dev vb nodad
+  ip -n a link set va up; ip -n b link set vb up
+}
+
+# snapshot_a: what must be equal in namespace a before a fault and after it
+# is recovered (qdiscs, classes, filters both ways, links).
+snapshot_a() {
+  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link; ip -6 link'
+}

@@ -8,29 +8,13 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl ip tc ping awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-ip netns add a && ip netns add b || fail "ip netns add"
-ip -n a link add va type veth peer name vb netns b || fail "veth"
-ip -n a link set lo up; ip -n b link set lo up
-ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
-ip -n a link set va up; ip -n b link set vb up
+two_namespaces
 wait_for 10 "IPv4 between the namespaces" ip netns exec a ping -c1 -W1 10.9.0.2
-snapshot() {
-  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link'
-}
 rtt() { ip netns exec a ping -c 1 -W 2 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p'; }
-start_daemon() {
-  rm -f "$sock"
-  RUST_BACKTRACE=1 chaosd serve --grace 2s >> "$log" 2>&1 &
-  daemon=$!
-  wait_for 60 "chaosd's socket" test -S "$sock"
-}
 
-before=$(snapshot)
-start_daemon
+before=$(snapshot_a)
+start_chaosd --grace 2s
 chaosctl --output json inject network delay --netns a --protocol icmp --latency 100ms > /tmp/inject.json 2> /tmp/inject.err \
   || fail "inject: $(cat /tmp/inject.err)"
 id=$(json_get id < /tmp/inject.json | tr -d '"')
@@ -54,9 +38,9 @@ echo "RTT back to $r ms ${back}s after SIGKILL (grace 2s)"
 awk -v e="$back" 'BEGIN { exit !(e <= 3.0) }' || fail "took ${back}s, more than grace + 1 s"
 ok "dead man's switch: delay gone ${back}s after SIGKILL"
 
-start_daemon
+start_chaosd --grace 2s
 wait_for 20 "the stale fault to be reverted" sh -c "[ \"\$(ip netns exec a tc qdisc show dev va | grep -c htb)\" = 0 ]"
-after=$(snapshot)
+after=$(snapshot_a)
 [ "$after" = "$before" ] || fail "namespace differs after the restarted daemon reverted the fault:
 --- before
 $before

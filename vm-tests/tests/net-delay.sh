@@ -8,22 +8,11 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl ip tc ping ping6 nc awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-ip netns add a && ip netns add b || fail "ip netns add"
-ip -n a link add va type veth peer name vb netns b || fail "veth"
-ip -n a link set lo up; ip -n b link set lo up
-ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
-ip -n a addr add fd09::1/64 dev va nodad; ip -n b addr add fd09::2/64 dev vb nodad
-ip -n a link set va up; ip -n b link set vb up
+two_namespaces
 wait_for 10 "IPv4 between the namespaces" ip netns exec a ping -c1 -W1 10.9.0.2
 wait_for 10 "IPv6 between the namespaces" ip netns exec a ping6 -c1 -W1 fd09::2
 
-snapshot() {
-  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link; ip -6 link'
-}
 # median RTT in ms of COUNT pings: median_rtt PING ADDR COUNT
 median_rtt() {
   ip netns exec a "$1" -c "$3" -i 0.2 -W 3 "$2" 2>/dev/null \
@@ -38,13 +27,10 @@ inject() { # inject ARGS...: prints the id
 # within A B TOL: |A - B| <= TOL
 within() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= t) }'; }
 
-rm -f "$sock"
-RUST_BACKTRACE=1 chaosd serve >> "$log" 2>&1 &
-daemon=$!
-wait_for 60 "chaosd's socket" test -S "$sock"
+start_chaosd
 ok "chaosd serving (pid $daemon)"
 
-before=$(snapshot)
+before=$(snapshot_a)
 for fam in 4 6; do
   if [ $fam = 4 ]; then p=ping; dst=10.9.0.2; else p=ping6; dst=fd09::2; fi
   base=$(median_rtt $p $dst 15)
@@ -54,7 +40,7 @@ for fam in 4 6; do
   within "$delayed" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 5 \
     || fail "IPv$fam median RTT $delayed ms is not baseline $base + 100 ms (+-5)"
   chaosctl recover "$id" > /dev/null || fail "chaosctl recover $id"
-  after=$(snapshot)
+  after=$(snapshot_a)
   [ "$after" = "$before" ] || fail "namespace differs from its snapshot after recover:
 --- before
 $before
@@ -76,7 +62,7 @@ echo "jitter 100ms +- 20ms: p1 $p1 p50 $p50 p99 $p99 ms (base $base ms, n=$n)"
 within "$p99" "$(awk -v b="$base" 'BEGIN { print b + 119.6 }')" 3 || fail "jitter p99 $p99 ms is not within 3 ms of $base + 119.6"
 within "$p1" "$(awk -v b="$base" 'BEGIN { print b + 80.4 }')" 3 || fail "jitter p1 $p1 ms is not within 3 ms of $base + 80.4"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
-[ "$(snapshot)" = "$before" ] || fail "snapshot differs after jitter"
+[ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after jitter"
 ok "jitter spread matches netem's uniform jitter"
 
 # Port selectivity: TCP connects to 1883 slowed, 7000 not.
@@ -101,7 +87,7 @@ echo "10 TCP cycles: port 1883 ${b1883}s -> ${d1883}s, port 7000 ${b7000}s -> ${
 awk -v b="$b1883" -v d="$d1883" 'BEGIN { exit !(d - b >= 0.9) }' || fail "port 1883 not delayed (${b1883}s -> ${d1883}s)"
 awk -v b="$b7000" -v d="$d7000" 'BEGIN { exit !(d - b <= 0.5) }' || fail "port 7000 slowed (${b7000}s -> ${d7000}s)"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
-[ "$(snapshot)" = "$before" ] || fail "snapshot differs after the port delay"
+[ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after the port delay"
 ok "delay on port 1883 only"
 
 # Ingress delay through an IFB.
@@ -113,7 +99,7 @@ echo "ingress ICMP: median RTT $base ms -> $delayed ms"
 within "$delayed" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 5 \
   || fail "ingress: median RTT $delayed ms is not baseline $base + 100 ms (+-5)"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
-[ "$(snapshot)" = "$before" ] || fail "snapshot differs after ingress delay (IFB left?): $(ip -n a link)"
+[ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after ingress delay (IFB left?): $(ip -n a link)"
 ok "ingress delay via IFB, IFB removed"
 
 kill -TERM "$daemon"; wait "$daemon"

@@ -8,20 +8,10 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl ip tc ping awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-ip netns add a && ip netns add b || fail "ip netns add"
-ip -n a link add va type veth peer name vb netns b || fail "veth"
-ip -n a link set lo up; ip -n b link set lo up
-ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
-ip -n a link set va up; ip -n b link set vb up
+two_namespaces
 wait_for 10 "IPv4 between the namespaces" ip netns exec a ping -c1 -W1 10.9.0.2
 
-snapshot() {
-  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link'
-}
 inject() { # inject ACTION ARGS...: prints the id
   chaosctl --output json inject network "$@" --netns a --protocol icmp --duration 2m > /tmp/inject.json 2> /tmp/inject.err \
     || fail "chaosctl inject network $*: $(cat /tmp/inject.err)"
@@ -29,13 +19,11 @@ inject() { # inject ACTION ARGS...: prints the id
 }
 recover() {
   chaosctl recover "$1" > /dev/null || fail "recover $1"
-  [ "$(snapshot)" = "$before" ] || fail "namespace differs from its snapshot after recovering $2"
+  [ "$(snapshot_a)" = "$before" ] || fail "namespace differs from its snapshot after recovering $2"
 }
 
-rm -f "$sock"
-chaosd serve >> "$log" 2>&1 &
-wait_for 60 "chaosd's socket" test -S "$sock"
-before=$(snapshot)
+start_chaosd
+before=$(snapshot_a)
 
 id=$(inject duplicate --percent 100)
 ip netns exec a ping -c 10 -i 0.2 -W 2 10.9.0.2 > /tmp/dup 2>&1

@@ -9,15 +9,8 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl broker ip tc awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-ip netns add a && ip netns add b || fail "ip netns add"
-ip -n a link add va type veth peer name vb netns b || fail "veth"
-ip -n a link set lo up; ip -n b link set lo up
-ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
-ip -n a link set va up; ip -n b link set vb up
+two_namespaces
 
 for port in 1883 7000; do
   ip netns exec b broker --mqtt-listen 10.9.0.2:$port --node-name b$port > /tmp/broker$port.log 2>&1 &
@@ -25,9 +18,6 @@ done
 wait_for 30 "broker on 1883" ip netns exec a sh -c 'echo | nc -w 1 10.9.0.2 1883'
 wait_for 30 "broker on 7000" ip netns exec a sh -c 'echo | nc -w 1 10.9.0.2 7000'
 
-snapshot() {
-  ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link'
-}
 # median end-to-end latency in ms through the broker on PORT (QoS 0, 1 -> 1).
 # 1883 and 7000 are measured back to back, so port 7000 is a control for the
 # emulated machine's own drift.
@@ -39,11 +29,9 @@ median_ms() {
 }
 within() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= t) }'; }
 
-rm -f "$sock"
-chaosd serve >> "$log" 2>&1 &
-wait_for 60 "chaosd's socket" test -S "$sock"
+start_chaosd
 
-before=$(snapshot)
+before=$(snapshot_a)
 base1883=$(median_ms 1883)
 base7000=$(median_ms 7000)
 echo "baseline median latency: port 1883 $base1883 ms, port 7000 $base7000 ms"
@@ -55,7 +43,7 @@ d1883=$(median_ms 1883)
 d7000=$(median_ms 7000)
 echo "with 100ms delay on 1883: port 1883 $d1883 ms, port 7000 $d7000 ms"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
-[ "$(snapshot)" = "$before" ] || fail "namespace differs from its snapshot after recover"
+[ "$(snapshot_a)" = "$before" ] || fail "namespace differs from its snapshot after recover"
 ok "namespace identical after recover"
 
 # A second baseline after the fault: the emulated machine drifts by a few ms

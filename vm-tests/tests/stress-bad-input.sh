@@ -7,19 +7,8 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-RUST_BACKTRACE=1 chaosd serve > "$log" 2>&1 &
-daemon=$!
-tries=600
-until [ -S "$sock" ]; do
-  kill -0 "$daemon" 2>/dev/null || fail "chaosd serve exited before creating $sock"
-  tries=$((tries - 1))
-  [ "$tries" -gt 0 ] || fail "no socket $sock after 60s"
-  sleep 0.1
-done
+start_chaosd
 ok "chaosd (pid $daemon) serving"
 
 sleep 1000 &

@@ -8,10 +8,7 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
 cg=/sys/fs/cgroup/chaosd-stress-cpu
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
 mkdir "$cg" || fail "mkdir $cg"
 grep -qw cpu "$cg/cgroup.controllers" || fail "no cpu controller in $cg ($(cat "$cg/cgroup.controllers"))"
@@ -19,18 +16,6 @@ sleep 1000 &
 target=$!
 echo "$target" > "$cg/cgroup.procs" || fail "moving pid $target into $cg"
 
-start_daemon() {
-  rm -f "$sock"
-  RUST_BACKTRACE=1 chaosd serve >> "$log" 2>&1 &
-  daemon=$!
-  tries=600
-  until [ -S "$sock" ]; do
-    kill -0 "$daemon" 2>/dev/null || fail "chaosd serve exited before creating $sock"
-    tries=$((tries - 1))
-    [ "$tries" -gt 0 ] || fail "no socket $sock after 60s"
-    sleep 0.1
-  done
-}
 
 usage_us() { awk '$1 == "usage_usec" { print $2 }' "$cg/cpu.stat"; }
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -47,7 +32,7 @@ inject() {
   [ -n "$id" ] || fail "no experiment id in $(cat /tmp/inject.json)"
 }
 
-start_daemon
+start_chaosd
 ok "chaosd (pid $daemon) serving"
 
 u_before=$(usage_us)
@@ -113,7 +98,7 @@ awk -v g="$gone" 'BEGIN { exit !(g <= 1.0) }' || fail "stressors gone only ${gon
 ok "stressors $(echo $pids) gone ${gone} s after SIGKILL of chaosd"
 
 wait "$daemon" 2>/dev/null
-start_daemon
+start_chaosd
 chaosctl --output json get "$id" > /tmp/get.json || fail "chaosctl get $id after restart"
 state=$(json_get state < /tmp/get.json)
 echo "after restart: state $state, reason $(json_get reason < /tmp/get.json)"

@@ -8,10 +8,7 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
 cg=/sys/fs/cgroup/chaosd-stress-mem
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
 mkdir "$cg" || fail "mkdir $cg"
 grep -qw memory "$cg/cgroup.controllers" || fail "no memory controller in $cg"
@@ -21,15 +18,7 @@ sleep 1000 &
 target=$!
 echo "$target" > "$cg/cgroup.procs" || fail "moving pid $target into $cg"
 
-RUST_BACKTRACE=1 chaosd serve > "$log" 2>&1 &
-daemon=$!
-tries=600
-until [ -S "$sock" ]; do
-  kill -0 "$daemon" 2>/dev/null || fail "chaosd serve exited before creating $sock"
-  tries=$((tries - 1))
-  [ "$tries" -gt 0 ] || fail "no socket $sock after 60s"
-  sleep 0.1
-done
+start_chaosd
 ok "chaosd (pid $daemon) serving"
 
 oom_kill() { awk '$1 == "oom_kill" { print $2 }' "$cg/memory.events"; }

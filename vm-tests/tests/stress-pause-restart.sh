@@ -8,22 +8,7 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl awk
 
-sock=/run/chaosd/chaosd.sock
-log=/tmp/chaosd.log
-trap 'echo "----- chaosd log"; cat "$log"; echo "-----"' EXIT
 
-start_daemon() {
-  rm -f "$sock"
-  RUST_BACKTRACE=1 chaosd serve --grace 60s >> "$log" 2>&1 &
-  daemon=$!
-  tries=600
-  until [ -S "$sock" ]; do
-    kill -0 "$daemon" 2>/dev/null || fail "chaosd serve exited before creating $sock"
-    tries=$((tries - 1))
-    [ "$tries" -gt 0 ] || fail "no socket $sock after 60s"
-    sleep 0.1
-  done
-}
 state() { # the process state letter, with builtins only
   read -r line < "/proc/$1/stat" || return 1
   st=${line##*) }
@@ -40,7 +25,7 @@ pause() { # pause DURATION
 sh -c 'i=0; while :; do echo $i >> /tmp/counter; i=$((i + 1)); sleep 0.1; done' &
 cpid=$!
 wait_for 10 "the counter to print" sh -c '[ "$(wc -l < /tmp/counter)" -ge 3 ]'
-start_daemon
+start_chaosd --grace 60s
 ok "chaosd (pid $daemon) serving, counter pid $cpid"
 
 pause 2m
@@ -65,7 +50,7 @@ wait "$daemon" 2>/dev/null
 sleep 1
 [ "$(state "$cpid")" = T ] || fail "the counter was resumed within 1 s of chaosd's death (grace is 60 s)"
 ok "chaosd killed; the guardian keeps the counter paused"
-start_daemon
+start_chaosd --grace 60s
 chaosctl --output json get "$id" > /tmp/get.json || fail "chaosctl get $id after restart"
 st=$(json_get state < /tmp/get.json)
 [ "$st" = '"active"' ] || fail "after restart the pause is $st ($(json_get reason < /tmp/get.json)), want \"active\" (adopted)"
