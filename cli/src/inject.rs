@@ -148,6 +148,18 @@ pub struct NetBase {
     common: Common,
 }
 
+/// A share of the matching packets, with netem-style correlation to the
+/// previous decision.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct Chance {
+    /// Percent of matching packets, above 0 and at most 100.
+    #[arg(long, allow_hyphen_values = true)]
+    percent: f64,
+    /// Percent of correlation with the previous packet's decision.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    correlation: f64,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DistributionArg {
     Uniform,
@@ -162,10 +174,8 @@ pub enum NetworkAction {
     Loss {
         #[command(flatten)]
         base: NetBase,
-        #[arg(long, allow_hyphen_values = true)]
-        percent: f64,
-        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-        correlation: f64,
+        #[command(flatten)]
+        chance: Chance,
     },
     /// Drop every matching packet.
     Partition {
@@ -200,28 +210,22 @@ pub enum NetworkAction {
     Duplicate {
         #[command(flatten)]
         base: NetBase,
-        #[arg(long, allow_hyphen_values = true)]
-        percent: f64,
-        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-        correlation: f64,
+        #[command(flatten)]
+        chance: Chance,
     },
     /// Corrupt a share of matching packets (netem).
     Corrupt {
         #[command(flatten)]
         base: NetBase,
-        #[arg(long, allow_hyphen_values = true)]
-        percent: f64,
-        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-        correlation: f64,
+        #[command(flatten)]
+        chance: Chance,
     },
     /// Send a share of matching packets at once and delay the rest (netem).
     Reorder {
         #[command(flatten)]
         base: NetBase,
-        #[arg(long, allow_hyphen_values = true)]
-        percent: f64,
-        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-        correlation: f64,
+        #[command(flatten)]
+        chance: Chance,
         /// Delay of the packets not reordered.
         #[arg(long, value_parser = parse::duration, allow_hyphen_values = true)]
         latency: Option<prost_types::Duration>,
@@ -291,7 +295,7 @@ fn build(cmd: InjectCommand) -> (TargetArgs, Common, pb::fault::Kind) {
     use pb::network_action::Kind as N;
     match cmd {
         InjectCommand::Network(a) => match a {
-            NetworkAction::Loss { base, percent, correlation } => {
+            NetworkAction::Loss { base, chance: Chance { percent, correlation } } => {
                 network(base, N::Loss(pb::Loss { percent, correlation_percent: correlation }))
             }
             NetworkAction::Partition { base } => network(base, N::Partition(pb::Partition {})),
@@ -313,13 +317,13 @@ fn build(cmd: InjectCommand) -> (TargetArgs, Common, pb::fault::Kind) {
             NetworkAction::Bandwidth { base, rate, burst } => {
                 network(base, N::Bandwidth(pb::Bandwidth { rate_bits_per_second: rate, burst_bytes: burst }))
             }
-            NetworkAction::Duplicate { base, percent, correlation } => {
+            NetworkAction::Duplicate { base, chance: Chance { percent, correlation } } => {
                 network(base, N::Duplicate(pb::Duplicate { percent, correlation_percent: correlation }))
             }
-            NetworkAction::Corrupt { base, percent, correlation } => {
+            NetworkAction::Corrupt { base, chance: Chance { percent, correlation } } => {
                 network(base, N::Corrupt(pb::Corrupt { percent, correlation_percent: correlation }))
             }
-            NetworkAction::Reorder { base, percent, correlation, latency } => {
+            NetworkAction::Reorder { base, chance: Chance { percent, correlation }, latency } => {
                 network(base, N::Reorder(pb::Reorder { percent, correlation_percent: correlation, latency }))
             }
         },
