@@ -1,7 +1,7 @@
 #!/bin/sh
 # Duplicate, corrupt and reorder through chaosd on a stock kernel with netem,
 # on ICMP egress of namespace a: duplicate 100% makes every echo come back
-# twice, corrupt 100% loses (nearly) every echo to checksum errors, reorder
+# twice, corrupt 100% loses most echoes (a flipped bit breaks a checksum), reorder
 # 50% with 100 ms sends about half the echoes at once and holds the rest;
 # the namespace equals its snapshot after each recover.
 # vm-test-timeout: 240
@@ -29,14 +29,18 @@ id=$(inject duplicate --percent 100)
 ip netns exec a ping -c 10 -i 0.2 -W 2 10.9.0.2 > /tmp/dup 2>&1
 dups=$(grep -c 'DUP' /tmp/dup)
 echo "duplicate 100%: $dups duplicate replies to 10 echoes"
-[ "$dups" -ge 9 ] || fail "duplicate 100% gave $dups duplicates of 10: $(cat /tmp/dup)"
+# The last echo's duplicate may come after ping has exited.
+[ "$dups" -ge 8 ] || fail "duplicate 100% gave $dups duplicates of 10: $(cat /tmp/dup)"
 recover "$id" duplicate
 ok "duplicate: every echo came back twice"
 
 id=$(inject corrupt --percent 100)
-got=$(ip netns exec a ping -c 10 -i 0.2 -W 1 10.9.0.2 2>/dev/null | grep -c 'bytes from')
-echo "corrupt 100%: $got of 10 echoes answered"
-[ "$got" -le 2 ] || fail "corrupt 100% still let $got of 10 echoes through"
+# netem flips one random bit anywhere in the frame; a flip in the source MAC
+# (or a field nobody checks on veth) still gets an answer: 0 to 30% of the
+# echoes were answered in our runs, so "mostly lost" is at most half of 40.
+got=$(ip netns exec a ping -c 40 -i 0.1 -W 1 10.9.0.2 2>/dev/null | grep -c 'bytes from')
+echo "corrupt 100%: $got of 40 echoes answered"
+[ "$got" -le 20 ] || fail "corrupt 100% still let $got of 40 echoes through"
 recover "$id" corrupt
 got=$(ip netns exec a ping -c 3 -i 0.2 -W 1 10.9.0.2 2>/dev/null | grep -c 'bytes from')
 [ "$got" -eq 3 ] || fail "after recovering corrupt only $got of 3 echoes answered"
