@@ -19,7 +19,7 @@ use tokio::sync::broadcast;
 use crate::{
     driver::{ApplyContext, Driver, Liveness, Recorder},
     error::ApiError,
-    experiment::{Counters, Experiment, State},
+    experiment::{Experiment, State},
     journal::Journal,
     spec::{Fault, ProcessFault, Target},
 };
@@ -197,20 +197,7 @@ impl Engine {
         let target_lock = self.target_lock(&spec.target);
         let _serialised = lock(&target_lock);
 
-        let now = SystemTime::now();
-        let mut exp = Experiment {
-            id: new_id(),
-            target: spec.target,
-            fault: spec.fault,
-            state: State::Injecting,
-            reason: String::new(),
-            created_at: now,
-            duration: spec.duration,
-            ends_at: spec.duration.map(|d| now + d),
-            ended_at: None,
-            forced: spec.force,
-            counters: Counters::default(),
-        };
+        let mut exp = Experiment::new(new_id(), spec.target, spec.fault, spec.duration, spec.force, SystemTime::now());
         self.journal()
             .insert(&exp)
             .map_err(|e| ApiError::Internal(format!("cannot write the journal, nothing applied: {e}")))?;
@@ -291,8 +278,7 @@ impl Engine {
         let driver = self.drivers.get(DriverKind::of(&exp.fault))?;
         exp.state = State::Recovering;
         self.save(&exp);
-        let last = driver.counters(&exp, &objects);
-        exp.counters = last;
+        exp.counters = driver.counters(&exp, &objects);
         let result = driver.revert(&exp, &objects);
         exp.ended_at = Some(SystemTime::now());
         match result {

@@ -54,6 +54,31 @@ pub struct Experiment {
 }
 
 impl Experiment {
+    /// A new experiment about to be injected: its deadline is `duration`
+    /// after `now`.
+    pub fn new(
+        id: String,
+        target: Target,
+        fault: Fault,
+        duration: Option<Duration>,
+        forced: bool,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            id,
+            target,
+            fault,
+            state: State::Injecting,
+            reason: String::new(),
+            created_at: now,
+            duration,
+            ends_at: duration.map(|d| now + d),
+            ended_at: None,
+            forced,
+            counters: Counters::default(),
+        }
+    }
+
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
         self.ends_at.map(|end| end.duration_since(now).unwrap_or_default())
     }

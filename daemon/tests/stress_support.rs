@@ -15,7 +15,7 @@ use std::{
 use chaosd::{
     driver::{ApplyContext, Recorder},
     error::ApiError,
-    experiment::{Counters, Experiment, State},
+    experiment::Experiment,
     spec::{Fault, Target},
     stress::cgroup::{Layout, Roots},
 };
@@ -191,20 +191,7 @@ impl Recorder for VecRecorder {
 }
 
 pub fn experiment(id: &str, target: Target, fault: Fault, duration: Option<Duration>) -> Experiment {
-    let now = SystemTime::now();
-    Experiment {
-        id: id.into(),
-        target,
-        fault,
-        state: State::Injecting,
-        reason: String::new(),
-        created_at: now,
-        duration,
-        ends_at: duration.map(|d| now + d),
-        ended_at: None,
-        forced: false,
-        counters: Counters::default(),
-    }
+    Experiment::new(id.into(), target, fault, duration, false, SystemTime::now())
 }
 
 pub fn ctx(exp: &Experiment) -> ApplyContext<'_> {

@@ -20,7 +20,7 @@ use std::{
 use chaosd::{
     driver::{ApplyContext, Driver, Recorder},
     error::ApiError,
-    experiment::{Counters, Experiment, State},
+    experiment::Experiment,
     net::{NetConfig, NetworkDriver},
     netns::NetnsRef,
     spec::{Direction, Fault, NetAction, NetworkFault, PortRange, Protocol, Selector, Target},
@@ -198,20 +198,7 @@ pub fn experiment(
     action: NetAction,
     duration: Option<Duration>,
 ) -> Experiment {
-    let now = SystemTime::now();
-    Experiment {
-        id: id.into(),
-        target,
-        fault: Fault::Network(NetworkFault { selector, action }),
-        state: State::Injecting,
-        reason: String::new(),
-        created_at: now,
-        duration,
-        ends_at: duration.map(|d| now + d),
-        ended_at: None,
-        forced: false,
-        counters: Counters::default(),
-    }
+    Experiment::new(id.into(), target, Fault::Network(NetworkFault { selector, action }), duration, false, SystemTime::now())
 }
 
 /// Applies with no other active experiment; returns the recorded objects.
