@@ -224,7 +224,8 @@ fn after_a_restart_a_new_driver_adopts_the_pause_and_reverts_it() {
     wait_until("the old guardian to stand down", Duration::from_secs(2), || !alive(old_guardian));
     assert_eq!(state(target.pid()), 'T', "standing down must not resume");
     new.revert(&exp, &rec.0).unwrap();
-    assert_eq!(state(target.pid()), 'S');
+    // Resumed: running for a moment ('R'), then back to its sleep ('S').
+    wait_until("the target to resume", Duration::from_secs(2), || state(target.pid()) == 'S');
     assert!(!alive(new_guardian));
     // Nothing stopped any more: adopting again fails so the engine reverts.
     assert!(new.adopt(&exp, &rec.0).is_err());
@@ -243,7 +244,8 @@ fn revert_from_the_journal_alone_resumes_and_dismisses_the_guardian() {
     let old_guardian = old.guardian_pid(&exp.id).unwrap();
     let new = ProcessDriver::new(CHAOSD, DEFAULT_GRACE);
     new.revert(&exp, &rec.0).unwrap_or_else(|e| panic!("revert: {e:?}"));
-    assert_eq!(state(target.pid()), 'S');
+    // Resumed: running for a moment ('R'), then back to its sleep ('S').
+    wait_until("the target to resume", Duration::from_secs(2), || state(target.pid()) == 'S');
     wait_until("the old guardian to be dismissed", Duration::from_secs(2), || !alive(old_guardian));
     drop(old);
 }
