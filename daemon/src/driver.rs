@@ -18,8 +18,13 @@ use crate::{
 
 /// Writes an object description to the journal. Fails when the journal
 /// cannot be written; the driver must then not create the object.
-pub trait Recorder {
+pub trait Recorder: Send {
     fn record(&mut self, object: Value) -> Result<(), ApiError>;
+
+    /// Records several objects at once (one journal commit).
+    fn record_all(&mut self, objects: Vec<Value>) -> Result<(), ApiError> {
+        objects.into_iter().try_for_each(|o| self.record(o))
+    }
 }
 
 /// What the engine knows when it asks a driver to apply a fault.

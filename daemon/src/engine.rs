@@ -120,11 +120,15 @@ struct JournalRecorder<'a> {
 
 impl Recorder for JournalRecorder<'_> {
     fn record(&mut self, object: Value) -> Result<(), ApiError> {
+        self.record_all(vec![object])
+    }
+
+    fn record_all(&mut self, objects: Vec<Value>) -> Result<(), ApiError> {
         self.engine
             .journal()
-            .add_object(&self.id, &object)
+            .add_objects(&self.id, &objects)
             .map_err(|e| ApiError::Internal(format!("cannot write the journal, nothing more is applied: {e}")))?;
-        self.objects.push(object);
+        self.objects.extend(objects);
         Ok(())
     }
 }

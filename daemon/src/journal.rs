@@ -46,6 +46,8 @@ pub struct Journal {
     conn: Connection,
     path: PathBuf,
     boot_id: String,
+    /// Endings written since ended experiments were last pruned.
+    ended_since_prune: u32,
     _lock: Flock<File>,
 }
 
@@ -56,8 +58,11 @@ pub struct Unfinished {
     pub objects: Vec<Value>,
 }
 
-/// Terminal experiments kept for `list --all` and `get`.
+/// Terminal experiments kept for `list --all` and `get` (pruned every
+/// `PRUNE_EVERY` endings, so up to `KEEP_ENDED + PRUNE_EVERY` are kept):
+/// pruning sorts every ended entry, too slow to do on each recover.
 const KEEP_ENDED: i64 = 1000;
+const PRUNE_EVERY: u32 = 64;
 
 fn state_name(s: State) -> &'static str {
     match s {
@@ -100,9 +105,12 @@ impl Journal {
         // journal is for); only a power loss can drop the last commits, and a
         // power loss reboots the kernel, which discards every fault anyway
         // (entries of an earlier boot are closed by the boot id). No fsync per
-        // commit keeps an injection well under a millisecond.
+        // commit keeps an injection well under a millisecond. Exclusive
+        // locking: only this daemon opens the file (the lock above), so a
+        // commit takes no file locks and needs no shared-memory index.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
+            "PRAGMA locking_mode = EXCLUSIVE;
+             PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS experiments (
                  id TEXT PRIMARY KEY,
@@ -119,7 +127,7 @@ impl Journal {
              );",
         )
         .map_err(sql)?;
-        Ok(Self { conn, path, boot_id, _lock: lock })
+        Ok(Self { conn, path, boot_id, ended_since_prune: PRUNE_EVERY, _lock: lock })
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
@@ -142,10 +150,12 @@ impl Journal {
     pub fn insert(&self, exp: &Experiment) -> Result<(), JournalError> {
         let created = exp.created_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         self.conn
-            .execute(
+            .prepare_cached(
                 "INSERT INTO experiments (id, boot_id, state, created_ns, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![exp.id, self.boot_id, state_name(exp.state), created, Self::encode(exp)],
             )
+            .and_then(|mut st| {
+                st.execute(params![exp.id, self.boot_id, state_name(exp.state), created, Self::encode(exp)])
+            })
             .map_err(self.sql())?;
         Ok(())
     }
@@ -156,13 +166,16 @@ impl Journal {
         let path = self.path.clone();
         let sql = |source| JournalError::Sql { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(sql)?;
-        tx.execute(
-            "UPDATE experiments SET state = ?2, body = ?3 WHERE id = ?1",
-            params![exp.id, state_name(exp.state), Self::encode(exp)],
-        )
-        .map_err(sql)?;
+        tx.prepare_cached("UPDATE experiments SET state = ?2, body = ?3 WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![exp.id, state_name(exp.state), Self::encode(exp)]))
+            .map_err(sql)?;
         if exp.state.is_terminal() {
-            tx.execute("DELETE FROM objects WHERE experiment_id = ?1", params![exp.id]).map_err(sql)?;
+            tx.prepare_cached("DELETE FROM objects WHERE experiment_id = ?1")
+                .and_then(|mut st| st.execute(params![exp.id]))
+                .map_err(sql)?;
+            self.ended_since_prune += 1;
+        }
+        if self.ended_since_prune >= PRUNE_EVERY {
             tx.execute(
                 "DELETE FROM experiments WHERE state IN ('recovered','failed','expired') AND id NOT IN
                    (SELECT id FROM experiments WHERE state IN ('recovered','failed','expired')
@@ -171,19 +184,35 @@ impl Journal {
             )
             .map_err(sql)?;
         }
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        if self.ended_since_prune >= PRUNE_EVERY {
+            self.ended_since_prune = 0;
+        }
+        Ok(())
     }
 
     /// Records one kernel object of an experiment, before it is created.
-    pub fn add_object(&self, id: &str, object: &Value) -> Result<(), JournalError> {
-        self.conn
-            .execute(
-                "INSERT INTO objects (experiment_id, seq, body)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM objects WHERE experiment_id = ?1), ?2)",
-                params![id, object.to_string()],
-            )
-            .map_err(self.sql())?;
-        Ok(())
+    pub fn add_object(&mut self, id: &str, object: &Value) -> Result<(), JournalError> {
+        self.add_objects(id, std::slice::from_ref(object))
+    }
+
+    /// Records several objects in one commit, before any of them is created.
+    pub fn add_objects(&mut self, id: &str, objects: &[Value]) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        let sql = |source| JournalError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO objects (experiment_id, seq, body)
+                     VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM objects WHERE experiment_id = ?1), ?2)",
+                )
+                .map_err(sql)?;
+            for object in objects {
+                st.execute(params![id, object.to_string()]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
     }
 
     pub fn objects(&self, id: &str) -> Result<Vec<Value>, JournalError> {
@@ -285,16 +314,17 @@ mod tests {
     fn intent_and_objects_survive_reopen_and_end_drops_objects() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let j = Journal::open(dir.path(), "boot-a".into()).unwrap();
+            let mut j = Journal::open(dir.path(), "boot-a".into()).unwrap();
             j.insert(&exp("e1")).unwrap();
             j.add_object("e1", &serde_json::json!({"paused": 7})).unwrap();
-            j.add_object("e1", &serde_json::json!({"paused": 8})).unwrap();
+            j.add_objects("e1", &[serde_json::json!({"paused": 8}), serde_json::json!({"paused": 9})]).unwrap();
         }
         let mut j = Journal::open(dir.path(), "boot-b".into()).unwrap();
         let un = j.unfinished().unwrap();
         assert_eq!(un.len(), 1);
         assert_eq!(un[0].boot_id, "boot-a");
-        assert_eq!(un[0].objects, vec![serde_json::json!({"paused": 7}), serde_json::json!({"paused": 8})]);
+        let paused = |n: u32| serde_json::json!({ "paused": n });
+        assert_eq!(un[0].objects, vec![paused(7), paused(8), paused(9)], "objects come back in recording order");
         let mut e = un[0].experiment.clone();
         e.state = State::Recovered;
         j.update(&e).unwrap();

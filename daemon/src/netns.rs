@@ -98,24 +98,27 @@ impl NetnsRef {
         })
     }
 
-    /// Runs `f` on a new thread inside this namespace and returns its result.
+    /// Runs `f` on a new thread inside this namespace and returns its
+    /// result. The thread is scoped: `f` may borrow from the caller, so a
+    /// whole operation can run on one thread (one setns, two hand-offs).
     pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
     where
-        T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
+        T: Send,
+        F: FnOnce() -> T + Send,
     {
         let file = self.open()?;
         let label = self.label.clone();
-        let thread_label = label.clone();
-        let handle = thread::Builder::new()
-            .name("chaosd-netns".into())
-            .spawn(move || -> Result<T, NetnsError> {
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Setns { label: thread_label, source })?;
-                Ok(f())
-            })
-            .map_err(|source| NetnsError::Spawn { label: label.clone(), source })?;
-        handle.join().map_err(|_| NetnsError::Panicked(label))?
+        thread::scope(|scope| {
+            let handle = thread::Builder::new()
+                .name("chaosd-netns".into())
+                .spawn_scoped(scope, || -> Result<T, NetnsError> {
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|source| NetnsError::Setns { label: label.clone(), source })?;
+                    Ok(f())
+                })
+                .map_err(|source| NetnsError::Spawn { label: label.clone(), source })?;
+            handle.join().map_err(|_| NetnsError::Panicked(label.clone()))?
+        })
     }
 }
 
@@ -145,5 +148,22 @@ mod tests {
         let err = NetnsRef::named("chaosd-test-does-not-exist").run(|| ()).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("'chaosd-test-does-not-exist' not found"), "{msg}");
+    }
+
+    #[test]
+    fn work_runs_on_its_own_thread_and_may_borrow_from_the_caller() {
+        assert!(nix::unistd::geteuid().is_root(), "setns needs root: run the tests as root (scripts/test.sh)");
+        let mut seen = Vec::new();
+        let caller = std::thread::current().id();
+        let ran_on = NetnsRef::host()
+            .run(|| {
+                seen.push(1);
+                std::thread::current().id()
+            })
+            .unwrap();
+        assert_ne!(ran_on, caller);
+        assert_eq!(seen, [1]);
+        let err = NetnsRef::host().run(|| panic!("job fails")).map(|_: ()| ()).unwrap_err();
+        assert!(matches!(err, NetnsError::Panicked(_)), "{err}");
     }
 }

@@ -129,6 +129,12 @@ impl NetAction {
         )
     }
 
+    /// Actions carried out by qdiscs (HTB, netem), not by the classifier
+    /// alone: they replace the device's root qdisc.
+    pub fn shapes(&self) -> bool {
+        self.needs_netem() || matches!(self, NetAction::Bandwidth { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             NetAction::Delay { .. } => "delay",

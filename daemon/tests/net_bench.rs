@@ -115,7 +115,9 @@ fn bench_network_datapath() {
     let ifindex: u32 = sh(&format!("ip netns exec {} cat /sys/class/net/va/ifindex", topo.a)).trim().parse().unwrap();
     let pkt = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), PROTO_TCP, 40000, 7000);
     let run = |pin: std::path::PathBuf, pkt: Vec<u8>| {
-        NetnsRef::named(&topo.a).run(move || bpf::test_run(&pin, ifindex, &pkt, 1_000_000).unwrap()).unwrap()
+        NetnsRef::named(&topo.a)
+            .run(move || bpf::test_run(&bpf::open_pinned(&pin).unwrap(), ifindex, &pkt, 1_000_000).unwrap())
+            .unwrap()
     };
     let (_, ns1) = run(pin.clone(), pkt.clone());
 

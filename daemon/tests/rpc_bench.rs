@@ -71,7 +71,15 @@ fn inject_and_recover_latency() {
         pb::chaosd_client::ChaosdClient::new(channel)
     });
     const RUNS: usize = 200;
-    let has_netem = rt.block_on(client.status(pb::StatusRequest {})).unwrap().into_inner().capabilities.unwrap().netem.unwrap().available;
+    let has_netem = rt
+        .block_on(client.status(pb::StatusRequest {}))
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .unwrap()
+        .netem
+        .unwrap()
+        .available;
 
     let mut kinds: Vec<(&str, pb::network_action::Kind)> = vec![
         ("loss 10%", pb::network_action::Kind::Loss(pb::Loss { percent: 10.0, correlation_percent: 0.0 })),
@@ -89,6 +97,16 @@ fn inject_and_recover_latency() {
         println!("(no netem in this kernel: delay inject latency is measured by the VM test instead)");
     }
     println!("chaosd RPC latency, {RUNS} runs each, target netns with one veth:");
+    // The floor every RPC pays (HTTP/2 over the unix socket, a blocking
+    // thread): List with nothing active.
+    let floor: Vec<Duration> = (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            rt.block_on(client.list(pb::ListRequest::default())).expect("list");
+            t.elapsed()
+        })
+        .collect();
+    line("List, nothing active (the RPC floor)", floor);
     let mut results = Vec::new();
     for (name, kind) in kinds {
         // Another fault stays on port 7001 throughout, so the classifiers
@@ -104,7 +122,8 @@ fn inject_and_recover_latency() {
                 .expect("recover");
             rec.push(t.elapsed());
         }
-        rt.block_on(client.recover(pb::RecoverRequest { which: Some(pb::recover_request::Which::Id(warm.id)) })).unwrap();
+        rt.block_on(client.recover(pb::RecoverRequest { which: Some(pb::recover_request::Which::Id(warm.id)) }))
+            .unwrap();
         results.push((name, line(&format!("Inject {name} (fault active on return)"), inj)));
         line(&format!("Recover {name} (gone on return)"), rec);
     }
@@ -126,6 +145,10 @@ fn inject_and_recover_latency() {
     }
     let (tc50, _) = line("one `ip netns exec .. tc` process (add or del)", tc);
     for (name, (p50, p99)) in results {
-        println!("ratio Inject {name} p50 / one tc process: {:.2}; p99 {:.3} ms", p50.as_secs_f64() / tc50.as_secs_f64(), ms(p99));
+        println!(
+            "ratio Inject {name} p50 / one tc process: {:.2}; p99 {:.3} ms",
+            p50.as_secs_f64() / tc50.as_secs_f64(),
+            ms(p99)
+        );
     }
 }

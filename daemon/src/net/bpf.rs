@@ -415,13 +415,17 @@ pub fn detach_filter(ifname: &str, dir: u8) -> Result<(), BpfError> {
     }
 }
 
-/// Runs a pinned classifier once on `packet` as if on device `ifindex`
+/// Opens a pinned classifier (for `test_run`).
+pub fn open_pinned(prog_pin: &Path) -> Result<SchedClassifier, BpfError> {
+    SchedClassifier::from_pin(prog_pin)
+        .map_err(|source| BpfError::Program { what: format!("open pinned program {}", prog_pin.display()), source })
+}
+
+/// Runs a classifier `repeat` times on `packet` as if on device `ifindex`
 /// (BPF_PROG_TEST_RUN; namespace thread, since the ifindex is resolved in
 /// the caller's namespace). Returns the verdict and the time per run.
-pub fn test_run(prog_pin: &Path, ifindex: u32, packet: &[u8], repeat: u32) -> Result<(u32, Duration), BpfError> {
+pub fn test_run(prog: &SchedClassifier, ifindex: u32, packet: &[u8], repeat: u32) -> Result<(u32, Duration), BpfError> {
     use aya::programs::{TestRun, TestRunOptions};
-    let prog = SchedClassifier::from_pin(prog_pin)
-        .map_err(|source| BpfError::Program { what: format!("open pinned program {}", prog_pin.display()), source })?;
     // struct __sk_buff up to and including ifindex (offset 40).
     let mut ctx = vec![0u8; 192];
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());

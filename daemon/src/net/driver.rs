@@ -26,6 +26,7 @@ use crate::{
     driver::{ApplyContext, Driver, Liveness, Recorder},
     error::ApiError,
     experiment::{Counters, Experiment},
+    netns::NetnsError,
     probe::HostProbe,
     spec::{Fault, NetAction, NetworkFault, Protocol, Target},
 };
@@ -113,7 +114,7 @@ impl NetworkDriver {
                 )));
             }
         }
-        let shaping = action.needs_netem() || matches!(action, NetAction::Bandwidth { .. });
+        let shaping = action.shapes();
         if shaping {
             if let Err(why) = &self.caps.htb {
                 return Err(ApiError::FailedPrecondition(format!(
@@ -198,7 +199,7 @@ impl NetworkDriver {
             }
         }
         // Shaping replaces the root qdisc: never clobber the user's own.
-        let shaping = fault.action.needs_netem() || matches!(fault.action, NetAction::Bandwidth { .. });
+        let shaping = fault.action.shapes();
         if shaping && sel.direction.egress() && !exp.forced {
             for d in &selected {
                 let ours = matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR);
@@ -231,7 +232,43 @@ impl NetworkDriver {
         done: &mut Vec<NetObject>,
     ) -> Result<(), ApiError> {
         let ns = target::resolve(&exp.target)?;
-        let devices = target::inspect(&ns)?;
+        // The whole injection runs on one thread inside the namespace: each
+        // hand-off between threads costs tens of microseconds.
+        match ns.netns.run(|| self.apply_here(exp, fault, ctx, rec, done, &ns)) {
+            Ok(applied) => applied?,
+            Err(NetnsError::Panicked(_)) => {
+                return Err(ApiError::Internal(format!(
+                    "injecting into network namespace {} failed (see the daemon's log)",
+                    ns.netns.label()
+                )));
+            }
+            Err(e) => return Err(ApiError::NotFound(format!("cannot enter the target's network namespace: {e}"))),
+        }
+        // A pid that exited meanwhile leaves a namespace nobody uses.
+        if let Target::Pid(pid) = exp.target {
+            let still = target::resolve(&exp.target).map(|t| t.inode == ns.inode).unwrap_or(false);
+            if !still {
+                return Err(ApiError::NotFound(format!(
+                    "pid {pid} exited during injection; nothing was left in place"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `apply_inner` on a thread inside the target namespace.
+    fn apply_here(
+        &self,
+        exp: &Experiment,
+        fault: &NetworkFault,
+        ctx: &ApplyContext<'_>,
+        rec: &mut dyn Recorder,
+        done: &mut Vec<NetObject>,
+        ns: &TargetNs,
+    ) -> Result<(), ApiError> {
+        let devices = target::inspect_here(fault.action.shapes()).map_err(|e| {
+            ApiError::Internal(format!("reading devices of network namespace {}: {e}", ns.netns.label()))
+        })?;
         let selected = self.validate(exp, fault, &ns, &devices, ctx.active)?;
         let sel = &fault.selector;
         let dirs: Vec<u8> = [(sel.direction.egress(), DIR_EGRESS), (sel.direction.ingress(), DIR_INGRESS)]
@@ -244,7 +281,7 @@ impl NetworkDriver {
         });
         let id = rulemaps::alloc_id(&mut self.dp.lock())
             .ok_or_else(|| ApiError::Unavailable("all rule slots are in use; recover some faults first".into()))?;
-        let shaping = fault.action.needs_netem() || matches!(fault.action, NetAction::Bandwidth { .. });
+        let shaping = fault.action.shapes();
         let classid = if shaping { shaping::classid(id) } else { 0 };
         let compiled = match rules::compile(fault, classid, deadline_ns.unwrap_or(0)) {
             Ok(c) => c,
@@ -261,20 +298,22 @@ impl NetworkDriver {
             ingress: sel.direction.ingress(),
             classid,
         };
-        if let Err(e) = rec.record(rule_obj.to_value()) {
+        // Everything known before the kernel is touched goes to the journal
+        // in one commit: the rule, the shaping objects, the programs.
+        let plan = shaping.then(|| shaping::Plan::new(id, &fault.action, sel.direction, &selected));
+        let mut upfront = vec![rule_obj];
+        upfront.extend(plan.iter().flat_map(|p| p.objects(ns.inode)));
+        upfront.push(NetObject::Programs { netns: ns.inode });
+        if let Err(e) = rec.record_all(upfront.iter().map(NetObject::to_value).collect()) {
             self.dp.lock().used_ids.remove(&id);
             return Err(e);
         }
-        done.push(rule_obj);
+        done.extend(upfront);
 
         // Shaping first, so the classes exist before packets are steered.
-        if shaping {
-            let plan = shaping::Plan::new(id, &fault.action, sel.direction, &selected);
-            for obj in plan.objects(ns.inode) {
-                self.record(rec, done, obj)?;
-            }
+        if let Some(plan) = &plan {
             let sel_fd = self.dp.ifb_sel_fd().map_err(api_internal)?;
-            let ifbs = shaping::apply(&ns, &plan, exp.forced, sel_fd)?;
+            let ifbs = shaping::apply_here(plan, exp.forced, sel_fd).map_err(ApiError::Internal)?;
             let mut maps = self.dp.lock();
             for (dev_ifindex, ifb_ifindex) in ifbs {
                 rulemaps::set_ifb(
@@ -286,7 +325,6 @@ impl NetworkDriver {
             }
         }
 
-        self.record(rec, done, NetObject::Programs { netns: ns.inode })?;
         self.dp.ensure_programs(ns.inode).map_err(api_internal)?;
 
         let ifindexes: Vec<u32> = selected.iter().map(|d| d.ifindex).collect();
@@ -331,44 +369,31 @@ impl NetworkDriver {
                 _ => unreachable!(),
             })
             .collect();
-        let kernel = ns
-            .netns
-            .run(move || -> Result<(), String> {
-                for (o, link) in attach.iter().zip(&links) {
-                    let NetObject::Attach { ifname, dir, how, .. } = o else { continue };
-                    if *how == AttachKind::Clsact {
-                        shaping::ensure_clsact(ifname).map_err(|e| e.to_string())?;
-                    }
-                    bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how).map_err(|e| e.to_string())?;
+        let kernel = || -> Result<(), String> {
+            for (o, link) in attach.iter().zip(&links) {
+                let NetObject::Attach { ifname, dir, how, .. } = o else { continue };
+                if *how == AttachKind::Clsact {
+                    shaping::ensure_clsact(ifname).map_err(|e| e.to_string())?;
                 }
-                for c in &checks {
-                    let (verdict, _) =
-                        bpf::test_run(&pins[c.dir as usize], c.ifindex, &c.packet, 1).map_err(|e| e.to_string())?;
-                    if verdict != 0 {
-                        return Err(format!(
-                            "protected port {} would not pass on {} (verdict {verdict})",
-                            c.port, c.ifname
-                        ));
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|e| {
-                ApiError::NotFound(format!("the target's network namespace went away during injection: {e}"))
-            })?;
-        kernel
-            .map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))?;
-
-        // A pid that exited meanwhile leaves a namespace nobody uses.
-        if let Target::Pid(pid) = exp.target {
-            let still = target::resolve(&exp.target).map(|t| t.inode == ns.inode).unwrap_or(false);
-            if !still {
-                return Err(ApiError::NotFound(format!(
-                    "pid {pid} exited during injection; nothing was left in place"
-                )));
+                bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how).map_err(|e| e.to_string())?;
             }
-        }
-        Ok(())
+            let mut progs = [None, None];
+            for c in &checks {
+                let prog = match &mut progs[c.dir as usize] {
+                    Some(p) => p,
+                    empty => empty.insert(bpf::open_pinned(&pins[c.dir as usize]).map_err(|e| e.to_string())?),
+                };
+                let (verdict, _) = bpf::test_run(prog, c.ifindex, &c.packet, 1).map_err(|e| e.to_string())?;
+                if verdict != 0 {
+                    return Err(format!(
+                        "protected port {} would not pass on {} (verdict {verdict})",
+                        c.port, c.ifname
+                    ));
+                }
+            }
+            Ok(())
+        };
+        kernel().map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))
     }
 
     /// Synthetic packets on protected ports that must pass after injection.

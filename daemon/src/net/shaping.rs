@@ -12,12 +12,8 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 
-use super::{
-    objects::NetObject,
-    target::{Device, TargetNs},
-};
+use super::{objects::NetObject, target::Device};
 use crate::{
-    error::ApiError,
     netlink::{NetlinkError, RouteSocket},
     spec::{Direction, NetAction},
     tc::{self, QdiscSpec},
@@ -81,35 +77,28 @@ fn ifindex_here(name: &str) -> Result<u32, String> {
 }
 
 /// Sets everything up; returns (device ifindex, IFB ifindex) for ingress.
-pub fn apply(ns: &TargetNs, plan: &Plan, forced: bool, sel_fd: i32) -> Result<Vec<(u32, u32)>, ApiError> {
-    let targets = plan.targets.clone();
-    let action = plan.action.clone();
-    let classid = plan.classid;
-    ns.netns
-        .run(move || -> Result<Vec<(u32, u32)>, String> {
-            let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
-            let mut ifbs = Vec::new();
-            for (dev, ifb) in &targets {
-                if let Some((_, for_ifindex)) = ifb {
-                    if nix::net::if_::if_nametoindex(dev.as_str()).is_err() {
-                        tc::link_add(&mut sock, dev, InfoKind::Ifb).map_err(|e| e.to_string())?;
-                    }
-                    let idx = ifindex_here(dev)?;
-                    link_set_up(&mut sock, idx).map_err(|e| e.to_string())?;
-                    ifbs.push((*for_ifindex, idx));
-                }
-                let idx = ifindex_here(dev)?;
-                ensure_htb(&mut sock, idx, forced).map_err(|e| e.to_string())?;
-                add_class(&mut sock, idx, classid, &action).map_err(|e| e.to_string())?;
-                if let Some((for_ifname, for_ifindex)) = ifb {
-                    ensure_clsact(for_ifname)?;
-                    add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd).map_err(|e| e.to_string())?;
-                }
+/// Runs on a thread inside the target namespace.
+pub fn apply_here(plan: &Plan, forced: bool, sel_fd: i32) -> Result<Vec<(u32, u32)>, String> {
+    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    let mut ifbs = Vec::new();
+    for (dev, ifb) in &plan.targets {
+        if let Some((_, for_ifindex)) = ifb {
+            if nix::net::if_::if_nametoindex(dev.as_str()).is_err() {
+                tc::link_add(&mut sock, dev, InfoKind::Ifb).map_err(|e| e.to_string())?;
             }
-            Ok(ifbs)
-        })
-        .map_err(|e| ApiError::NotFound(format!("the target's network namespace went away: {e}")))?
-        .map_err(ApiError::Internal)
+            let idx = ifindex_here(dev)?;
+            link_set_up(&mut sock, idx).map_err(|e| e.to_string())?;
+            ifbs.push((*for_ifindex, idx));
+        }
+        let idx = ifindex_here(dev)?;
+        ensure_htb(&mut sock, idx, forced).map_err(|e| e.to_string())?;
+        add_class(&mut sock, idx, plan.classid, &plan.action).map_err(|e| e.to_string())?;
+        if let Some((for_ifname, for_ifindex)) = ifb {
+            ensure_clsact(for_ifname)?;
+            add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(ifbs)
 }
 
 fn link_set_up(sock: &mut RouteSocket, ifindex: u32) -> Result<(), NetlinkError> {

@@ -80,8 +80,9 @@ impl Device {
     }
 }
 
-/// Dumps links, addresses and root qdiscs. Runs on a namespace thread.
-pub fn inspect_here() -> Result<Vec<Device>, NetlinkError> {
+/// Dumps links, addresses and (with `root_qdiscs`, which only shaping
+/// faults need) root qdiscs. Runs on a namespace thread.
+pub fn inspect_here(root_qdiscs: bool) -> Result<Vec<Device>, NetlinkError> {
     let mut sock = RouteSocket::open()?;
     let mut devices: Vec<Device> = Vec::new();
     for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
@@ -111,6 +112,9 @@ pub fn inspect_here() -> Result<Vec<Device>, NetlinkError> {
             }
         }
     }
+    if !root_qdiscs {
+        return Ok(devices);
+    }
     for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
         if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
             if q.header.parent != TcHandle::ROOT {
@@ -127,14 +131,6 @@ pub fn inspect_here() -> Result<Vec<Device>, NetlinkError> {
         }
     }
     Ok(devices)
-}
-
-/// Runs `inspect_here` inside the target namespace.
-pub fn inspect(ns: &TargetNs) -> Result<Vec<Device>, ApiError> {
-    ns.netns
-        .run(inspect_here)
-        .map_err(|e| ApiError::NotFound(format!("cannot enter the target's network namespace: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("reading devices of network namespace {}: {e}", ns.netns.label())))
 }
 
 /// The devices a selector names; empty means every device but lo. A name

@@ -198,7 +198,14 @@ pub fn experiment(
     action: NetAction,
     duration: Option<Duration>,
 ) -> Experiment {
-    Experiment::new(id.into(), target, Fault::Network(NetworkFault { selector, action }), duration, false, SystemTime::now())
+    Experiment::new(
+        id.into(),
+        target,
+        Fault::Network(NetworkFault { selector, action }),
+        duration,
+        false,
+        SystemTime::now(),
+    )
 }
 
 /// Applies with no other active experiment; returns the recorded objects.
