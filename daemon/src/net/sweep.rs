@@ -1,20 +1,58 @@
-//! Removing what carries chaosd's marks but belongs to no journal entry:
-//! rule ids in the maps that no known experiment recorded (their index
-//! entries, peers and device shares), devices left without rules, and
-//! namespace program pins without devices.
+//! Removing what carries chaosd's marks but belongs to no journal entry
+//! (the daemon died between the kernel and the journal, or the journal
+//! was lost), at every start:
+//!
+//! - in the pinned maps: rule ids that no known experiment recorded (their
+//!   index entries, peers and device shares), devices left without rules,
+//!   and namespace program pins without devices;
+//! - in every network namespace reachable on the host (see
+//!   `target::reachable_namespaces`): chaosd's HTB root (handle
+//!   `HTB_MAJOR:`, with its classes and netem leaves) or single classes of
+//!   it, IFB devices named `chaosd-ifb<N>`, and chaosd's cls_bpf filters
+//!   under clsact (the classifiers at `FILTER_PRIORITY`, the IFB redirect
+//!   at `IFB_FILTER_PRIORITY`), unless a known experiment's journal
+//!   objects account for them.
+//!
+//! A clsact qdisc carries no mark: one chaosd created and one the user
+//! created before (possibly empty) look the same to the kernel, and
+//! `ensure_clsact` does not record which it was. The sweep therefore
+//! removes only chaosd's filters and leaves the clsact (inert once empty),
+//! logging that it did so. A journal that still knows the experiment
+//! (`NetObject::Clsact`) is what lets revert remove it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Instant,
+};
 
-use chaosd_common::{ACTION_NONE, DevConf, DevKey, MAX_RULES, Rule, mask_bit};
+use chaosd_common::{ACTION_NONE, DIR_EGRESS, DIR_INGRESS, DevConf, DevKey, HTB_MAJOR, MAX_RULES, Rule, mask_bit};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+};
 use serde_json::Value;
 
 use super::{
-    bpf::{self, Datapath},
+    bpf::{self, AttachKind, Datapath},
     objects::NetObject,
+    shaping,
+    target::{self, FoundNs},
 };
-use crate::experiment::Experiment;
+use crate::{
+    experiment::Experiment,
+    netlink::{NetlinkError, RouteSocket},
+    tc,
+};
 
 pub fn sweep(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+    let mut removed = sweep_maps(dp, known);
+    removed.extend(sweep_namespaces(known));
+    removed
+}
+
+/// Rule ids, links and pins in the maps under the daemon's bpffs directory.
+fn sweep_maps(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
     let known_ids: BTreeSet<u32> = known
         .iter()
         .flat_map(|(_, objs)| objs.iter().filter_map(NetObject::from_value))
@@ -86,3 +124,332 @@ pub fn sweep(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
     }
     removed
 }
+
+/// What the known experiments hold in one namespace (names are device
+/// names inside it).
+#[derive(Debug, Default)]
+struct Owned {
+    ifbs: BTreeSet<String>,
+    /// Devices whose IFB redirect filter is owned.
+    ifb_feeds: BTreeSet<String>,
+    htbs: BTreeSet<String>,
+    classes: BTreeSet<(String, u32)>,
+    /// (ifindex, direction) of classifiers attached as cls_bpf filters.
+    filters: BTreeSet<(u32, u8)>,
+    clsacts: BTreeSet<String>,
+}
+
+fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned> {
+    let mut out: BTreeMap<u32, Owned> = BTreeMap::new();
+    for o in known.iter().flat_map(|(_, objs)| objs.iter().filter_map(NetObject::from_value)) {
+        match o {
+            NetObject::Ifb { netns, name, for_ifname } => {
+                let e = out.entry(netns).or_default();
+                e.ifbs.insert(name);
+                e.ifb_feeds.insert(for_ifname);
+            }
+            NetObject::Htb { netns, ifname } => {
+                out.entry(netns).or_default().htbs.insert(ifname);
+            }
+            NetObject::Class { netns, ifname, classid } => {
+                out.entry(netns).or_default().classes.insert((ifname, classid));
+            }
+            NetObject::Attach { netns, ifindex, dir, how: AttachKind::Clsact, .. } => {
+                out.entry(netns).or_default().filters.insert((ifindex, dir));
+            }
+            NetObject::Clsact { netns, ifname, .. } => {
+                out.entry(netns).or_default().clsacts.insert(ifname);
+            }
+            NetObject::Attach { .. } | NetObject::Rule { .. } | NetObject::Programs { .. } => {}
+        }
+    }
+    out
+}
+
+/// Visits every reachable namespace on its own thread and removes what
+/// chaosd marked there and no known experiment accounts for.
+fn sweep_namespaces(known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+    let started = Instant::now();
+    let owned = owned_by_namespace(known);
+    let nobody = Owned::default();
+    let found = target::reachable_namespaces();
+    let mut removed = Vec::new();
+    for ns in &found {
+        let mine = owned.get(&ns.inode).unwrap_or(&nobody);
+        // A namespace that vanished before its thread entered it had
+        // nothing left to sweep.
+        let Ok(outcome) = ns.netns().run(|| sweep_here(mine)) else { continue };
+        let place = place(ns);
+        removed.extend(outcome.removed.into_iter().map(|r| format!("{r} in network namespace {place}")));
+        for note in outcome.kept_clsact {
+            tracing::info!(
+                netns = %place,
+                device = %note,
+                "left the clsact qdisc after removing chaosd's filters: nothing tells whether chaosd or the user \
+                 created it (it holds no filter now)"
+            );
+        }
+        for e in outcome.errors {
+            tracing::warn!(netns = %place, error = %e, "sweeping chaosd's leftovers");
+        }
+    }
+    tracing::info!(
+        namespaces = found.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "swept network namespaces for chaosd's qdiscs, filters and IFB devices"
+    );
+    removed
+}
+
+fn place(ns: &FoundNs) -> String {
+    format!("{} ({})", ns.inode, ns.label)
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    removed: Vec<String>,
+    /// Devices whose clsact is left empty after chaosd's filters went.
+    kept_clsact: Vec<String>,
+    errors: Vec<String>,
+}
+
+/// The object is gone already (or went while we looked).
+fn gone(e: &NetlinkError) -> bool {
+    matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL))
+}
+
+const CLSACT_EGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff3 };
+const CLSACT_INGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff2 };
+
+struct Link {
+    ifindex: u32,
+    name: String,
+    ifb: bool,
+}
+
+struct Qdisc {
+    ifindex: u32,
+    kind: String,
+    handle: TcHandle,
+    parent: TcHandle,
+}
+
+fn kind_of(attrs: &[TcAttribute]) -> String {
+    attrs.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None }).unwrap_or_default()
+}
+
+fn links_here(sock: &mut RouteSocket) -> Result<Vec<Link>, NetlinkError> {
+    let mut out = Vec::new();
+    for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
+        let RouteNetlinkMessage::NewLink(l) = m else { continue };
+        let mut link = Link { ifindex: l.header.index, name: String::new(), ifb: false };
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::LinkInfo(info) => {
+                    link.ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
+                }
+                _ => {}
+            }
+        }
+        out.push(link);
+    }
+    Ok(out)
+}
+
+fn qdiscs_here(sock: &mut RouteSocket) -> Result<Vec<Qdisc>, NetlinkError> {
+    let mut out = Vec::new();
+    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
+        let RouteNetlinkMessage::NewQueueDiscipline(q) = m else { continue };
+        out.push(Qdisc {
+            ifindex: q.header.index as u32,
+            kind: kind_of(&q.attributes),
+            handle: q.header.handle,
+            parent: q.header.parent,
+        });
+    }
+    Ok(out)
+}
+
+fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
+    let mut msg = TcMessage::default();
+    msg.header.index = ifindex as i32;
+    msg.header.parent = parent;
+    msg.header.handle = handle;
+    msg
+}
+
+/// A cls_bpf filter chaosd attaches: its program name starts with
+/// "chaosd_" and it sits at one of chaosd's two priorities.
+fn chaosd_filter(f: &TcMessage) -> Option<String> {
+    if kind_of(&f.attributes) != "bpf" {
+        return None;
+    }
+    let prio = (f.header.info >> 16) as u16;
+    if prio != bpf::FILTER_PRIORITY && prio != shaping::IFB_FILTER_PRIORITY {
+        return None;
+    }
+    f.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
+            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("chaosd_") => Some(n.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Runs on a thread inside one namespace.
+fn sweep_here(owned: &Owned) -> Outcome {
+    let mut out = Outcome::default();
+    let mut sock = match RouteSocket::open() {
+        Ok(s) => s,
+        Err(e) => {
+            out.errors.push(e.to_string());
+            return out;
+        }
+    };
+    let (links, qdiscs) = match (links_here(&mut sock), qdiscs_here(&mut sock)) {
+        (Ok(l), Ok(q)) => (l, q),
+        (Err(e), _) | (_, Err(e)) => {
+            out.errors.push(e.to_string());
+            return out;
+        }
+    };
+    let name_of = |ifindex: u32| links.iter().find(|l| l.ifindex == ifindex).map(|l| l.name.clone());
+
+    // 1. chaosd's filters under clsact, first: nothing is steered to an
+    //    IFB or class that is about to go.
+    for q in qdiscs.iter().filter(|q| q.kind == "clsact") {
+        let Some(dev) = name_of(q.ifindex) else { continue };
+        let mut took = 0;
+        let mut left = 0;
+        for (dir, parent) in [(DIR_EGRESS, CLSACT_EGRESS), (DIR_INGRESS, CLSACT_INGRESS)] {
+            let req = tc_msg(q.ifindex, parent, TcHandle { major: 0, minor: 0 });
+            let filters = match sock.dump(&format!("dump filters of {dev}"), RouteNetlinkMessage::GetTrafficFilter(req))
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    if !gone(&e) {
+                        out.errors.push(e.to_string());
+                    }
+                    left += 1;
+                    continue;
+                }
+            };
+            for m in filters {
+                let RouteNetlinkMessage::NewTrafficFilter(f) = m else { continue };
+                if f.header.index as u32 != q.ifindex {
+                    continue;
+                }
+                // Each priority also dumps a header entry without a handle.
+                if f.header.handle == (TcHandle { major: 0, minor: 0 }) {
+                    continue;
+                }
+                let Some(name) = chaosd_filter(&f) else {
+                    left += 1;
+                    continue;
+                };
+                let prio = (f.header.info >> 16) as u16;
+                let ours = if prio == shaping::IFB_FILTER_PRIORITY {
+                    owned.ifb_feeds.contains(&dev)
+                } else {
+                    owned.filters.contains(&(q.ifindex, dir))
+                };
+                if ours {
+                    left += 1;
+                    continue;
+                }
+                let mut del = tc_msg(q.ifindex, parent, f.header.handle);
+                del.header.info = f.header.info;
+                del.attributes.push(TcAttribute::Kind("bpf".into()));
+                let side = if dir == DIR_EGRESS { "egress" } else { "ingress" };
+                match sock.request(
+                    &format!("delete filter {name} from {dev} {side}"),
+                    RouteNetlinkMessage::DelTrafficFilter(del),
+                    0,
+                ) {
+                    Ok(()) => {
+                        took += 1;
+                        out.removed.push(format!("cls_bpf filter {name} (prio {prio:#x}) on {dev} {side}"));
+                    }
+                    Err(e) if gone(&e) => {}
+                    Err(e) => {
+                        left += 1;
+                        out.errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        if took > 0 && left == 0 && !owned.clsacts.contains(&dev) {
+            out.kept_clsact.push(dev);
+        }
+    }
+
+    // 2. IFB devices (their qdiscs go with them).
+    let mut deleted = BTreeSet::new();
+    for l in links.iter().filter(|l| l.ifb && l.name.starts_with("chaosd-ifb")) {
+        if owned.ifbs.contains(&l.name) {
+            continue;
+        }
+        match tc::link_del_by_name(&mut sock, &l.name) {
+            Ok(()) => {
+                deleted.insert(l.ifindex);
+                out.removed.push(format!("IFB device {}", l.name));
+            }
+            Err(e) if gone(&e) => {}
+            Err(e) => out.errors.push(e.to_string()),
+        }
+    }
+
+    // 3. chaosd's HTB roots; under a known root, classes nobody owns.
+    let root = |q: &&Qdisc| q.kind == "htb" && q.handle.major == HTB_MAJOR && q.parent == TcHandle::ROOT;
+    for q in qdiscs.iter().filter(root) {
+        if deleted.contains(&q.ifindex) {
+            continue;
+        }
+        let Some(dev) = name_of(q.ifindex) else { continue };
+        if !owned.htbs.contains(&dev) {
+            match tc::qdisc_del(&mut sock, q.ifindex, TcHandle::ROOT, q.handle) {
+                Ok(()) => out.removed.push(format!("HTB root {HTB_MAJOR:x}: on {dev} (with its classes and leaves)")),
+                Err(e) if gone(&e) => {}
+                Err(e) => out.errors.push(e.to_string()),
+            }
+            continue;
+        }
+        let req = tc_msg(q.ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
+        let classes = match sock.dump(&format!("dump classes of {dev}"), RouteNetlinkMessage::GetTrafficClass(req)) {
+            Ok(c) => c,
+            Err(e) => {
+                if !gone(&e) {
+                    out.errors.push(e.to_string());
+                }
+                continue;
+            }
+        };
+        for m in classes {
+            let RouteNetlinkMessage::NewTrafficClass(c) = m else { continue };
+            let h = c.header.handle;
+            if c.header.index as u32 != q.ifindex || h.major != HTB_MAJOR || h.minor <= DEFAULT_CLASS_MINOR {
+                continue;
+            }
+            let classid = ((h.major as u32) << 16) | h.minor as u32;
+            if owned.classes.contains(&(dev.clone(), classid)) {
+                continue;
+            }
+            let del = tc_msg(q.ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, h);
+            match sock.request(
+                &format!("delete class {:x}:{:x} on {dev}", h.major, h.minor),
+                RouteNetlinkMessage::DelTrafficClass(del),
+                0,
+            ) {
+                Ok(()) => out.removed.push(format!("HTB class {:x}:{:x} on {dev}", h.major, h.minor)),
+                Err(e) if gone(&e) => {}
+                Err(e) => out.errors.push(e.to_string()),
+            }
+        }
+    }
+    out
+}
+
+/// The default class of chaosd's HTB (never shapes; goes with the root).
+const DEFAULT_CLASS_MINOR: u16 = 1;

@@ -158,3 +158,68 @@ pub fn select<'a>(all: &'a [Device], names: &[String], label: &str) -> Result<Ve
         })
         .collect()
 }
+
+/// A network namespace found on the host, held open so that it cannot go
+/// away (or its inode be reused) while it is being swept.
+#[derive(Debug)]
+pub struct FoundNs {
+    /// Inode of the namespace (as journal objects record it).
+    pub inode: u32,
+    /// How it was reached: "host", "'NAME'" (/run/netns) or "of pid N".
+    pub label: String,
+    file: std::fs::File,
+}
+
+impl FoundNs {
+    /// Enters the namespace through the held file descriptor.
+    pub fn netns(&self) -> NetnsRef {
+        use std::os::fd::AsRawFd;
+        NetnsRef::path(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Every network namespace reachable from the daemon, once each (by inode):
+/// its own, the bind mounts under /run/netns, and those of every process
+/// in /proc. Namespaces that vanish while being listed are skipped; a
+/// namespace held only by a file descriptor or a bind mount in another
+/// mount namespace is not reachable this way.
+pub fn reachable_namespaces() -> Vec<FoundNs> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    // Namespace files all live on nsfs: a stale file under /run/netns (a
+    // failed `ip netns add`) is on another filesystem and is skipped.
+    let nsfs = std::fs::metadata("/proc/self/ns/net").map(|m| m.dev()).ok();
+    let mut take = |path: std::path::PathBuf, label: String, out: &mut Vec<FoundNs>| {
+        // /proc/PID/ns/net reads as "net:[INODE]": skip known namespaces
+        // without opening them (most processes share a handful).
+        if let Ok(link) = std::fs::read_link(&path) {
+            let ino = link.to_str().and_then(|s| s.strip_prefix("net:[")?.strip_suffix(']')?.parse::<u64>().ok());
+            if ino.is_some_and(|i| seen.contains(&i)) {
+                return;
+            }
+        }
+        let Ok(file) = std::fs::File::open(&path) else { return };
+        let Ok(meta) = file.metadata() else { return };
+        if Some(meta.dev()) != nsfs {
+            return;
+        }
+        if seen.insert(meta.ino()) {
+            out.push(FoundNs { inode: meta.ino() as u32, label, file });
+        }
+    };
+    take("/proc/self/ns/net".into(), "host".into(), &mut out);
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            take(e.path(), format!("'{}'", e.file_name().to_string_lossy()), &mut out);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            take(e.path().join("ns/net"), format!("of pid {pid}"), &mut out);
+        }
+    }
+    out
+}
