@@ -92,9 +92,6 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         Some(d) => *d,
         None => return TC_ACT_OK,
     };
-    if !heartbeat_fresh() {
-        return TC_ACT_OK;
-    }
     let pkt = match parse(ctx, dir) {
         Some(p) => p,
         None => return TC_ACT_OK,
@@ -103,7 +100,9 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         Some(r) => r,
         None => return TC_ACT_OK,
     };
-    if protected(pkt.sport) || protected(pkt.dport) {
+    // Checked only for a packet that matched: a stale heartbeat makes every
+    // rule void, and the most packets match none (no clock read for them).
+    if !heartbeat_fresh() || protected(pkt.sport) || protected(pkt.dport) {
         return TC_ACT_OK;
     }
     act(ctx, dir, &dev, id, rule)
@@ -125,16 +124,29 @@ fn protected(port: u16) -> bool {
     port != 0 && unsafe { CHAOSD_PROTECTED.get(&(port as u32)) }.is_some()
 }
 
+/// `N` bytes at `off`: read straight from the packet when they are in its
+/// linear part (the common case), through bpf_skb_load_bytes otherwise.
+#[inline(always)]
+fn header<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + N <= end {
+        // SAFETY: the N bytes lie between data and data_end (checked just
+        // above, which is also what the verifier requires).
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+    } else {
+        ctx.load(off).ok()
+    }
+}
+
 #[inline(always)]
 fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
     // SAFETY: reading a field of the kernel-provided __sk_buff.
     let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     let mut peer = [0u8; 16];
-    // One bpf_skb_load_bytes per header: each helper call costs more than
-    // the parsing itself.
+    // One read per header: a helper call costs more than the parsing itself.
     let (proto, l4) = match eth_proto {
         ETH_P_IP => {
-            let h: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+            let h: [u8; 20] = header(ctx, ETH_HLEN)?;
             if h[0] >> 4 != 4 {
                 return None;
             }
@@ -153,7 +165,7 @@ fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
             (h[9], l4)
         }
         ETH_P_IPV6 => {
-            let h: [u8; 40] = ctx.load(ETH_HLEN).ok()?;
+            let h: [u8; 40] = header(ctx, ETH_HLEN)?;
             let a = if dir == DIR_EGRESS { 24 } else { 8 };
             let mut i = 0;
             while i < 16 {
@@ -166,7 +178,7 @@ fn parse(ctx: &TcContext, dir: u8) -> Option<Packet> {
     };
     let (sport, dport) = match (proto, l4) {
         (PROTO_TCP | PROTO_UDP, Some(off)) => {
-            let ports: [u8; 4] = ctx.load(off).ok()?;
+            let ports: [u8; 4] = header(ctx, off)?;
             (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
         }
         _ => (0, 0),
