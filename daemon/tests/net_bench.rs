@@ -16,6 +16,7 @@ use std::{
 
 use chaosd::{
     driver::Driver,
+    experiment::Experiment,
     net::bpf,
     netns::NetnsRef,
     spec::{Direction, NetAction, Protocol, Target},
@@ -58,6 +59,9 @@ fn stream_bps(topo: &Topo, port: u16, span: Duration) -> f64 {
     bytes as f64 * 8.0 / secs
 }
 
+/// Rules applied through the driver, with their journal objects.
+type Installed = Vec<(Experiment, Vec<serde_json::Value>)>;
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -81,71 +85,100 @@ fn bench_network_datapath() {
     let td = TestDriver::new(Duration::from_secs(5));
     let d = &td.driver;
     let target = Target::NetnsName(topo.a.clone());
-    let span = Duration::from_millis(1500);
-    let rounds = 3;
-
-    // (a) nothing attached and (b) one non-matching rule (the classifier
-    // runs on every packet), interleaved so that load from other work on
-    // the machine hits both alike.
-    let one = experiment(
-        "bench-1",
-        target.clone(),
-        selector(&["va"], Protocol::Udp, &[9], Direction::Both),
-        NetAction::Partition,
-        None,
-    );
-    let mut base = Vec::new();
-    let mut b1 = Vec::new();
-    for r in 0..rounds {
-        base.push(stream_bps(&topo, 7000 + r, span));
-        let o = apply(d, &one, &[]).unwrap();
-        b1.push(stream_bps(&topo, 7100 + r, span));
-        d.revert(&one, &o).unwrap();
-    }
-    let one_objs = apply(d, &one, &[]).unwrap();
-    // Classifier cost per packet (non-matching TCP packet), 1 rule.
-    let pin = d.datapath().prog_pin(
-        std::fs::read_dir(&td.dir)
+    let span = Duration::from_millis(1200);
+    let rounds = 6;
+    let ifindex: u32 = sh(&format!("ip netns exec {} cat /sys/class/net/va/ifindex", topo.a)).trim().parse().unwrap();
+    let miss = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), PROTO_TCP, 40000, 7000);
+    let hit = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), 17, 40000, 10_500);
+    // Classifier cost per packet through BPF_PROG_TEST_RUN: the median of
+    // three runs of 300,000 repetitions each.
+    let cost = |pkt: &[u8]| -> u128 {
+        let ns_inode: u32 = std::fs::read_dir(&td.dir)
             .unwrap()
             .flatten()
             .find_map(|e| e.file_name().to_str()?.strip_prefix("ns-")?.parse().ok())
-            .unwrap(),
-        DIR_EGRESS,
-    );
-    let ifindex: u32 = sh(&format!("ip netns exec {} cat /sys/class/net/va/ifindex", topo.a)).trim().parse().unwrap();
-    let pkt = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), PROTO_TCP, 40000, 7000);
-    let run = |pin: std::path::PathBuf, pkt: Vec<u8>| {
-        NetnsRef::named(&topo.a)
-            .run(move || bpf::test_run(&bpf::open_pinned(&pin).unwrap(), ifindex, &pkt, 1_000_000).unwrap())
-            .unwrap()
+            .expect("the namespace's programs are pinned");
+        let pin = d.datapath().prog_pin(ns_inode, DIR_EGRESS);
+        let pkt = pkt.to_vec();
+        let mut runs: Vec<u128> = NetnsRef::named(&topo.a)
+            .run(move || {
+                let prog = bpf::open_pinned(&pin).unwrap();
+                (0..3).map(|_| bpf::test_run(&prog, ifindex, &pkt, 300_000).unwrap().1.as_nanos()).collect()
+            })
+            .unwrap();
+        runs.sort();
+        runs[1]
     };
-    let (_, ns1) = run(pin.clone(), pkt.clone());
-
-    // (c) 1,024 non-matching rules on the same device.
-    let mut many = vec![(one.clone(), one_objs)];
-    let mut active = vec![one.clone()];
-    for i in 0..1023u16 {
-        let e = experiment(
+    // Rule 1 is on UDP port 9; rules 2..=1024 on UDP 10000.. (50% loss, so
+    // `hit`, UDP to 10500, matches one of them).
+    let rule = |i: u16| {
+        let (port, action) = if i == 0 {
+            (9, NetAction::Partition)
+        } else {
+            (10_000 + i - 1, NetAction::Loss { percent: 50.0, correlation: 0.0 })
+        };
+        experiment(
             &format!("bench-{i}"),
             target.clone(),
-            selector(&["va"], Protocol::Udp, &[10_000 + i], Direction::Both),
-            NetAction::Loss { percent: 50.0, correlation: 0.0 },
+            selector(&["va"], Protocol::Udp, &[port], Direction::Both),
+            action,
             None,
-        );
-        let o = apply(d, &e, &active[active.len().saturating_sub(8)..]).unwrap_or_else(|err| panic!("rule {i}: {err}"));
-        active.push(e.clone());
-        many.push((e, o));
-    }
-    let mut b1024 = Vec::new();
+        )
+    };
+    // Each round measures (a) no classifier, (b) 1 non-matching rule and (c)
+    // 1,024 non-matching rules back to back, in the order a-b-c and c-b-a on
+    // alternate rounds, so that drift in the machine's load hits all three
+    // alike; the ratios are taken within a round.
+    let (mut ta, mut tb, mut tc) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cost1, mut cost1024, mut cost_hit) = (Vec::new(), Vec::new(), Vec::new());
+    let mut port = 7000u16;
+    let mut measure = || {
+        port += 1;
+        stream_bps(&topo, port, span)
+    };
     for r in 0..rounds {
-        b1024.push(stream_bps(&topo, 7200 + r, span));
+        let mut installed: Installed = Vec::new();
+        let install = |installed: &mut Installed, upto: u16| {
+            for i in installed.len() as u16..upto {
+                let e = rule(i);
+                let o = apply(d, &e, &[]).unwrap_or_else(|err| panic!("rule {i}: {err}"));
+                installed.push((e, o));
+            }
+        };
+        let uninstall = |installed: &mut Installed, downto: usize| {
+            while installed.len() > downto {
+                let (e, o) = installed.pop().unwrap();
+                d.revert(&e, &o).unwrap();
+            }
+        };
+        if r % 2 == 0 {
+            ta.push(measure());
+            install(&mut installed, 1);
+            tb.push(measure());
+            cost1.push(cost(&miss));
+            install(&mut installed, 1024);
+            tc.push(measure());
+            cost1024.push(cost(&miss));
+            cost_hit.push(cost(&hit));
+            uninstall(&mut installed, 0);
+        } else {
+            install(&mut installed, 1024);
+            tc.push(measure());
+            cost1024.push(cost(&miss));
+            cost_hit.push(cost(&hit));
+            uninstall(&mut installed, 1);
+            tb.push(measure());
+            cost1.push(cost(&miss));
+            uninstall(&mut installed, 0);
+            ta.push(measure());
+        }
     }
-    let (_, ns1024) = run(pin.clone(), pkt.clone());
-    let hit = bpf::synth_packet(topo.ip_a(false), topo.ip_b(false), 17, 40000, 10_500);
-    let (_, ns_hit) = run(pin.clone(), hit);
+    let target = Target::NetnsName(topo.a.clone());
 
     // Inject/recover latency with the classifier already loaded in the
-    // namespace (the programs stay while any rule is there).
+    // namespace (the programs stay while any rule is there: one is kept).
+    let warm = rule(0);
+    let warm_objs = apply(d, &warm, &[]).unwrap();
     let mut inject = Vec::new();
     let mut recover = Vec::new();
     for i in 0..200u16 {
@@ -163,9 +196,7 @@ fn bench_network_datapath() {
         d.revert(&e, &o).unwrap();
         recover.push(t.elapsed());
     }
-    for (e, o) in many.drain(..) {
-        d.revert(&e, &o).unwrap();
-    }
+    d.revert(&warm, &warm_objs).unwrap();
     // Cold: first fault in the namespace (programs loaded and verified).
     let mut cold_inject = Vec::new();
     let mut cold_recover = Vec::new();
@@ -234,29 +265,46 @@ fn bench_network_datapath() {
         tc_bare.push(t.elapsed());
     }
     sh(&format!("ip netns exec {} tc qdisc del dev va clsact", topo.a));
-    let mut after = Vec::new();
-    for r in 0..rounds {
-        after.push(stream_bps(&topo, 7300 + r, span));
-    }
-
     // The harness has printed "test ... " without a newline.
     println!();
-    let a = median(base.iter().chain(after.iter()).cloned().collect());
-    let (m1, m1024) = (median(b1.clone()), median(b1024.clone()));
+    let gbit = |v: &[f64]| v.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>();
+    let ratios = |x: &[f64]| x.iter().zip(&ta).map(|(x, a)| x / a).collect::<Vec<f64>>();
+    let (rb, rc) = (ratios(&tb), ratios(&tc));
+    println!("BENCH throughput Gbit/s per round: (a) nothing {:?}", gbit(&ta));
+    println!("BENCH throughput Gbit/s per round: (b) 1 rule   {:?}", gbit(&tb));
+    println!("BENCH throughput Gbit/s per round: (c) 1024     {:?}", gbit(&tc));
+    let show = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" ");
     println!(
-        "BENCH throughput (a) nothing: {:.2} Gbit/s (rounds {:?} then {:?})",
-        a / 1e9,
-        base.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>(),
-        after.iter().map(|x| (x / 1e8).round() / 10.0).collect::<Vec<_>>()
+        "BENCH throughput ratio b/a (1 non-matching rule): median {:.3} over {rounds} rounds [{}]",
+        median(rb.clone()),
+        show(&rb)
     );
-    println!("BENCH throughput (b) 1 non-matching rule: {:.2} Gbit/s, ratio b/a = {:.3}", m1 / 1e9, m1 / a);
-    println!("BENCH throughput (c) 1024 non-matching rules: {:.2} Gbit/s, ratio c/a = {:.3}", m1024 / 1e9, m1024 / a);
     println!(
-        "BENCH BPF_PROG_TEST_RUN non-matching TCP packet: 1 rule {} ns/packet, 1024 rules {} ns/packet",
-        ns1.as_nanos(),
-        ns1024.as_nanos()
+        "BENCH throughput ratio c/a (1,024 non-matching rules): median {:.3} over {rounds} rounds [{}]",
+        median(rc.clone()),
+        show(&rc)
     );
-    println!("BENCH BPF_PROG_TEST_RUN matching packet (50% loss rule, 1024 rules): {} ns/packet", ns_hit.as_nanos());
+    let nsl = |v: &[u128]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ");
+    let med = |v: &[u128]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    println!(
+        "BENCH BPF_PROG_TEST_RUN non-matching TCP packet, 1 rule: median {} ns/packet [{}]",
+        med(&cost1),
+        nsl(&cost1)
+    );
+    println!(
+        "BENCH BPF_PROG_TEST_RUN non-matching TCP packet, 1,024 rules: median {} ns/packet [{}]",
+        med(&cost1024),
+        nsl(&cost1024)
+    );
+    println!(
+        "BENCH BPF_PROG_TEST_RUN matching packet (50% loss rule among 1,024): median {} ns/packet [{}]",
+        med(&cost_hit),
+        nsl(&cost_hit)
+    );
     let (i50, _) = summary("inject loss (classifier loaded in the netns)", inject);
     summary("recover loss (classifier stays loaded)", recover);
     summary("inject partition, cold (first fault in the netns: program load + verify + attach)", cold_inject);
