@@ -134,7 +134,8 @@ struct Owned {
     ifb_feeds: BTreeSet<String>,
     htbs: BTreeSet<String>,
     classes: BTreeSet<(String, u32)>,
-    /// (ifindex, direction) of classifiers attached as cls_bpf filters.
+    /// (ifindex, direction) of devices whose classifier a known rule
+    /// uses (as a cls_bpf filter on kernels without TCX).
     filters: BTreeSet<(u32, u8)>,
     clsacts: BTreeSet<String>,
 }
@@ -160,7 +161,19 @@ fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned
             NetObject::Clsact { netns, ifname, .. } => {
                 out.entry(netns).or_default().clsacts.insert(ifname);
             }
-            NetObject::Attach { .. } | NetObject::Rule { .. } | NetObject::Programs { .. } => {}
+            // Only the experiment that attached a device's classifier
+            // records the Attach; every rule on the device uses it.
+            NetObject::Rule { netns, devices, egress, ingress, .. } => {
+                let e = out.entry(netns).or_default();
+                for (ifindex, _) in devices {
+                    for (on, dir) in [(egress, DIR_EGRESS), (ingress, DIR_INGRESS)] {
+                        if on {
+                            e.filters.insert((ifindex, dir));
+                        }
+                    }
+                }
+            }
+            NetObject::Attach { .. } | NetObject::Programs { .. } => {}
         }
     }
     out
