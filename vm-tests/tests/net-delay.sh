@@ -65,6 +65,31 @@ chaosctl recover "$id" > /dev/null || fail "recover $id"
 [ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after jitter"
 ok "jitter spread matches netem's uniform jitter"
 
+# Distribution tables: chaosd computes netem's normal table itself; the
+# same delay through tc's own netem (iproute2's normal.dist) is the
+# reference. With sigma = jitter, about 32% of the RTTs fall outside
+# latency +- jitter (uniform jitter puts none there).
+rtts() { # FILE: 200 RTTs, sorted
+  ip netns exec a ping -c 200 -i 0.05 -W 3 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n > "$1"
+  [ "$(wc -l < "$1")" -ge 180 ] || fail "only $(wc -l < "$1") of 200 pings answered ($1)"
+}
+outside() { awk -v b="$base" '{ d = $1 - b - 100; if (d < 0) d = -d; if (d > 20) n++ } END { printf "%.3f", n / NR }' "$1"; }
+p50() { awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }' "$1"; }
+id=$(inject --protocol icmp --latency 100ms --jitter 20ms --distribution normal --duration 2m)
+rtts /tmp/normal-chaosd
+chaosctl recover "$id" > /dev/null || fail "recover $id"
+[ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after the normal jitter"
+ip netns exec a tc qdisc add dev va root netem delay 100ms 20ms distribution normal || fail "tc's own netem normal"
+rtts /tmp/normal-tc
+ip netns exec a tc qdisc del dev va root
+ours=$(outside /tmp/normal-chaosd); theirs=$(outside /tmp/normal-tc)
+echo "normal jitter 100ms +- 20ms: chaosd p50 $(p50 /tmp/normal-chaosd) ms, outside +-20 ms $ours; tc's netem p50 $(p50 /tmp/normal-tc) ms, outside $theirs (base $base ms)"
+within "$(p50 /tmp/normal-chaosd)" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 4 || fail "normal jitter p50 is not 100 ms +- 4"
+awk -v o="$ours" 'BEGIN { exit !(o >= 0.18 && o <= 0.46) }' || fail "normal jitter: $ours of RTTs outside +-20 ms, expected about 0.32"
+within "$ours" "$theirs" 0.15 || fail "normal jitter: chaosd $ours vs tc's netem $theirs outside +-20 ms"
+[ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after tc's own netem"
+ok "normal jitter spreads like tc's netem with iproute2's table"
+
 # Port selectivity: TCP connects to 1883 slowed, 7000 not.
 for port in 1883 7000; do
   ip netns exec b nc -ll -p $port -e true &

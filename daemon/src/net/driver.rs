@@ -106,14 +106,6 @@ impl NetworkDriver {
                 )));
             }
         }
-        if let NetAction::Delay { distribution: Some(d), .. } = action {
-            if *d != crate::spec::Distribution::Uniform {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "delay with a {d:?} distribution needs netem's distribution tables, which this chaosd does \
-                     not load yet; omit --distribution (jitter is then uniform, as netem's default)"
-                )));
-            }
-        }
         let shaping = action.shapes();
         if shaping {
             if let Err(why) = &self.caps.htb {

@@ -6,6 +6,7 @@
 pub mod bpf;
 pub mod driver;
 pub mod maps;
+pub mod netem_dist;
 pub mod objects;
 pub mod rules;
 pub mod shaping;

@@ -12,7 +12,7 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 
-use super::{objects::NetObject, target::Device};
+use super::{netem_dist, objects::NetObject, target::Device};
 use crate::{
     netlink::{NetlinkError, RouteSocket},
     spec::{Direction, NetAction},
@@ -210,6 +210,7 @@ fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), 
 /// netem's TCA_OPTIONS: struct tc_netem_qopt followed by attributes.
 pub fn netem_options(action: &NetAction) -> Vec<u8> {
     const TCA_NETEM_CORR: u16 = 1;
+    const TCA_NETEM_DELAY_DIST: u16 = 2;
     const TCA_NETEM_REORDER: u16 = 3;
     const TCA_NETEM_CORRUPT: u16 = 4;
     const TCA_NETEM_LATENCY64: u16 = 10;
@@ -221,10 +222,13 @@ pub fn netem_options(action: &NetAction) -> Vec<u8> {
     let mut gap = 0u32;
     let mut extra = Vec::new();
     match action {
-        NetAction::Delay { latency: l, jitter: j, correlation, .. } => {
+        NetAction::Delay { latency: l, jitter: j, correlation, distribution } => {
             latency = l.as_nanos() as u64;
             jitter = j.as_nanos() as u64;
             corr[0] = pct(*correlation);
+            if let Some(table) = distribution.and_then(netem_dist::table_bytes) {
+                extra.extend(tc::nla(TCA_NETEM_DELAY_DIST, &table));
+            }
         }
         NetAction::Duplicate { percent, correlation } => {
             dup = pct(*percent);
@@ -487,6 +491,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::spec::Distribution;
 
     fn u32_at(b: &[u8], off: usize) -> u32 {
         u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
@@ -523,6 +528,33 @@ mod tests {
         // TCA_NETEM_CORR follows: delay correlation ~50%.
         assert_eq!(u16::from_ne_bytes([b[26], b[27]]), 1);
         assert_eq!(u32_at(&b, 28), (0.5 * u32::MAX as f64).round() as u32);
+    }
+
+    #[test]
+    fn a_delay_distribution_travels_as_netems_table() {
+        // Attributes after the 24-byte tc_netem_qopt: (len, type) headers.
+        let attrs = |b: &[u8]| {
+            let mut out = Vec::new();
+            let mut at = 24;
+            while at + 4 <= b.len() {
+                let len = u16::from_ne_bytes([b[at], b[at + 1]]) as usize;
+                out.push((u16::from_ne_bytes([b[at + 2], b[at + 3]]), len - 4));
+                at += (len + 3) & !3;
+            }
+            out
+        };
+        let delay = |distribution| NetAction::Delay {
+            latency: Duration::from_millis(100),
+            jitter: Duration::from_millis(20),
+            correlation: 0.0,
+            distribution,
+        };
+        assert!(!attrs(&netem_options(&delay(None))).iter().any(|(t, _)| *t == 2), "uniform: no table");
+        assert!(!attrs(&netem_options(&delay(Some(Distribution::Uniform)))).iter().any(|(t, _)| *t == 2));
+        for d in [Distribution::Normal, Distribution::Pareto, Distribution::ParetoNormal] {
+            let a = attrs(&netem_options(&delay(Some(d))));
+            assert!(a.contains(&(2, 4096 * 2)), "{d:?}: TCA_NETEM_DELAY_DIST with 4,096 samples in {a:?}");
+        }
     }
 
     #[test]
