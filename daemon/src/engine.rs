@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::Value;
@@ -196,6 +196,7 @@ impl Engine {
         if self.closing.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable("chaosd is shutting down".into()));
         }
+        let started = Instant::now();
         let kind = DriverKind::of(&spec.fault);
         let driver = self.drivers.get(kind)?;
         let target_lock = self.target_lock(&spec.target);
@@ -228,7 +229,8 @@ impl Engine {
                 exp.state = State::Active;
                 self.save(&exp);
                 lock(&self.live).insert(exp.id.clone(), Live { exp: exp.clone(), objects });
-                tracing::info!(id = %exp.id, summary = %crate::convert::summary(&exp), "injected");
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                tracing::info!(id = %exp.id, summary = %crate::convert::summary(&exp), elapsed_us, "injected");
                 Ok(exp)
             }
             Err(e) => {
@@ -269,6 +271,7 @@ impl Engine {
     }
 
     fn finish(&self, id: &str, end_state: State, reason: String) -> Result<Experiment, ApiError> {
+        let started = Instant::now();
         let target = match lock(&self.live).get(id) {
             Some(l) => l.exp.target.clone(),
             None => return Err(self.not_active(id)),
@@ -290,7 +293,8 @@ impl Engine {
                 exp.state = end_state;
                 exp.reason = reason;
                 self.save(&exp);
-                tracing::info!(id = %exp.id, state = ?exp.state, reason = %exp.reason, "ended");
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                tracing::info!(id = %exp.id, state = ?exp.state, reason = %exp.reason, elapsed_us, "ended");
                 Ok(exp)
             }
             Err(errs) => {
