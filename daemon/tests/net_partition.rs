@@ -154,3 +154,37 @@ fn faults_on_different_ports_coexist_and_overlapping_ones_are_refused() {
     d.revert(&e2, &o2).unwrap();
     assert_eq!(topo.snapshot(&topo.a, "va"), before);
 }
+
+/// A datagram above the MTU (1500 on the veth) leaves in fragments; over
+/// IPv6 the first one carries a fragment header before UDP, which the
+/// classifier walks past to the ports. Partitioning the port drops the first
+/// fragment, so the datagram never arrives, while another port's arrive.
+#[test]
+fn partition_catches_fragmented_datagrams_ipv4_and_ipv6() {
+    for v6 in [false, true] {
+        let topo = Topo::new();
+        let td = TestDriver::new(Duration::from_secs(5));
+        let d = &td.driver;
+        let before = topo.snapshot(&topo.a, "va");
+        let exp = experiment(
+            "part-frag",
+            Target::NetnsName(topo.a.clone()),
+            selector(&["va"], Protocol::Udp, &[7200], Direction::Egress),
+            NetAction::Partition,
+            None,
+        );
+        let big = 4000;
+        assert!(udp_passes_sized(&topo.a, &topo.b, sa(topo.ip_b(v6), 7200), big), "baseline (v6 {v6})");
+        let objects = apply(d, &exp, &[]).unwrap_or_else(|e| panic!("apply: {e}"));
+        assert!(
+            !udp_passes_sized(&topo.a, &topo.b, sa(topo.ip_b(v6), 7200), big),
+            "a fragmented datagram to the partitioned port arrived (v6 {v6})"
+        );
+        assert!(udp_passes_sized(&topo.a, &topo.b, sa(topo.ip_b(v6), 7201), big), "port 7201 (v6 {v6})");
+        let c = d.counters(&exp, &objects);
+        assert!(c.packets_dropped > 0, "{c:?}");
+        d.revert(&exp, &objects).unwrap_or_else(|e| panic!("revert: {e:?}"));
+        assert_eq!(topo.snapshot(&topo.a, "va"), before);
+        assert!(udp_passes_sized(&topo.a, &topo.b, sa(topo.ip_b(v6), 7200), big), "after revert (v6 {v6})");
+    }
+}

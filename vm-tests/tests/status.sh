@@ -1,7 +1,8 @@
 #!/bin/sh
 # On a stock distribution kernel with pure cgroup v2: `chaosd serve` starts,
 # `chaosctl status --output json` reports netem available (the host kernel of
-# the build machines has none) and cgroup v2, and SIGTERM stops the daemon
+# the build machines has none), chaosd's classifier loaded and attached by
+# clsact, and cgroup v2, and SIGTERM stops the daemon
 # cleanly, removing its socket.
 # vm-test-timeout: 240
 . "$VM_TEST_LIB"
@@ -46,6 +47,15 @@ netem=$(json_get capabilities.netem.available < /tmp/status.json)
 [ "$netem" = true ] \
   || fail "capabilities.netem.available is '$netem', want true ($(json_get capabilities.netem.detail < /tmp/status.json))"
 ok "netem available: $(json_get capabilities.netem.detail < /tmp/status.json)"
+
+# chaosd's own classifier must pass this kernel's verifier (6.1 is stricter
+# than the host's 6.18: it refused a loop the host accepted) and attach by
+# clsact (6.1 has no TCX).
+for probe in bpf_prog_load clsact; do
+  v=$(json_get capabilities.$probe.available < /tmp/status.json)
+  [ "$v" = true ] || fail "capabilities.$probe.available is '$v': $(json_get capabilities.$probe.detail < /tmp/status.json)"
+done
+ok "classifier loads and attaches by clsact: $(json_get capabilities.bpf_prog_load.detail < /tmp/status.json)"
 
 cgv=$(json_get capabilities.cgroup.version < /tmp/status.json)
 [ "$cgv" = '"CGROUP_VERSION_V2"' ] || fail "capabilities.cgroup.version is $cgv, want \"CGROUP_VERSION_V2\""

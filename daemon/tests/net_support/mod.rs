@@ -276,14 +276,22 @@ pub fn udp_blast(from_ns: &str, to_ns: &str, to: SocketAddr, count: u32, dropped
 
 /// Whether one datagram from `from_ns` reaches `to` (three tries).
 pub fn udp_passes(from_ns: &str, to_ns: &str, to: SocketAddr) -> bool {
+    udp_passes_sized(from_ns, to_ns, to, 4)
+}
+
+/// Like `udp_passes` with a datagram of `len` bytes (above the MTU it
+/// leaves in fragments).
+pub fn udp_passes_sized(from_ns: &str, to_ns: &str, to: SocketAddr, len: usize) -> bool {
     let rx = udp_in(to_ns, to);
     rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let any: SocketAddr = if to.is_ipv6() { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
     let tx = udp_in(from_ns, any);
-    let mut buf = [0u8; 16];
+    let payload = vec![0x5a; len];
+    let mut buf = vec![0u8; len + 1];
     for _ in 0..3 {
-        tx.send_to(b"ping", to).unwrap();
-        if rx.recv(&mut buf).is_ok() {
+        tx.send_to(&payload, to).unwrap();
+        if let Ok(n) = rx.recv(&mut buf) {
+            assert_eq!(n, len, "a whole datagram arrives or none");
             return true;
         }
     }
