@@ -70,6 +70,14 @@ pub struct Config {
     pub password_file: Option<PathBuf>,
     pub sys_interval_secs: u64,
     pub max_connections: usize,
+    /// Threads that run connections and the router: 1 (the default) is a
+    /// single event loop, where a message crosses no thread on its way from
+    /// publisher to subscribers; more spreads connections over cores.
+    pub worker_threads: usize,
+    /// Time slice asked of the kernel for those threads (µs, Linux ≥ 6.12),
+    /// so that an incoming message preempts CPU-bound neighbours at once; 0
+    /// keeps the kernel's default.
+    pub sched_slice_us: u64,
 }
 
 impl Default for Config {
@@ -92,6 +100,8 @@ impl Default for Config {
             password_file: None,
             sys_interval_secs: 10,
             max_connections: 100_000,
+            worker_threads: 1,
+            sched_slice_us: 100,
         }
     }
 }

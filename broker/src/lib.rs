@@ -10,6 +10,7 @@ pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod router;
+pub mod sched;
 pub mod server;
 pub mod store;
 pub mod topic;

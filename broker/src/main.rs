@@ -46,6 +46,9 @@ struct RunArgs {
     password_file: Option<PathBuf>,
     #[arg(long)]
     max_packet_size: Option<u32>,
+    /// Threads of the event loop (1: a single thread, the default).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,14 +57,45 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     match cli.cmd {
-        Some(Cmd::Bench(args)) => rt.block_on(broker::bench::run(args)),
-        None => rt.block_on(run_broker(cli.run)),
+        Some(Cmd::Bench(args)) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+            rt.block_on(broker::bench::run(args))
+        }
+        None => {
+            let cfg = config(cli.run)?;
+            runtime(&cfg)?.block_on(run_broker(cfg))
+        }
     }
 }
 
-async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
+/// The broker's event loop: by default one thread (a current-thread runtime)
+/// that reads, routes and writes, so a message crosses no thread between the
+/// publisher's socket and the subscribers' sockets (see architecture.md).
+fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    let slice = cfg.sched_slice_us;
+    let set_slice = move || {
+        if slice > 0
+            && let Err(e) = broker::sched::set_thread_slice(slice)
+        {
+            tracing::warn!(error = %e, slice_us = slice, "sched_setattr: keeping the default time slice");
+        }
+    };
+    let rt = if cfg.worker_threads <= 1 {
+        // block_on runs the tasks on this thread.
+        set_slice();
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.worker_threads)
+            .on_thread_start(set_slice)
+            .enable_all()
+            .build()
+    };
+    rt.context("starting tokio")
+}
+
+fn config(a: RunArgs) -> anyhow::Result<Config> {
     let mut cfg = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -90,7 +124,14 @@ async fn run_broker(a: RunArgs) -> anyhow::Result<()> {
     if let Some(v) = a.max_packet_size {
         cfg.max_packet_size = v;
     }
+    if let Some(v) = a.worker_threads {
+        cfg.worker_threads = v;
+    }
     cfg.fsync_policy()?;
+    Ok(cfg)
+}
+
+async fn run_broker(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.mqtt_listen)
         .await
         .with_context(|| format!("binding MQTT listener {}", cfg.mqtt_listen))?;
