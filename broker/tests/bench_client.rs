@@ -27,17 +27,25 @@ fn args(addr: std::net::SocketAddr) -> BenchArgs {
         prefix: "bt".into(),
         id_prefix: "bt".into(),
         json: true,
+        latency_samples: None,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_every_message_per_qos() {
     let b = start(|_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
     for protocol in [3, 5] {
         let mut a = args(b.addr);
         a.protocol = protocol;
         a.id_prefix = format!("bt{protocol}");
+        let samples = dir.path().join(format!("lat-{protocol}"));
+        a.latency_samples = Some(samples.clone());
         let r = execute(&a).await.expect("bench runs");
+        // One sample per message received, each a number of microseconds.
+        let text = std::fs::read_to_string(&samples).expect("samples written");
+        let lines: Vec<u32> = text.lines().map(|l| l.parse().expect("a number")).collect();
+        assert_eq!(lines.len() as u64, r.total.received, "one latency sample per message received");
         for (q, x) in r.qos.iter().enumerate() {
             assert!(x.sent > 0, "qos {q}: nothing sent");
             // split mode, 3 subscribers over 2 topics: subscriber 2 shares topic 0.

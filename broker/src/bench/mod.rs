@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +67,10 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write every end-to-end latency sample (microseconds, one per
+    /// line) to this file, so several runs can be pooled.
+    #[arg(long)]
+    pub latency_samples: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,6 +195,14 @@ pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
             for q in 0..3 {
                 s.latency_us[0].extend_from_slice(&st.latency_us[q]);
             }
+        }
+        if let Some(path) = &a.latency_samples {
+            use std::fmt::Write as _;
+            let mut text = String::with_capacity(s.latency_us[0].len() * 5);
+            for v in &s.latency_us[0] {
+                let _ = writeln!(text, "{v}");
+            }
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         let r = stats::report(&[s], &[[0, 0, 0]], &[[0, 0, 0]], &|_, _| true, 1.0);
         [r[0].clone()]
