@@ -69,30 +69,27 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The broker's event loop: by default one thread (a current-thread runtime)
-/// that reads, routes and writes, so a message crosses no thread between the
-/// publisher's socket and the subscribers' sockets (see architecture.md).
+/// The broker's event loop: by default one worker thread that reads, routes
+/// and writes, so a message crosses no thread between the publisher's socket
+/// and the subscribers' sockets (see architecture.md). The multi-threaded
+/// scheduler even with one worker: its LIFO slot runs the task a task just
+/// woke next (reader, then router, then writer), so when several publishes
+/// arrive together each is written out before the next is read, where a
+/// current-thread runtime's FIFO queue read them all first.
 fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
     let slice = cfg.sched_slice_us;
-    let set_slice = move || {
-        if slice > 0
-            && let Err(e) = broker::sched::set_thread_slice(slice)
-        {
-            tracing::warn!(error = %e, slice_us = slice, "sched_setattr: keeping the default time slice");
-        }
-    };
-    let rt = if cfg.worker_threads <= 1 {
-        // block_on runs the tasks on this thread.
-        set_slice();
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.worker_threads)
-            .on_thread_start(set_slice)
-            .enable_all()
-            .build()
-    };
-    rt.context("starting tokio")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads.max(1))
+        .on_thread_start(move || {
+            if slice > 0
+                && let Err(e) = broker::sched::set_thread_slice(slice)
+            {
+                tracing::warn!(error = %e, slice_us = slice, "sched_setattr: keeping the default time slice");
+            }
+        })
+        .enable_all()
+        .build()
+        .context("starting tokio")
 }
 
 fn config(a: RunArgs) -> anyhow::Result<Config> {
