@@ -182,3 +182,53 @@ async fn kill9_mid_qos2_handshake_resends_pubrel_not_publish() {
     sub.send(&Packet::PubComp(Ack::new(m.pid, 0))).await.expect("pubcomp");
     nothing(&mut sub, Duration::from_millis(500)).await;
 }
+
+/// PUBCOMP for an incoming QoS 2 message goes out only once the broker has
+/// forgotten the packet id on disk: the publisher may reuse the id at once,
+/// and a broker that still remembered it after a kill -9 would take the new
+/// message for a resend and drop it. A 200 ms group commit makes the window
+/// between "forgotten in memory" and "forgotten on disk" wide enough that a
+/// kill -9 right after PUBCOMP always fell into it before the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_pubcomp_keeps_a_reused_packet_id_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let slow = ["--fsync", "group", "--group-commit-ms", "200"];
+    let mut b = BrokerProc::spawn(dir.path(), port, &slow);
+    let sc = connect_packet(Version::V311, "reuse-sub", false, 30);
+    let (mut sub, _) = Client::connect(b.addr, sc.clone()).await.expect("connect subscriber");
+    subscribe(&mut sub, "reuse/#", QoS::AtLeastOnce).await;
+    drop(sub);
+    let pc = connect_packet(Version::V311, "reuse-pub", false, 30);
+    let (mut p, _) = Client::connect(b.addr, pc.clone()).await.expect("connect publisher");
+    let publish7 =
+        |payload: &'static [u8]| broker::client::publish("reuse/t", QoS::ExactlyOnce, 7, Bytes::from_static(payload));
+    p.send(&publish7(b"first")).await.expect("publish first");
+    assert_eq!(next(&mut p).await, Packet::PubRec(Ack::new(7, 0)));
+    // Let the store thread finish with the PUBREC first: a PUBCOMP that finds
+    // an earlier ack still queued there waits behind the next commit anyway,
+    // which would hide the bug this test is about.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.send(&Packet::PubRel(Ack::new(7, 0))).await.expect("pubrel");
+    assert_eq!(next(&mut p).await, Packet::PubComp(Ack::new(7, 0)));
+    b.kill9();
+    drop(p);
+
+    let b = BrokerProc::spawn(dir.path(), port, &slow);
+    let (mut p, ack) = Client::connect(b.addr, pc).await.expect("reconnect publisher");
+    assert!(ack.session_present);
+    p.send(&publish7(b"second")).await.expect("publish second with the same id");
+    assert_eq!(next(&mut p).await, Packet::PubRec(Ack::new(7, 0)));
+    p.send(&Packet::PubRel(Ack::new(7, 0))).await.expect("pubrel");
+    assert_eq!(next(&mut p).await, Packet::PubComp(Ack::new(7, 0)));
+
+    let (mut sub, ack) = Client::connect(b.addr, sc).await.expect("reconnect subscriber");
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    while let Ok(pk) = sub.recv(Duration::from_secs(2)).await {
+        let Packet::Publish(m) = pk else { continue };
+        sub.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback");
+        got.push(m.payload.clone());
+    }
+    assert_eq!(got, [Bytes::from_static(b"first"), Bytes::from_static(b"second")], "both messages, once each");
+}

@@ -168,6 +168,8 @@ impl Router {
         self.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
         let v5 = c.version == Version::V5;
         let mut stored_in = false;
+        // The packet id and the message's queue entries are one unit on disk.
+        let atomic = p.qos == QoS::ExactlyOnce && s.persistent() && self.store.is_some();
         if p.qos == QoS::ExactlyOnce {
             if s.incoming_qos2.contains(&p.pid) {
                 // A resend of a message we already have: acknowledge only.
@@ -182,6 +184,7 @@ impl Router {
             if s.persistent()
                 && let Some(st) = &self.store
             {
+                st.hold();
                 st.send(Op::PutInQos2(client.clone(), p.pid));
                 stored_in = true;
             }
@@ -207,6 +210,9 @@ impl Router {
             received_at: Instant::now(),
         };
         let (matched, persisted) = self.route(Arc::new(msg));
+        if atomic && let Some(st) = &self.store {
+            st.release();
+        }
         let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         match qos {
             QoS::AtMostOnce => {}
@@ -222,17 +228,22 @@ impl Router {
         let Some(c) = s.conn.clone().filter(|c| c.id == conn) else {
             return;
         };
+        let mut forgotten_on_disk = false;
         let code = if s.incoming_qos2.remove(&pid) {
             if s.stored
                 && let Some(st) = &self.store
             {
                 st.send(Op::DelInQos2(client.clone(), pid));
+                forgotten_on_disk = true;
             }
             0
         } else {
             reason::PACKET_ID_NOT_FOUND
         };
-        self.send_ack(&c, Packet::PubComp(Ack::new(pid, code)), false);
+        // After PUBCOMP the publisher may reuse the id at once: a broker that
+        // still remembered it after a crash would take the new message for a
+        // resend and drop it. So PUBCOMP waits for the id to be gone on disk.
+        self.send_ack(&c, Packet::PubComp(Ack::new(pid, code)), forgotten_on_disk);
     }
 
     pub(super) fn on_complete(&mut self, conn: u64, client: &Arc<str>, pid: u16, qos: QoS) {

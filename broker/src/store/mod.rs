@@ -68,6 +68,9 @@ pub enum Op {
     DelRetained(String),
     /// Send this to a connection once everything before it is durable.
     Then(UnboundedSender<Outbound>, Outbound, Arc<AtomicU64>),
+    /// Ops committed in one transaction, never split across two (see
+    /// `StoreHandle::hold`).
+    Atomic(Vec<Op>),
 }
 
 #[derive(Default)]
@@ -83,15 +86,53 @@ pub struct Loaded {
     pub retained: Vec<Message>,
 }
 
-#[derive(Clone)]
+impl Op {
+    /// The ops of an `Atomic` unit, or the op itself.
+    fn flatten(self) -> Vec<Op> {
+        match self {
+            Op::Atomic(ops) => ops,
+            op => vec![op],
+        }
+    }
+}
+
 pub struct StoreHandle {
     tx: mpsc::Sender<Op>,
+    /// Ops collected between `hold` and `release`.
+    held: std::cell::RefCell<Option<Vec<Op>>>,
+}
+
+impl Clone for StoreHandle {
+    /// A clone holds nothing back.
+    fn clone(&self) -> Self {
+        StoreHandle { tx: self.tx.clone(), held: std::cell::RefCell::new(None) }
+    }
 }
 
 impl StoreHandle {
     pub fn send(&self, op: Op) {
+        if let Some(held) = self.held.borrow_mut().as_mut() {
+            held.push(op);
+            return;
+        }
         // The thread only exits when every handle is gone.
         let _ = self.tx.send(op);
+    }
+
+    /// Ops sent from now until `release` reach the disk in the same commit
+    /// or not at all. The writer batches whatever has arrived, so without
+    /// this a commit could hold the first ops of one message and not the
+    /// rest (an incoming QoS 2 packet id recorded, its message not queued).
+    pub fn hold(&self) {
+        *self.held.borrow_mut() = Some(Vec::new());
+    }
+
+    pub fn release(&self) {
+        if let Some(ops) = self.held.borrow_mut().take() {
+            if !ops.is_empty() {
+                let _ = self.tx.send(Op::Atomic(ops));
+            }
+        }
     }
 }
 
@@ -154,7 +195,7 @@ impl Store {
             .name("broker-store".into())
             .spawn(move || self.run(rx, policy, &metrics))
             .expect("spawning the store thread");
-        StoreHandle { tx }
+        StoreHandle { tx, held: std::cell::RefCell::new(None) }
     }
 
     fn run(self, rx: mpsc::Receiver<Op>, policy: FsyncPolicy, metrics: &Metrics) {
@@ -180,7 +221,7 @@ impl Store {
             match self.commit(&mut batch) {
                 Ok(()) => {
                     metrics.store_commits.fetch_add(1, Relaxed);
-                    for op in batch.drain(..) {
+                    for op in batch.drain(..).flat_map(Op::flatten) {
                         if let Op::Then(tx, out, pending) = op {
                             let _ = tx.send(out);
                             pending.fetch_sub(1, Relaxed);
@@ -192,7 +233,7 @@ impl Store {
                     // publisher keeps the message and sends it again.
                     metrics.store_errors.fetch_add(1, Relaxed);
                     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store commit failed; acknowledgements withheld");
-                    for op in batch.drain(..) {
+                    for op in batch.drain(..).flat_map(Op::flatten) {
                         if let Op::Then(_, _, pending) = op {
                             pending.fetch_sub(1, Relaxed);
                         }
@@ -213,7 +254,11 @@ impl Store {
             let mut queue = txn.open_table(QUEUE).map_err(db)?;
             let mut retained = txn.open_table(RETAINED).map_err(db)?;
             let mut inq = txn.open_table(INQOS2).map_err(db)?;
-            for op in batch.iter() {
+            let flat = batch.iter().flat_map(|op| match op {
+                Op::Atomic(ops) => ops.iter().collect::<Vec<_>>(),
+                op => vec![op],
+            });
+            for op in flat {
                 match op {
                     Op::PutSession(c, v) => {
                         sessions.insert(&**c, v.as_slice()).map_err(db)?;
@@ -255,7 +300,7 @@ impl Store {
                     Op::DelRetained(t) => {
                         retained.remove(t.as_str()).map_err(db)?;
                     }
-                    Op::Then(..) => {}
+                    Op::Then(..) | Op::Atomic(_) => {}
                 }
             }
         }
