@@ -312,3 +312,47 @@ impl Store {
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     db(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ops held back go to the writer as one unit, reach the disk together,
+    /// and a `Then` behind them still fires once they are durable.
+    #[test]
+    fn held_ops_are_committed_as_one_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let handle = store.spawn(FsyncPolicy::EveryAck, Arc::new(Metrics::default()));
+        let client: Arc<str> = Arc::from("c");
+        let meta = SessionMeta { expiry: u32::MAX, v5: false, subs: Vec::new() };
+        handle.send(Op::PutSession(client.clone(), record::encode_meta(&meta)));
+        handle.hold();
+        handle.send(Op::PutInQos2(client.clone(), 7));
+        handle.send(Op::PutInQos2(client.clone(), 8));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicU64::new(1));
+        handle.send(Op::Then(tx, Outbound::packet(crate::codec::Packet::PingResp), pending.clone()));
+        handle.release();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while rx.try_recv().is_err() {
+            assert!(Instant::now() < deadline, "the Then inside the unit never fired");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(pending.load(Relaxed), 0);
+        drop(handle);
+        // The writer thread owns the database until it exits.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        let loaded = store.load().unwrap();
+        let mut ids = loaded.sessions["c"].incoming_qos2.clone();
+        ids.sort();
+        assert_eq!(ids, [7, 8]);
+    }
+}
