@@ -128,10 +128,10 @@ impl StoreHandle {
     }
 
     pub fn release(&self) {
-        if let Some(ops) = self.held.borrow_mut().take() {
-            if !ops.is_empty() {
-                let _ = self.tx.send(Op::Atomic(ops));
-            }
+        if let Some(ops) = self.held.borrow_mut().take()
+            && !ops.is_empty()
+        {
+            let _ = self.tx.send(Op::Atomic(ops));
         }
     }
 }
