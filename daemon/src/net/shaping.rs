@@ -109,7 +109,8 @@ fn link_set_up(sock: &mut RouteSocket, ifindex: u32) -> Result<(), NetlinkError>
     sock.request(&format!("set link {ifindex} up"), RouteNetlinkMessage::SetLink(msg), 0)
 }
 
-fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
+/// A tc message header for `ifindex` (also used by the sweep).
+pub(super) fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
     let mut msg = TcMessage::default();
     msg.header.index = ifindex as i32;
     msg.header.parent = parent;

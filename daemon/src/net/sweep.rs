@@ -284,14 +284,6 @@ fn qdiscs_here(sock: &mut RouteSocket) -> Result<Vec<Qdisc>, NetlinkError> {
     Ok(out)
 }
 
-fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
-    let mut msg = TcMessage::default();
-    msg.header.index = ifindex as i32;
-    msg.header.parent = parent;
-    msg.header.handle = handle;
-    msg
-}
-
 /// A cls_bpf filter chaosd attaches: its program name starts with
 /// "chaosd_" and it sits at one of chaosd's two priorities.
 fn chaosd_filter(f: &TcMessage) -> Option<String> {
@@ -337,7 +329,7 @@ fn sweep_here(owned: &Owned) -> Outcome {
         let mut took = 0;
         let mut left = 0;
         for (dir, parent) in [(DIR_EGRESS, CLSACT_EGRESS), (DIR_INGRESS, CLSACT_INGRESS)] {
-            let req = tc_msg(q.ifindex, parent, TcHandle { major: 0, minor: 0 });
+            let req = shaping::tc_msg(q.ifindex, parent, TcHandle { major: 0, minor: 0 });
             let filters = match sock.dump(&format!("dump filters of {dev}"), RouteNetlinkMessage::GetTrafficFilter(req))
             {
                 Ok(f) => f,
@@ -372,7 +364,7 @@ fn sweep_here(owned: &Owned) -> Outcome {
                     left += 1;
                     continue;
                 }
-                let mut del = tc_msg(q.ifindex, parent, f.header.handle);
+                let mut del = shaping::tc_msg(q.ifindex, parent, f.header.handle);
                 del.header.info = f.header.info;
                 del.attributes.push(TcAttribute::Kind("bpf".into()));
                 let side = if dir == DIR_EGRESS { "egress" } else { "ingress" };
@@ -429,7 +421,7 @@ fn sweep_here(owned: &Owned) -> Outcome {
             }
             continue;
         }
-        let req = tc_msg(q.ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
+        let req = shaping::tc_msg(q.ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
         let classes = match sock.dump(&format!("dump classes of {dev}"), RouteNetlinkMessage::GetTrafficClass(req)) {
             Ok(c) => c,
             Err(e) => {
@@ -449,7 +441,7 @@ fn sweep_here(owned: &Owned) -> Outcome {
             if owned.classes.contains(&(dev.clone(), classid)) {
                 continue;
             }
-            let del = tc_msg(q.ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, h);
+            let del = shaping::tc_msg(q.ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, h);
             match sock.request(
                 &format!("delete class {:x}:{:x} on {dev}", h.major, h.minor),
                 RouteNetlinkMessage::DelTrafficClass(del),
