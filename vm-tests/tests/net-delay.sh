@@ -50,17 +50,23 @@ $after"
 done
 
 # Jitter: netem without a distribution table spreads uniformly over
-# latency +- jitter, so p99 of 100 +- 20 ms sits near 119.6 ms (+ base).
+# latency +- jitter: with 100 +- 20 ms, p5 sits near 82 ms and p95 near
+# 118 ms (+ base), and nothing arrives before 80 ms. The emulated machine
+# only ever adds delay (a stalled vCPU holds a few pings up by tens of ms),
+# so the low side is checked hard and the high side at p95, not at the
+# very top where one stall decides: with 160 pings p5 and p95 move by about
+# 0.7 ms between runs, the 3 ms tolerance is four times that.
 base=$(median_rtt ping 10.9.0.2 10)
 id=$(inject --protocol icmp --latency 100ms --jitter 20ms --duration 2m)
-ip netns exec a ping -c 80 -i 0.1 -W 3 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n > /tmp/jitter
+ip netns exec a ping -c 160 -i 0.05 -W 3 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n > /tmp/jitter
 n=$(wc -l < /tmp/jitter)
-[ "$n" -ge 70 ] || fail "only $n of 80 pings answered under jitter"
+[ "$n" -ge 150 ] || fail "only $n of 160 pings answered under jitter"
 q() { awk -v p="$1" '{ v[NR] = $1 } END { i = int(p * (NR - 1) + 0.5) + 1; print v[i] }' /tmp/jitter; }
-p1=$(q 0.01); p50=$(q 0.5); p99=$(q 0.99)
-echo "jitter 100ms +- 20ms: p1 $p1 p50 $p50 p99 $p99 ms (base $base ms, n=$n)"
-within "$p99" "$(awk -v b="$base" 'BEGIN { print b + 119.6 }')" 3 || fail "jitter p99 $p99 ms is not within 3 ms of $base + 119.6"
-within "$p1" "$(awk -v b="$base" 'BEGIN { print b + 80.4 }')" 3 || fail "jitter p1 $p1 ms is not within 3 ms of $base + 80.4"
+min=$(q 0); p5=$(q 0.05); p50=$(q 0.5); p95=$(q 0.95); max=$(q 1)
+echo "jitter 100ms +- 20ms: min $min p5 $p5 p50 $p50 p95 $p95 max $max ms (base $base ms, n=$n)"
+awk -v m="$min" 'BEGIN { exit !(m >= 79) }' || fail "jitter: a ping came back after $min ms, before latency - jitter (80 ms)"
+within "$p5" "$(awk -v b="$base" 'BEGIN { print b + 82 }')" 3 || fail "jitter p5 $p5 ms is not within 3 ms of $base + 82"
+within "$p95" "$(awk -v b="$base" 'BEGIN { print b + 118 }')" 3 || fail "jitter p95 $p95 ms is not within 3 ms of $base + 118"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
 [ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after jitter"
 ok "jitter spread matches netem's uniform jitter"
