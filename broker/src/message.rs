@@ -66,4 +66,9 @@ impl Outbound {
     pub fn packet(p: Packet) -> Outbound {
         Outbound::Packet(Box::new(p))
     }
+
+    /// An acknowledgement of something the client sent (PUBACK, PUBREC, PUBCOMP).
+    pub fn is_ack(&self) -> bool {
+        matches!(self, Outbound::Packet(p) if matches!(**p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)))
+    }
 }

@@ -59,6 +59,37 @@ async fn bench_counts_every_message_per_qos() {
     }
 }
 
+/// `worker_threads > 1` spreads connections over several event-loop threads:
+/// the same exact accounting must hold when router, readers and writers run
+/// on different threads, for clean and for persistent sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_every_message_with_four_event_loop_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bp = BrokerProc::spawn(dir.path(), free_port(), &["--worker-threads", "4"]);
+    for persistent in [false, true] {
+        let mut a = args(bp.addr);
+        a.publishers = 4;
+        a.subscribers = 4;
+        a.persistent = persistent;
+        a.id_prefix = format!("mw{persistent}");
+        let r = execute(&a).await.expect("bench runs");
+        for (q, x) in r.qos.iter().enumerate() {
+            assert!(x.sent > 0, "qos {q}: nothing sent");
+            assert_eq!((x.received, x.lost, x.duplicated), (x.expected, 0, 0), "persistent {persistent}, qos {q}: {x:?}");
+            assert_eq!(x.out_of_order, 0, "persistent {persistent}, qos {q}: {x:?}");
+        }
+        assert_eq!(r.publisher_reconnects + r.subscriber_reconnects, 0);
+    }
+    let (status, body) = http_get(bp.http, "/metrics");
+    assert_eq!(status, 200);
+    let dropped: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("broker_messages_dropped_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(dropped, 0.0, "the broker dropped messages:\n{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_survives_broker_kill9_and_keeps_qos1_with_persistent_sessions() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -110,6 +110,14 @@ pub async fn run(mut w: Writer) {
             _ = local.cancelled() => None,
         };
         let Some(first) = first else { break };
+        if first.is_ack() && w.rx.is_empty() {
+            // The router hands out a publish's deliveries and then its ack; the
+            // scheduler runs the task woken last first, so without this the
+            // publisher's PUBACK would be written before every subscriber's
+            // PUBLISH. Yielding once lets the deliveries go out first, the
+            // order mosquitto writes them in; the ack follows in the same tick.
+            tokio::task::yield_now().await;
+        }
         out.clear();
         let mut closing = w.put(&mut out, first, &mut aliases);
         while !closing && out.len() < BATCH {
