@@ -75,7 +75,11 @@ async fn bench_counts_every_message_with_four_event_loop_threads() {
         let r = execute(&a).await.expect("bench runs");
         for (q, x) in r.qos.iter().enumerate() {
             assert!(x.sent > 0, "qos {q}: nothing sent");
-            assert_eq!((x.received, x.lost, x.duplicated), (x.expected, 0, 0), "persistent {persistent}, qos {q}: {x:?}");
+            assert_eq!(
+                (x.received, x.lost, x.duplicated),
+                (x.expected, 0, 0),
+                "persistent {persistent}, qos {q}: {x:?}"
+            );
             assert_eq!(x.out_of_order, 0, "persistent {persistent}, qos {q}: {x:?}");
         }
         assert_eq!(r.publisher_reconnects + r.subscriber_reconnects, 0);

@@ -104,10 +104,13 @@ pub async fn run(mut w: Writer) {
     let mut out = BytesMut::with_capacity(BATCH);
     let mut aliases = HashMap::new();
     let local = w.local.clone();
+    // One cancellation waiter for the connection, not one per batch.
+    let cancelled = local.cancelled();
+    tokio::pin!(cancelled);
     'outer: loop {
         let first = tokio::select! {
             m = w.rx.recv() => m,
-            _ = local.cancelled() => None,
+            () = &mut cancelled => None,
         };
         let Some(first) = first else { break };
         if first.is_ack() && w.rx.is_empty() {
@@ -129,7 +132,7 @@ pub async fn run(mut w: Writer) {
         let write = w.wr.write_all(&out);
         tokio::select! {
             r = write => if r.is_err() { break 'outer },
-            _ = local.cancelled() => break 'outer,
+            () = &mut cancelled => break 'outer,
         }
         if closing {
             let _ = w.wr.shutdown().await;
