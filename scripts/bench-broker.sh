@@ -138,9 +138,11 @@ def runs(name):
     return [load(f"{name}-{r}") for r in range(1, reps + 1)]
 def lat_names(b, i):
     return [f"lat-{b}-{i}-{r}-{l}" for r in range(1, reps + 1) for l in range(1, lat_runs + 1)]
-def pooled(names, q):
+def samples(names):
+    # Every latency sample (µs) of these runs, sorted.
+    return sorted(int(v) for nm in names for v in open(f"{tmp}/{nm}.lat").read().split())
+def pct(xs, q):
     # Same rank rule as the load client's own percentiles (bench/stats.rs).
-    xs = sorted(int(v) for nm in names for v in open(f"{tmp}/{nm}.lat").read().split())
     return xs[min(round((len(xs) - 1) * q), len(xs) - 1)] / 1000 if xs else 0.0
 def med(rs, f):
     return statistics.median(f(x) for x in rs)
@@ -165,8 +167,8 @@ for i in range(1, n + 1):
     mo, mm = runs(f"max-ours-{i}"), runs(f"max-mosq-{i}")
     lo, lm = [load(x) for x in lat_names("ours", i)], [load(x) for x in lat_names("mosq", i)]
     to, tm = med(mo, tput), med(mm, tput)
-    po, pm = pooled(lat_names("ours", i), 0.99), pooled(lat_names("mosq", i), 0.99)
-    qo, qm = pooled(lat_names("ours", i), 0.5), pooled(lat_names("mosq", i), 0.5)
+    so, sm = samples(lat_names("ours", i)), samples(lat_names("mosq", i))
+    po, pm, qo, qm = pct(so, 0.99), pct(sm, 0.99), pct(so, 0.5), pct(sm, 0.5)
     ro, rm = med(lo, p99), med(lm, p99)
     wins = sum(p99(a) <= p99(b) for a, b in zip(lo, lm))
     print(f"| {name} | {to:.0f} | {tm:.0f} | {to / max(tm, 1e-9):.2f} | {po:.3f} / {pm:.3f} | {po / max(pm, 1e-9):.2f} | "

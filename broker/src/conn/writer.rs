@@ -118,7 +118,8 @@ pub async fn run(mut w: Writer) {
             // scheduler runs the task woken last first, so without this the
             // publisher's PUBACK would be written before every subscriber's
             // PUBLISH. Yielding once lets the deliveries go out first, the
-            // order mosquitto writes them in; the ack follows in the same tick.
+            // order mosquitto writes them in; the ack follows once the tasks
+            // already woken have run and the runtime has polled the sockets.
             tokio::task::yield_now().await;
         }
         out.clear();
