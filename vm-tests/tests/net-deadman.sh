@@ -23,19 +23,28 @@ awk -v r="$r" 'BEGIN { exit !(r >= 95) }' || fail "delay not active (RTT '$r' ms
 ok "delay active ($id), RTT $r ms"
 
 kill -KILL "$daemon"; wait "$daemon" 2>/dev/null
-t0=$(cut -d' ' -f1 /proc/uptime)
-back=""
-while :; do
+# Each ping's send time is read before it is forked (no fork for the clock:
+# under TCG a fork costs tens of ms), so the fault ended after the last
+# delayed ping was sent and before the first fast one was: the window is
+# (slow, back]. Late is proven when a ping sent after grace + 1 s was still
+# delayed; in time when the first fast one went before grace + 1 s.
+# /proc/uptime has two decimals: ${u%.*}${u#*.} is centiseconds, no fork.
+read -r u _ < /proc/uptime
+t0=${u%.*}${u#*.}
+slow=0 back="" el=0
+while [ "$el" -le 600 ]; do
+  read -r u _ < /proc/uptime
+  el=$(( ${u%.*}${u#*.} - t0 ))
   r=$(rtt)
-  now=$(cut -d' ' -f1 /proc/uptime)
-  el=$(awk -v a="$t0" -v b="$now" 'BEGIN { printf "%.2f", b - a }')
-  if [ -n "$r" ] && awk -v r="$r" 'BEGIN { exit !(r < 20) }'; then back=$el; break; fi
-  awk -v e="$el" 'BEGIN { exit !(e > 6) }' && break
-  sleep 0.1
+  if [ -n "$r" ] && [ "${r%%.*}" -lt 20 ]; then back=$el; break; fi
+  slow=$el
 done
+secs() { awk -v c="$1" 'BEGIN { printf "%.2f", c / 100 }'; }
 [ -n "$back" ] || fail "RTT still ${r} ms 6 s after SIGKILL"
-echo "RTT back to $r ms ${back}s after SIGKILL (grace 2s)"
-awk -v e="$back" 'BEGIN { exit !(e <= 3.0) }' || fail "took ${back}s, more than grace + 1 s"
+echo "RTT back to $r ms: the delay ended between $(secs $slow)s and $(secs $back)s after SIGKILL (grace 2s)"
+[ "$slow" -le 300 ] || fail "a ping sent $(secs $slow)s after SIGKILL was still delayed: more than grace + 1 s"
+[ "$back" -le 300 ] || echo "note: the first fast ping went $(secs $back)s after SIGKILL; the previous one ($(secs $slow)s) was still delayed, so the end lies in between"
+back=$(secs $back)
 ok "dead man's switch: delay gone ${back}s after SIGKILL"
 
 start_chaosd --grace 2s
