@@ -116,7 +116,9 @@ id=$(inject --protocol tcp --port 1883 --latency 100ms --duration 2m)
 d1883=$(cycles 1883); d7000=$(cycles 7000)
 echo "10 TCP cycles: port 1883 ${b1883}s -> ${d1883}s, port 7000 ${b7000}s -> ${d7000}s"
 awk -v b="$b1883" -v d="$d1883" 'BEGIN { exit !(d - b >= 0.9) }' || fail "port 1883 not delayed (${b1883}s -> ${d1883}s)"
-awk -v b="$b7000" -v d="$d7000" 'BEGIN { exit !(d - b <= 0.5) }' || fail "port 7000 slowed (${b7000}s -> ${d7000}s)"
+# A delay leaked onto 7000 would add what it adds to 1883 (2.4 s here); the
+# emulated machine's own speed moves 10 cycles by a few tenths of a second.
+awk -v b="$b7000" -v d="$d7000" 'BEGIN { exit !(d - b < 1.0) }' || fail "port 7000 slowed by 1 s or more (${b7000}s -> ${d7000}s)"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
 [ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after the port delay"
 ok "delay on port 1883 only"
