@@ -54,8 +54,11 @@ done
 # 118 ms (+ base), and nothing arrives before 80 ms. The emulated machine
 # only ever adds delay (a stalled vCPU holds a few pings up by tens of ms),
 # so the low side is checked hard and the high side at p95, not at the
-# very top where one stall decides: with 160 pings p5 and p95 move by about
-# 0.7 ms between runs, the 3 ms tolerance is four times that.
+# very top where one stall decides. Both quantiles come out late, never
+# early: p5 +0.8 and +1.4 ms, p95 +0.8, +1.4 and +2.4 ms over the ideal in
+# three runs, so each may be 3 ms early or 5 ms late. Wrong jitter still
+# fails: +-25 ms puts p5 5.5 ms early (and min below 79), +-15 ms puts p95
+# 4.5 ms early.
 base=$(median_rtt ping 10.9.0.2 10)
 id=$(inject --protocol icmp --latency 100ms --jitter 20ms --duration 2m)
 ip netns exec a ping -c 160 -i 0.05 -W 3 10.9.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n > /tmp/jitter
@@ -65,8 +68,9 @@ q() { awk -v p="$1" '{ v[NR] = $1 } END { i = int(p * (NR - 1) + 0.5) + 1; print
 min=$(q 0); p5=$(q 0.05); p50=$(q 0.5); p95=$(q 0.95); max=$(q 1)
 echo "jitter 100ms +- 20ms: min $min p5 $p5 p50 $p50 p95 $p95 max $max ms (base $base ms, n=$n)"
 awk -v m="$min" 'BEGIN { exit !(m >= 79) }' || fail "jitter: a ping came back after $min ms, before latency - jitter (80 ms)"
-within "$p5" "$(awk -v b="$base" 'BEGIN { print b + 82 }')" 3 || fail "jitter p5 $p5 ms is not within 3 ms of $base + 82"
-within "$p95" "$(awk -v b="$base" 'BEGIN { print b + 118 }')" 3 || fail "jitter p95 $p95 ms is not within 3 ms of $base + 118"
+near() { awk -v a="$1" -v b="$2" -v lo="$3" -v hi="$4" 'BEGIN { exit !(a >= b - lo && a <= b + hi) }'; } # A in [B - LO, B + HI]
+near "$p5" "$(awk -v b="$base" 'BEGIN { print b + 82 }')" 3 5 || fail "jitter p5 $p5 ms is not within -3/+5 ms of $base + 82"
+near "$p95" "$(awk -v b="$base" 'BEGIN { print b + 118 }')" 3 5 || fail "jitter p95 $p95 ms is not within -3/+5 ms of $base + 118"
 chaosctl recover "$id" > /dev/null || fail "recover $id"
 [ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after jitter"
 ok "jitter spread matches netem's uniform jitter"
@@ -90,7 +94,11 @@ rtts /tmp/normal-tc
 ip netns exec a tc qdisc del dev va root
 ours=$(outside /tmp/normal-chaosd); theirs=$(outside /tmp/normal-tc)
 echo "normal jitter 100ms +- 20ms: chaosd p50 $(p50 /tmp/normal-chaosd) ms, outside +-20 ms $ours; tc's netem p50 $(p50 /tmp/normal-tc) ms, outside $theirs (base $base ms)"
-within "$(p50 /tmp/normal-chaosd)" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 4 || fail "normal jitter p50 is not 100 ms +- 4"
+# The median of 200 draws with sigma 20 ms has a standard error of 1.8 ms,
+# and the emulated machine adds delay: 104.4 and 105.4 ms (tc's own netem
+# 107.2 and 101.1) were seen. -5/+7 ms is about three standard errors plus
+# that lateness; a table off centre by 10 ms still fails.
+near "$(p50 /tmp/normal-chaosd)" "$(awk -v b="$base" 'BEGIN { print b + 100 }')" 5 7 || fail "normal jitter p50 is not within -5/+7 ms of $base + 100"
 awk -v o="$ours" 'BEGIN { exit !(o >= 0.18 && o <= 0.46) }' || fail "normal jitter: $ours of RTTs outside +-20 ms, expected about 0.32"
 within "$ours" "$theirs" 0.15 || fail "normal jitter: chaosd $ours vs tc's netem $theirs outside +-20 ms"
 [ "$(snapshot_a)" = "$before" ] || fail "snapshot differs after tc's own netem"
