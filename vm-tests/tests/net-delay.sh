@@ -57,7 +57,7 @@ done
 # very top where one stall decides. Both quantiles come out late, never
 # early: p5 +0.8 and +1.4 ms, p95 +0.8, +1.4 and +2.4 ms over the ideal in
 # three runs, so each may be 3 ms early or 5 ms late. Wrong jitter still
-# fails: +-25 ms puts p5 5.5 ms early (and min below 79), +-15 ms puts p95
+# fails: +-25 ms puts p5 4.5 ms early (and min below 79), +-15 ms puts p95
 # 4.5 ms early.
 base=$(median_rtt ping 10.9.0.2 10)
 id=$(inject --protocol icmp --latency 100ms --jitter 20ms --duration 2m)
