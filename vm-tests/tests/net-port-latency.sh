@@ -38,7 +38,6 @@ medians() {
   m1883=$(json_get qos.0.latency_ms.p50 < /tmp/bench1883.json)
   m7000=$(json_get qos.0.latency_ms.p50 < /tmp/bench7000.json)
 }
-within() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= t) }'; }
 
 start_chaosd
 
