@@ -35,15 +35,15 @@ wait_for() {
   fail "timed out after ${_secs}s waiting for $_desc"
 }
 
-# json_flatten < JSON: one line per scalar, PATH=VALUE, where PATH joins
-# object keys and array indexes with dots (capabilities.netem.available) and
-# VALUE is the JSON text of the scalar (strings keep their quotes, so "true"
-# and true differ). Empty objects/arrays print {} and []. No jq in the VM.
 # near A B LO HI: A lies in [B - LO, B + HI] (decimals allowed).
 near() { awk -v a="$1" -v b="$2" -v lo="$3" -v hi="$4" 'BEGIN { exit !(a >= b - lo && a <= b + hi) }'; }
 # within A B T: A is within T of B.
 within() { near "$1" "$2" "$3" "$3"; }
 
+# json_flatten < JSON: one line per scalar, PATH=VALUE, where PATH joins
+# object keys and array indexes with dots (capabilities.netem.available) and
+# VALUE is the JSON text of the scalar (strings keep their quotes, so "true"
+# and true differ). Empty objects/arrays print {} and []. No jq in the VM.
 json_flatten() {
   awk '
     function ws() { while (i <= n && index(" \t\r\n", substr(s, i, 1))) i++ }
