@@ -14,13 +14,8 @@ need chaosd chaosctl broker ip tc awk
 
 
 two_namespaces
-# The reference path: c = 10.9.1.1 -> d = 10.9.1.2, where tc's own netem
-# gives the same delay while chaosd's is on.
-ip netns add c && ip netns add d || fail "ip netns add c d"
-ip -n c link add vc type veth peer name vd netns d || fail "veth vc"
-ip -n c link set lo up; ip -n d link set lo up
-ip -n c addr add 10.9.1.1/24 dev vc; ip -n d addr add 10.9.1.2/24 dev vd
-ip -n c link set vc up; ip -n d link set vd up
+# c -> d gets tc's own netem with the same settings while chaosd's is on.
+reference_path
 
 for port in 1883 7000; do
   ip netns exec b broker --mqtt-listen 10.9.0.2:$port --node-name b$port > /tmp/broker$port.log 2>&1 &
@@ -65,9 +60,20 @@ chaosctl --output json inject network delay --netns a --protocol tcp --port 1883
 id=$(json_get id < /tmp/inject.json | tr -d '"')
 ip netns exec c tc qdisc add dev vc root netem delay 100ms 10ms || fail "tc's own netem on the reference path"
 # 600 messages a path: the median of a uniform +-10 ms spread is then
-# within about 0.4 ms of its centre (one standard error).
-medians 12; d1883=$m1883; d7000=$m7000; dref=$mref
-echo "with 100ms +- 10ms delay: port 1883 (chaosd) $d1883 ms, port 7000 $d7000 ms, reference (tc's netem) $dref ms"
+# within about 0.4 ms of its centre (one standard error). When the emulator
+# stalls (a busy host), tc's own netem comes out 10 ms or more late for
+# seconds at a time and nothing measured in that window means anything:
+# such a window is measured again, up to 5 times.
+tries=0
+while :; do
+  medians 12; d1883=$m1883; d7000=$m7000; dref=$mref
+  echo "with 100ms +- 10ms delay: port 1883 (chaosd) $d1883 ms, port 7000 $d7000 ms, reference (tc's netem) $dref ms"
+  ref_rise=$(awk -v a="$dref" -v b="$baseref" -v c="$d7000" -v d="$base7000" 'BEGIN { print a - b - (c - d) }')
+  near "$ref_rise" 100 3 5 && break
+  tries=$((tries + 1))
+  [ $tries -lt 5 ] || fail "tc's own netem came out +$ref_rise ms against 100 in 5 windows in a row: the machine is too busy to measure delay"
+  echo "tc's own netem came out +$ref_rise ms against 100 (the emulator stalled): measuring again"
+done
 chaosctl recover "$id" > /dev/null || fail "recover $id"
 ip netns exec c tc qdisc del dev vc root
 [ "$(snapshot_a)" = "$before" ] || fail "namespace differs from its snapshot after recover"
