@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
 /// and writes, so a message crosses no thread between the publisher's socket
 /// and the subscribers' sockets (see architecture.md). The multi-threaded
 /// scheduler even with one worker: its LIFO slot runs the task a task just
-/// woke next (reader, then router, then writer), so when several publishes
+/// woke next (reader, then router), so when several publishes
 /// arrive together each is written out before the next is read, where a
 /// current-thread runtime's FIFO queue read them all first.
 fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,5 +1,5 @@
 //! What the router moves around: an application message, and what a
-//! connection's writer is asked to send.
+//! connection is sent (`conn::outbox::Outbox::send`).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -52,7 +52,7 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
 }
 
-/// Work for a connection's writer task.
+/// What is sent to a connection.
 #[derive(Debug)]
 pub enum Outbound {
     /// Boxed: packets are rare next to deliveries and much larger.
@@ -65,10 +65,5 @@ pub enum Outbound {
 impl Outbound {
     pub fn packet(p: Packet) -> Outbound {
         Outbound::Packet(Box::new(p))
-    }
-
-    /// An acknowledgement of something the client sent (PUBACK, PUBREC, PUBCOMP).
-    pub fn is_ack(&self) -> bool {
-        matches!(self, Outbound::Packet(p) if matches!(**p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)))
     }
 }

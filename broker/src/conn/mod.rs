@@ -1,10 +1,11 @@
 //! One task pair per client connection: the reader (this module) decodes
 //! packets, enforces per-connection rules (keep alive, topic aliases, receive
-//! maximum, packet size) and forwards the rest to the router; the writer
-//! (`writer.rs`) encodes what the router and the store send back.
+//! maximum, packet size) and forwards the rest to the router; what the
+//! router, the reader and the store send back goes through the connection's
+//! outbox (`outbox.rs`), written at once or by the connection's writer task.
 
 mod connect;
-mod writer;
+pub mod outbox;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -25,12 +25,13 @@ use crate::config::Config;
 use crate::message::Outbound;
 use crate::metrics::{CloseReason, Metrics};
 use crate::router::{ConnHandle, ToRouter};
+use outbox::Outbox;
 
 /// What every connection task shares.
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub router: mpsc::Sender<ToRouter>,
+    pub router: tokio::sync::mpsc::Sender<ToRouter>,
     pub auth: Option<Auth>,
     pub next_id: AtomicU64,
 }
@@ -90,31 +91,32 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
     };
     let version = accepted.connect.version;
     let client: Arc<str> = Arc::from(accepted.client_id.as_str());
-    let (tx, rx) = mpsc::unbounded_channel();
     let qos0_pending = Arc::new(AtomicUsize::new(0));
     let inflight_in = Arc::new(AtomicUsize::new(0));
+    let local = CancellationToken::new();
+    let close_code = Arc::new(AtomicU8::new(0));
+    let tx = Outbox::new(
+        wr,
+        outbox::Config {
+            version,
+            alias_max: accepted.connect.props.topic_alias_maximum.unwrap_or(0),
+            metrics: sh.metrics.clone(),
+            qos0_pending: qos0_pending.clone(),
+            inflight_in: inflight_in.clone(),
+            close_code: close_code.clone(),
+            local: local.clone(),
+        },
+    );
     let conn = ConnHandle {
         id,
         tx: tx.clone(),
         version,
         receive_max: accepted.connect.props.receive_maximum.unwrap_or(u16::MAX).min(sh.cfg.max_inflight).max(1),
         max_packet: accepted.connect.props.maximum_packet_size.unwrap_or(u32::MAX),
-        qos0_pending: qos0_pending.clone(),
+        qos0_pending,
         acks_in_store: Arc::new(AtomicU64::new(0)),
     };
-    let local = CancellationToken::new();
-    let close_code = Arc::new(AtomicU8::new(0));
-    let writer = tokio::spawn(writer::run(writer::Writer {
-        wr,
-        rx,
-        version,
-        alias_max: accepted.connect.props.topic_alias_maximum.unwrap_or(0),
-        metrics: sh.metrics.clone(),
-        qos0_pending,
-        inflight_in: inflight_in.clone(),
-        local: local.clone(),
-        close_code: close_code.clone(),
-    }));
+    let writer = tokio::spawn(outbox::run(tx.clone()));
     let connect_expiry = accepted.connect.props.session_expiry.unwrap_or(0);
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let sent = sh
@@ -177,10 +179,10 @@ struct Reader<'a> {
     id: u64,
     client: Arc<str>,
     version: Version,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: Arc<Outbox>,
     aliases: std::collections::HashMap<u16, String>,
     /// Incoming QoS 1/2 publishes not yet acknowledged (receive maximum);
-    /// the writer decrements it as PUBACK/PUBCOMP go out.
+    /// the outbox decrements it as PUBACK/PUBCOMP go out.
     inflight_in: Arc<AtomicUsize>,
     qos2_in: std::collections::HashSet<u16>,
     connect_expiry: u32,
@@ -329,7 +331,7 @@ impl Reader<'_> {
             Packet::PubRel(a) => {
                 if !self.qos2_in.remove(&a.pid) {
                     // PUBREL for a message of an earlier connection: the
-                    // writer will still decrement for its PUBCOMP.
+                    // outbox will still decrement for its PUBCOMP.
                     self.inflight_in.fetch_add(1, Relaxed);
                 }
                 self.to_router(ToRouter::PubRel { conn, client, pid: a.pid }).await

@@ -150,7 +150,13 @@ impl Router {
         match &self.store {
             Some(st) if needs_store || conn.acks_in_store.load(Relaxed) > 0 => {
                 conn.acks_in_store.fetch_add(1, Relaxed);
-                st.send(Op::Then(conn.tx.clone(), Outbound::packet(pkt), conn.acks_in_store.clone()));
+                let (tx, waiting) = (conn.tx.clone(), conn.acks_in_store.clone());
+                st.send(Op::Then(Box::new(move |durable| {
+                    if durable {
+                        let _ = tx.send(Outbound::packet(pkt));
+                    }
+                    waiting.fetch_sub(1, Relaxed);
+                })));
             }
             _ => {
                 let _ = conn.tx.send(Outbound::packet(pkt));

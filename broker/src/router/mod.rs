@@ -1,9 +1,11 @@
 //! The router: single owner of sessions, subscriptions and retained messages.
 //!
 //! Connection tasks send it `ToRouter` messages over one bounded channel
-//! (backpressure on publishers); it answers through each connection's
-//! unbounded outbound channel, bounded in practice by the inflight window and
-//! the QoS 0 pending limit. It never awaits anything but its inbox.
+//! (backpressure on publishers); it answers through each connection's outbox,
+//! which writes to the socket without waiting or queues behind a backlog
+//! bounded in practice by the inflight window and the QoS 0 pending limit.
+//! What one batch of its inbox sends to a connection goes out in one write
+//! after the batch (`outbox::corked`). It never awaits anything but its inbox.
 
 mod handlers;
 pub mod session;
@@ -136,11 +138,13 @@ impl Router {
                     if n == 0 {
                         break;
                     }
-                    for m in buf.drain(..) {
-                        self.handle(m);
-                    }
+                    crate::conn::outbox::corked(|| {
+                        for m in buf.drain(..) {
+                            self.handle(m);
+                        }
+                    });
                 }
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => crate::conn::outbox::corked(|| self.on_tick()),
                 _ = shutdown.cancelled() => break,
             }
         }

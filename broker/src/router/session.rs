@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
-
 use super::subs::Sub;
 use crate::codec::{Ack, Packet, QoS, Version, Will, publish_size};
 use crate::config::Config;
+use crate::conn::outbox::Outbox;
 use crate::message::{Delivery, Outbound, unix_now};
 use crate::metrics::{DropReason, Metrics};
 use crate::store::record::{Entry, SessionMeta, encode_entry, encode_meta};
@@ -25,13 +24,13 @@ use crate::store::{Op, StoreHandle};
 #[derive(Clone)]
 pub struct ConnHandle {
     pub id: u64,
-    pub tx: UnboundedSender<Outbound>,
+    pub tx: Arc<Outbox>,
     pub version: Version,
     /// Outgoing window: the client's receive maximum, capped by config.
     pub receive_max: u16,
     /// The client's maximum packet size.
     pub max_packet: u32,
-    /// QoS 0 deliveries not yet written (decremented by the writer).
+    /// QoS 0 deliveries not yet written (decremented by the outbox).
     pub qos0_pending: Arc<AtomicUsize>,
     /// Acks waiting behind a store commit; while non-zero, later acks take
     /// the same path so they stay in order (MQTT 4.6).

@@ -11,15 +11,14 @@ pub mod record;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::time::Instant;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::FsyncPolicy;
-use crate::message::{Message, Outbound};
+use crate::message::Message;
 use crate::metrics::Metrics;
 use record::{Entry, SessionMeta};
 
@@ -66,8 +65,9 @@ pub enum Op {
     DelInQos2(Arc<str>, u16),
     PutRetained(String, Vec<u8>),
     DelRetained(String),
-    /// Send this to a connection once everything before it is durable.
-    Then(UnboundedSender<Outbound>, Outbound, Arc<AtomicU64>),
+    /// Called once the ops before it are committed: with true after the
+    /// commit (send the ack), with false when it failed (withhold it).
+    Then(Box<dyn FnOnce(bool) + Send>),
     /// Ops committed in one transaction, never split across two (see
     /// `StoreHandle::hold`).
     Atomic(Vec<Op>),
@@ -222,9 +222,8 @@ impl Store {
                 Ok(()) => {
                     metrics.store_commits.fetch_add(1, Relaxed);
                     for op in batch.drain(..).flat_map(Op::flatten) {
-                        if let Op::Then(tx, out, pending) = op {
-                            let _ = tx.send(out);
-                            pending.fetch_sub(1, Relaxed);
+                        if let Op::Then(then) = op {
+                            then(true);
                         }
                     }
                 }
@@ -234,8 +233,8 @@ impl Store {
                     metrics.store_errors.fetch_add(1, Relaxed);
                     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store commit failed; acknowledgements withheld");
                     for op in batch.drain(..).flat_map(Op::flatten) {
-                        if let Op::Then(_, _, pending) = op {
-                            pending.fetch_sub(1, Relaxed);
+                        if let Op::Then(then) = op {
+                            then(false);
                         }
                     }
                 }
@@ -330,16 +329,12 @@ mod tests {
         handle.hold();
         handle.send(Op::PutInQos2(client.clone(), 7));
         handle.send(Op::PutInQos2(client.clone(), 8));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicU64::new(1));
-        handle.send(Op::Then(tx, Outbound::packet(crate::codec::Packet::PingResp), pending.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle.send(Op::Then(Box::new(move |durable| tx.send(durable).unwrap())));
         handle.release();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while rx.try_recv().is_err() {
-            assert!(Instant::now() < deadline, "the Then inside the unit never fired");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(pending.load(Relaxed), 0);
+        let durable =
+            rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the Then inside the unit never fired");
+        assert!(durable, "the unit's commit failed");
         drop(handle);
         // The writer thread owns the database until it exits.
         let deadline = Instant::now() + std::time::Duration::from_secs(10);

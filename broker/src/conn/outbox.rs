@@ -1,0 +1,453 @@
+//! A connection's outgoing side, shared by the router, the connection's
+//! reader and the store.
+//!
+//! What is sent while nothing is waiting to go out is encoded and written to
+//! the socket at once, from the sender's task: a publish reaches its
+//! subscribers' sockets in the call that routes it, before the next publish is
+//! read, and the publisher's PUBACK, sent after the deliveries, goes out after
+//! them. Only what cannot be written at once (a full socket buffer, or
+//! anything behind such a write) waits for the connection's writer task, which
+//! batches the backlog into one write per wake-up.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Buf, BytesMut};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{self, Disconnect, Packet, Properties, Version, encode_publish_parts};
+use crate::message::{Delivery, Outbound, unix_now};
+use crate::metrics::Metrics;
+
+/// The writer task stops encoding more of the backlog into one write past this.
+const BATCH: usize = 64 * 1024;
+
+/// The connection is closing or closed: nothing more goes out.
+#[derive(Debug)]
+pub struct Closed;
+
+pub struct Outbox {
+    wr: OwnedWriteHalf,
+    state: Mutex<State>,
+    /// Wakes the writer task: a backlog to write, or a close to finish.
+    wake: Notify,
+    metrics: Arc<Metrics>,
+    /// QoS 0 deliveries sent but not yet encoded (the slow-consumer bound).
+    qos0_pending: Arc<AtomicUsize>,
+    /// Incoming QoS 1/2 publishes whose PUBACK/PUBCOMP has not been encoded.
+    inflight_in: Arc<AtomicUsize>,
+    /// The reason code of a `Close` that was sent.
+    close_code: Arc<AtomicU8>,
+    /// Cancelled when either half of the connection is done.
+    local: CancellationToken,
+}
+
+/// What the writer needs to know besides the socket.
+pub struct Config {
+    pub version: Version,
+    /// The client's topic alias maximum (broker → client direction).
+    pub alias_max: u16,
+    pub metrics: Arc<Metrics>,
+    pub qos0_pending: Arc<AtomicUsize>,
+    pub inflight_in: Arc<AtomicUsize>,
+    pub close_code: Arc<AtomicU8>,
+    pub local: CancellationToken,
+}
+
+struct State {
+    version: Version,
+    alias_max: u16,
+    aliases: HashMap<String, u16>,
+    /// Items behind a write that has not finished, in order.
+    queue: VecDeque<Outbound>,
+    /// Encoded bytes the socket has not taken yet.
+    unwritten: BytesMut,
+    /// The writer task owns the next write: senders queue behind it.
+    busy: bool,
+    /// A `Close` was accepted: nothing after it is.
+    refusing: bool,
+    /// That `Close` was encoded: the socket closes once it is written.
+    closing: bool,
+    /// The writer task has ended.
+    done: bool,
+    /// Bytes are held back for the end of a `corked` batch.
+    corked: bool,
+}
+
+thread_local! {
+    /// Outboxes holding bytes back for the end of the `corked` call running
+    /// on this thread; `None` outside one.
+    static CORKED: std::cell::RefCell<Option<Vec<Arc<Outbox>>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with direct writes on this thread held back until it returns,
+/// then writes each outbox `f` sent to once: requests handled together (the
+/// router's inbox under load) go out in one write per connection instead of
+/// one per packet, and a lone request still goes out as soon as it is handled.
+pub fn corked<R>(f: impl FnOnce() -> R) -> R {
+    struct Uncork;
+    impl Drop for Uncork {
+        fn drop(&mut self) {
+            for out in CORKED.with_borrow_mut(Option::take).unwrap_or_default() {
+                out.uncork();
+            }
+        }
+    }
+    CORKED.with_borrow_mut(|c| *c = Some(Vec::new()));
+    let _uncork = Uncork;
+    f()
+}
+
+impl Outbox {
+    pub fn new(wr: OwnedWriteHalf, c: Config) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            wr,
+            state: Mutex::new(State {
+                version: c.version,
+                alias_max: c.alias_max,
+                aliases: HashMap::new(),
+                queue: VecDeque::new(),
+                unwritten: BytesMut::with_capacity(4096),
+                busy: false,
+                refusing: false,
+                closing: false,
+                done: false,
+                corked: false,
+            }),
+            wake: Notify::new(),
+            metrics: c.metrics,
+            qos0_pending: c.qos0_pending,
+            inflight_in: c.inflight_in,
+            close_code: c.close_code,
+            local: c.local,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while encoding leaves nothing half-updated that matters
+        // more than the connection itself; keep serving it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `item`: written now when nothing is waiting (at the end of the
+    /// batch inside `corked`), queued for the writer task otherwise. Never
+    /// blocks on the socket.
+    pub fn send(self: &Arc<Self>, item: Outbound) -> Result<(), Closed> {
+        let mut st = self.lock();
+        if st.done || st.refusing {
+            return Err(Closed);
+        }
+        st.refusing = matches!(item, Outbound::Close(_));
+        if st.busy {
+            st.queue.push_back(item);
+            drop(st);
+            self.wake.notify_one();
+            return Ok(());
+        }
+        let st = &mut *st;
+        self.put(st, item);
+        if !st.corked {
+            st.corked = CORKED.with_borrow_mut(|c| c.as_mut().map(|list| list.push(self.clone())).is_some());
+        }
+        if !st.corked {
+            self.write_now(st);
+        }
+        Ok(())
+    }
+
+    /// Writes what `corked` held back, unless the writer task has taken over.
+    fn uncork(&self) {
+        let mut st = self.lock();
+        st.corked = false;
+        if !st.busy && !st.done {
+            self.write_now(&mut st);
+        }
+    }
+
+    /// Writes `st.unwritten` without waiting; what the socket does not take
+    /// (and a close to finish) goes to the writer task.
+    fn write_now(&self, st: &mut State) {
+        match self.wr.try_write(&st.unwritten) {
+            Ok(n) => st.unwritten.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                // The peer is gone: the connection ends (the reader sees the
+                // token), and nothing more is sent.
+                st.unwritten.clear();
+                st.queue.clear();
+                st.busy = true;
+                st.done = true;
+                self.local.cancel();
+                return;
+            }
+        }
+        if !st.unwritten.is_empty() || st.closing {
+            st.busy = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Encodes one item onto `st.unwritten`.
+    fn put(&self, st: &mut State, item: Outbound) {
+        match item {
+            Outbound::Packet(p) => {
+                if matches!(*p, Packet::PubAck(_) | Packet::PubComp(_)) {
+                    saturating_dec(&self.inflight_in);
+                }
+                codec::encode(&p, st.version, &mut st.unwritten);
+            }
+            Outbound::Deliver(d) => self.deliver(st, d),
+            Outbound::Close(code) => {
+                self.close_code.store(code, Relaxed);
+                st.closing = true;
+                if st.version == Version::V5 {
+                    codec::encode(
+                        &Packet::Disconnect(Disconnect { code, props: Properties::default() }),
+                        st.version,
+                        &mut st.unwritten,
+                    );
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, st: &mut State, d: Delivery) {
+        let q = d.qos as usize;
+        if q == 0 {
+            saturating_dec(&self.qos0_pending);
+        }
+        let m = &d.msg;
+        let v5 = st.version == Version::V5;
+        let mut topic: &str = &m.topic;
+        let needs_props = v5 && (!d.sub_ids.is_empty() || m.expires_at.is_some() || st.alias_max > 0);
+        let hop_props;
+        let props = if needs_props {
+            let mut p = m.props.clone();
+            p.subscription_ids = d.sub_ids;
+            p.message_expiry = m.remaining(unix_now());
+            if st.alias_max > 0 {
+                if let Some(a) = st.aliases.get(topic) {
+                    p.topic_alias = Some(*a);
+                    topic = "";
+                } else if st.aliases.len() < usize::from(st.alias_max) {
+                    let a = st.aliases.len() as u16 + 1;
+                    st.aliases.insert(m.topic.clone(), a);
+                    p.topic_alias = Some(a);
+                }
+            }
+            hop_props = p;
+            &hop_props
+        } else {
+            &m.props
+        };
+        encode_publish_parts(&mut st.unwritten, st.version, d.dup, d.qos, d.retain, topic, d.pid, props, &m.payload);
+        self.metrics.sent[q].fetch_add(1, Relaxed);
+        if !d.dup {
+            self.metrics.observe_latency(m.received_at.elapsed());
+        }
+    }
+
+    /// What the writer task does next: write what a short write left or the
+    /// backlog encoded up to `BATCH` (swapped into `spare`), finish a close,
+    /// or wait. Only while `busy`: otherwise senders write directly, and
+    /// bytes held back by `corked` are theirs to write. With nothing left,
+    /// `busy` is cleared and direct writes resume.
+    fn next(&self, spare: &mut BytesMut) -> Next {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if !st.busy || st.done {
+            return Next::Wait;
+        }
+        if st.unwritten.is_empty() {
+            while !st.closing && st.unwritten.len() < BATCH {
+                let Some(item) = st.queue.pop_front() else { break };
+                self.put(st, item);
+            }
+        }
+        if st.unwritten.is_empty() {
+            if st.closing {
+                return Next::Close;
+            }
+            st.busy = false;
+            return Next::Wait;
+        }
+        spare.clear();
+        std::mem::swap(spare, &mut st.unwritten);
+        Next::Write
+    }
+
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.done = true;
+        st.busy = true;
+        st.queue.clear();
+    }
+}
+
+enum Next {
+    Write,
+    Close,
+    Wait,
+}
+
+fn saturating_dec(a: &AtomicUsize) {
+    let _ = a.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+}
+
+/// The writer task: writes what senders could not write at once, and closes
+/// the socket after a `Close`. Ends after a close, a write error or when the
+/// connection's token is cancelled.
+pub async fn run(out: Arc<Outbox>) {
+    let local = out.local.clone();
+    // One cancellation waiter for the connection, not one per batch.
+    let cancelled = local.cancelled();
+    tokio::pin!(cancelled);
+    let mut buf = BytesMut::with_capacity(BATCH);
+    let mut close = false;
+    'outer: loop {
+        tokio::select! {
+            () = out.wake.notified() => {}
+            () = &mut cancelled => break,
+        }
+        loop {
+            match out.next(&mut buf) {
+                Next::Write => {}
+                Next::Close => {
+                    close = true;
+                    break 'outer;
+                }
+                Next::Wait => continue 'outer,
+            }
+            while !buf.is_empty() {
+                tokio::select! {
+                    r = out.wr.writable() => if r.is_err() { break 'outer },
+                    () = &mut cancelled => break 'outer,
+                }
+                match out.wr.try_write(&buf) {
+                    Ok(n) => buf.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+    out.finish();
+    if close {
+        let _ = socket2::SockRef::from(out.wr.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+    local.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::QoS;
+    use crate::message::Message;
+    use tokio::io::AsyncReadExt;
+
+    async fn pair(version: Version) -> (Arc<Outbox>, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (_rd, wr) = server.into_split();
+        let out = Outbox::new(
+            wr,
+            Config {
+                version,
+                alias_max: 0,
+                metrics: Arc::new(Metrics::default()),
+                qos0_pending: Arc::new(AtomicUsize::new(0)),
+                inflight_in: Arc::new(AtomicUsize::new(0)),
+                close_code: Arc::new(AtomicU8::new(0)),
+                local: CancellationToken::new(),
+            },
+        );
+        (out, client)
+    }
+
+    fn delivery(msg: &Arc<Message>, pid: u16) -> Outbound {
+        Outbound::Deliver(Delivery {
+            msg: msg.clone(),
+            qos: QoS::AtLeastOnce,
+            pid,
+            dup: false,
+            retain: false,
+            sub_ids: vec![],
+        })
+    }
+
+    /// Everything sent arrives once and in order, also when the client does
+    /// not read until 20 MB are queued behind a full socket buffer; nothing
+    /// sent after a Close goes out, and the socket is closed after it.
+    #[tokio::test]
+    async fn order_survives_a_full_socket_buffer() {
+        let (out, mut client) = pair(Version::V311).await;
+        let writer = tokio::spawn(run(out.clone()));
+        let msg = Arc::new(Message {
+            topic: "t".into(),
+            payload: vec![7u8; 1000].into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Properties::default(),
+            expires_at: None,
+            publisher: None,
+            received_at: std::time::Instant::now(),
+        });
+        let n: u16 = 20_000;
+        out.send(delivery(&msg, 1)).unwrap();
+        assert!(!out.lock().busy, "the first send was not written at once");
+        for pid in 2..=n {
+            out.send(delivery(&msg, pid)).unwrap();
+        }
+        assert!(out.lock().busy, "20 MB never filled the socket buffer: the test proves nothing");
+        out.send(Outbound::Close(0)).unwrap();
+        assert!(out.send(Outbound::packet(Packet::PingResp)).is_err(), "sent after Close");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut buf = BytesMut::from(&got[..]);
+        let mut pids = Vec::new();
+        while let Some(p) = codec::decode(&mut buf, Version::V311, usize::MAX).unwrap() {
+            match p {
+                Packet::Publish(p) => pids.push(p.pid),
+                other => panic!("unexpected {}", other.name()),
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes of a partial packet", buf.len());
+        assert_eq!(pids, (1..=n).collect::<Vec<_>>());
+        writer.await.unwrap();
+        assert!(out.send(Outbound::packet(Packet::PingResp)).is_err());
+    }
+
+    /// Inside `corked`, packets to one connection go out in one write when
+    /// it returns, in order, and nothing before.
+    #[tokio::test]
+    async fn corked_sends_go_out_together_at_the_end() {
+        let (out, mut client) = pair(Version::V311).await;
+        corked(|| {
+            for pid in 1..=3 {
+                out.send(Outbound::packet(Packet::PubRel(codec::Ack::new(pid, 0)))).unwrap();
+            }
+            assert_eq!(out.lock().unwritten.len(), 12, "written before the batch ended");
+        });
+        assert!(out.lock().unwritten.is_empty() && !out.lock().corked);
+        let mut b = [0u8; 12];
+        client.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [0x62, 2, 0, 1, 0x62, 2, 0, 2, 0x62, 2, 0, 3]);
+    }
+
+    /// Nothing waiting: the packet is on the socket when `send` returns,
+    /// without the writer task running.
+    #[tokio::test]
+    async fn idle_send_writes_at_once() {
+        let (out, mut client) = pair(Version::V5).await;
+        out.send(Outbound::packet(Packet::PingResp)).unwrap();
+        assert!(!out.lock().busy);
+        let mut b = [0u8; 2];
+        client.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [0xD0, 0x00]);
+    }
+}
