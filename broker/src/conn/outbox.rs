@@ -7,7 +7,9 @@
 //! read, and the publisher's PUBACK, sent after the deliveries, goes out after
 //! them. Only what cannot be written at once (a full socket buffer, or
 //! anything behind such a write) waits for the connection's writer task, which
-//! batches the backlog into one write per wake-up.
+//! batches the backlog into one write per wake-up. Inside `corked` (the
+//! router's handling of one batch of its inbox) direct writes are held back to
+//! the end of the batch, one write per connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -72,7 +74,7 @@ struct State {
     refusing: bool,
     /// That `Close` was encoded: the socket closes once it is written.
     closing: bool,
-    /// The writer task has ended.
+    /// Nothing more is sent: the writer task ended or a write failed.
     done: bool,
     /// Bytes are held back for the end of a `corked` batch.
     corked: bool,
