@@ -126,16 +126,20 @@ start_chaosd() {
   done
 }
 
+# netns_pair A B VA VB NET4 NET6: namespaces A and B joined by veth VA <-> VB,
+# with A = NET4.1/24 and NET6::1/64, B = NET4.2/24 and NET6::2/64.
+netns_pair() {
+  ip netns add "$1" && ip netns add "$2" || fail "ip netns add $1 $2"
+  ip -n "$1" link add "$3" type veth peer name "$4" netns "$2" || fail "veth $3 <-> $4"
+  ip -n "$1" link set lo up; ip -n "$2" link set lo up
+  ip -n "$1" addr add "$5.1/24" dev "$3"; ip -n "$2" addr add "$5.2/24" dev "$4"
+  ip -n "$1" addr add "$6::1/64" dev "$3" nodad; ip -n "$2" addr add "$6::2/64" dev "$4" nodad
+  ip -n "$1" link set "$3" up; ip -n "$2" link set "$4" up
+}
+
 # two_namespaces: namespaces a and b joined by veth va <-> vb, with
 # a = 10.9.0.1/24 and fd09::1/64, b = 10.9.0.2/24 and fd09::2/64.
-two_namespaces() {
-  ip netns add a && ip netns add b || fail "ip netns add"
-  ip -n a link add va type veth peer name vb netns b || fail "veth"
-  ip -n a link set lo up; ip -n b link set lo up
-  ip -n a addr add 10.9.0.1/24 dev va; ip -n b addr add 10.9.0.2/24 dev vb
-  ip -n a addr add fd09::1/64 dev va nodad; ip -n b addr add fd09::2/64 dev vb nodad
-  ip -n a link set va up; ip -n b link set vb up
-}
+two_namespaces() { netns_pair a b va vb 10.9.0 fd09; }
 
 # reference_path: namespaces c and d joined by veth vc <-> vd, like a and b
 # (c = 10.9.1.1/24 and fd0a::1/64, d = 10.9.1.2/24 and fd0a::2/64). Tests put
@@ -144,14 +148,7 @@ two_namespaces() {
 # a median when the host is busy, for the kernel's netem as for chaosd's, so
 # accuracy is checked against that reference and only loosely against the
 # number asked for.
-reference_path() {
-  ip netns add c && ip netns add d || fail "ip netns add c d"
-  ip -n c link add vc type veth peer name vd netns d || fail "veth vc"
-  ip -n c link set lo up; ip -n d link set lo up
-  ip -n c addr add 10.9.1.1/24 dev vc; ip -n d addr add 10.9.1.2/24 dev vd
-  ip -n c addr add fd0a::1/64 dev vc nodad; ip -n d addr add fd0a::2/64 dev vd nodad
-  ip -n c link set vc up; ip -n d link set vd up
-}
+reference_path() { netns_pair c d vc vd 10.9.1 fd0a; }
 
 # snapshot_a: what must be equal in namespace a before a fault and after it
 # is recovered (qdiscs, classes, filters both ways, links).
