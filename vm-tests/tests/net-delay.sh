@@ -46,17 +46,21 @@ inject() { # inject ARGS...: prints the id
     || fail "chaosctl inject network delay $*: $(cat /tmp/inject.err)"
   json_get id < /tmp/inject.json | tr -d '"'
 }
-# clean WHAT VALUE IDEAL: whether tc's netem (VALUE ms) came out within
-# -3/+5 ms of IDEAL in this window. When the emulator stalls (the host is
+# clean WHAT VALUE IDEAL [LATE]: whether tc's netem (VALUE ms) came out within
+# -3/+LATE ms (default 5) of IDEAL in this window. When the emulator stalls (the host is
 # busy), the kernel's own netem comes out 10 to 100 ms late for seconds at a
 # time and no comparison in that window means anything: it is measured again
 # (up to 5 windows; callers set tries=0 first), and the test fails only if
 # no window was clean.
 clean() {
-  near "$2" "$3" 3 5 && return 0
+  near "$2" "$3" 3 "${4:-5}" && return 0
+  again "$1: tc's own netem came out at $2 ms against $3"
+}
+# again WHY: counts a window spoilt by a stall and says so; fails after 5.
+again() {
   tries=$((tries + 1))
-  [ $tries -lt 5 ] || fail "$1: tc's own netem came out at $2 ms against $3 in 5 windows in a row: the machine is too busy to measure delay"
-  echo "$1: tc's own netem came out at $2 ms against $3 (the emulator stalled): measuring again"
+  [ $tries -lt 5 ] || fail "$1, in 5 windows in a row: the machine is too busy to measure delay"
+  echo "$1 (the emulator stalled): measuring again"
   return 1
 }
 # shift_of WHAT FAM COUNT: sets ours and ref, the median RTT's rise over base_a /
@@ -115,8 +119,16 @@ ip netns exec c tc qdisc add dev vc root netem delay 100ms 20ms || fail "tc's ow
 tries=0
 while :; do
   rtts 4 160 0.05
-  clean "jitter p5" "$(minus "$(q 0.05 /tmp/rtt.c)" "$base_c")" 82 \
-    && clean "jitter p95" "$(minus "$(q 0.95 /tmp/rtt.c)" "$base_c")" 118 && break
+  # The quantiles of the reference may be up to 10 ms late (on a busy host
+  # they were 7 to 10 ms late for minutes); chaosd's are compared with them.
+  # netem holds a ping at most 120 ms: one held past 150 ms on either path
+  # met a stall, which moves the upper quantiles of one path and not the
+  # other's (p95 is the 8th slowest of 160).
+  mx_a=$(q 1 /tmp/rtt.a); mx_c=$(q 1 /tmp/rtt.c)
+  clean "jitter p5" "$(minus "$(q 0.05 /tmp/rtt.c)" "$base_c")" 82 10 \
+    && clean "jitter p95" "$(minus "$(q 0.95 /tmp/rtt.c)" "$base_c")" 118 10 \
+    && { awk -v a="$mx_a" -v c="$mx_c" 'BEGIN { exit !(a < 150 && c < 150) }' \
+      || again "jitter: the slowest ping took $mx_a ms with chaosd, $mx_c ms with tc's netem"; } && break
 done
 ip netns exec c tc qdisc del dev vc root
 cp /tmp/rtt.a /tmp/jitter; cp /tmp/rtt.c /tmp/jitter.ref
