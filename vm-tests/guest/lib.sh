@@ -40,6 +40,15 @@ near() { awk -v a="$1" -v b="$2" -v lo="$3" -v hi="$4" 'BEGIN { exit !(a >= b - 
 # within A B T: A is within T of B.
 within() { near "$1" "$2" "$3" "$3"; }
 
+# again WHY: for tests that measure again a window an emulator stall spoilt
+# (set tries=0 before the first): counts it, says so, fails after 5.
+again() {
+  tries=$((tries + 1))
+  [ $tries -lt 5 ] || fail "$1, in 5 windows in a row: the machine is too busy to measure delay"
+  echo "$1 (the emulator stalled): measuring again"
+  return 1
+}
+
 # json_flatten < JSON: one line per scalar, PATH=VALUE, where PATH joins
 # object keys and array indexes with dots (capabilities.netem.available) and
 # VALUE is the JSON text of the scalar (strings keep their quotes, so "true"

@@ -56,13 +56,6 @@ clean() {
   near "$2" "$3" 3 "${4:-5}" && return 0
   again "$1: tc's own netem came out at $2 ms against $3"
 }
-# again WHY: counts a window spoilt by a stall and says so; fails after 5.
-again() {
-  tries=$((tries + 1))
-  [ $tries -lt 5 ] || fail "$1, in 5 windows in a row: the machine is too busy to measure delay"
-  echo "$1 (the emulator stalled): measuring again"
-  return 1
-}
 # shift_of WHAT FAM COUNT: sets ours and ref, the median RTT's rise over base_a /
 # base_c on each path, measuring until tc's netem (100 ms) was clean.
 shift_of() {
