@@ -5,14 +5,22 @@
 # mosquitto gets TCP_NODELAY (as this broker uses) and the same queue bound, so
 # the comparison is with its best settings, not its defaults.
 # Usage: scripts/bench-broker.sh  (BENCH_DURATION=3 s per run, BENCH_REPS=3 rounds,
-#        BENCH_LAT_RUNS=4 latency runs per broker, case and round)
-# Reported: throughput is the median of BENCH_REPS runs per broker. p99
-# latency is given over every sample of the BENCH_REPS x BENCH_LAT_RUNS
-# latency runs of a broker pooled, and as the median of those runs' own
-# p99s; "p99 wins" counts the paired runs (ours and mosquitto back to back)
-# where ours had the lower or equal p99. The brokers take turns going first.
-# "steal" is the share of CPU time the host gave to other guests during the
-# latency runs: stalls of this VM that both brokers' tails go through.
+#        BENCH_LAT_RUNS=4 latency pairs per case and round, BENCH_TRIES=3
+#        tries per pair, BENCH_QUIET_STEAL=0.5 % of CPU time)
+# Reported: throughput is the median of BENCH_REPS runs per broker. Latency
+# runs go in pairs, ours and mosquitto back to back, the brokers taking turns
+# going first. This machine is a guest of a shared host: when the host runs
+# other guests, this one stalls ("steal" in /proc/stat), and a 3 s run's p99
+# is then the length of the stalls, whichever broker is running (across 144
+# runs, steal against log p99 correlated 0.82). So each run's steal is
+# measured: a pair in which either run lost more than BENCH_QUIET_STEAL % of
+# its CPU time to the host is measured again, up to BENCH_TRIES times in all.
+# The verdict columns use the quiet pairs only
+# (decided by steal alone, before anyone looks at the latencies, and for both
+# brokers at once); the p99 over every pair measured, stalled ones included,
+# is printed beside them. p99 pooled is over every sample of those runs;
+# run median is the median of the runs' own p99s; "p99 wins" counts the quiet
+# pairs where ours had the lower or equal p99.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -75,9 +83,16 @@ start_ours group --data-dir "$tmp/data-group" --fsync group --group-commit-ms 5;
 cpu_stat() { # steal and total jiffies of all CPUs
   awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat
 }
-run() { # output name, port, bench args...
+run() { # output name, port, bench args...; $tmp/NAME.cpu: the run's steal and total jiffies
+  local before after
+  before=$(cpu_stat)
   "$BIN" bench --addr 127.0.0.1:"$2" --json --duration "$DUR" --drain "$DRAIN" --payload 256 \
     --prefix "b$RANDOM" --id-prefix "$1" --latency-samples "$tmp/$1.lat" "${@:3}" >"$tmp/$1.json"
+  after=$(cpu_stat)
+  echo "$before $after" | awk '{ print $3 - $1, $4 - $2 }' >"$tmp/$1.cpu"
+}
+quiet() { # run name: did the host leave it alone?
+  awk -v max="$QUIET" '{ exit !($1 <= $2 * max / 100) }' "$tmp/$1.cpu"
 }
 
 # case name | bench arguments (throughput runs use --rate 0, latency runs a fixed rate)
@@ -93,6 +108,8 @@ cases=(
 # shared, single runs are noisy.
 REPS=${BENCH_REPS:-3}
 LAT_RUNS=${BENCH_LAT_RUNS:-4}
+TRIES=${BENCH_TRIES:-3}
+QUIET=${BENCH_QUIET_STEAL:-0.5}
 for rep in $(seq "$REPS"); do
   i=0
   for c in "${cases[@]}"; do
@@ -109,13 +126,18 @@ for rep in $(seq "$REPS"); do
     for l in $(seq "$LAT_RUNS"); do
       # ABBA: whoever went first goes second in the next pair.
       [ $((l % 2)) = 0 ] && order=$(echo "$order" | awk '{print $2, $1}')
-      cpu_stat >>"$tmp/cpu-before"
-      for b in $order; do
-        port=$OUR_PORT; [ "$b" = mosq ] && port=$MQ_PORT
-        # shellcheck disable=SC2086
-        run "lat-$b-$i-$rep-$l" "$port" $args --rate 500
+      for t in $(seq "$TRIES"); do
+        for b in $order; do
+          port=$OUR_PORT; [ "$b" = mosq ] && port=$MQ_PORT
+          # shellcheck disable=SC2086
+          run "lat-$b-$i-$rep-$l-$t" "$port" $args --rate 500
+        done
+        if quiet "lat-ours-$i-$rep-$l-$t" && quiet "lat-mosq-$i-$rep-$l-$t"; then
+          echo "$i $rep $l $t" >>"$tmp/quiet"
+          break
+        fi
+        echo "$i $rep $l $t" >>"$tmp/stalled"
       done
-      cpu_stat >>"$tmp/cpu-after"
     done
   done
   echo "bench-broker.sh: round $rep/$REPS: QoS 1 into persistent sessions" >&2
@@ -128,16 +150,23 @@ for rep in $(seq "$REPS"); do
   run "pers-mosq-$rep" "$MQ_PORT" $pers --rate 0
 done
 
-python3 - "$tmp" "${#cases[@]}" "$DUR" "$REPS" "$LAT_RUNS" <<'PY'
+python3 - "$tmp" "${#cases[@]}" "$DUR" "$REPS" "$LAT_RUNS" "$TRIES" "$QUIET" <<'PY'
 import json, statistics, sys
-tmp, n, dur, reps, lat_runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+tmp, n, dur, reps, lat_runs, tries, quiet_max = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 def load(name):
     with open(f"{tmp}/{name}.json") as f:
         return json.load(f)["total"]
 def runs(name):
     return [load(f"{name}-{r}") for r in range(1, reps + 1)]
-def lat_names(b, i):
-    return [f"lat-{b}-{i}-{r}-{l}" for r in range(1, reps + 1) for l in range(1, lat_runs + 1)]
+def pairs(kind):
+    # (case, round, pair, try) of the pairs measured quiet, or stalled.
+    try:
+        return [tuple(map(int, l.split())) for l in open(f"{tmp}/{kind}")]
+    except FileNotFoundError:
+        return []
+quiet, stalled = pairs("quiet"), pairs("stalled")
+def lat_names(b, ps):
+    return [f"lat-{b}-{i}-{r}-{l}-{t}" for (i, r, l, t) in ps]
 def samples(names):
     # Every latency sample (µs) of these runs, sorted.
     return sorted(int(v) for nm in names for v in open(f"{tmp}/{nm}.lat").read().split())
@@ -146,6 +175,8 @@ def pct(xs, q):
     return xs[min(round((len(xs) - 1) * q), len(xs) - 1)] / 1000 if xs else 0.0
 def med(rs, f):
     return statistics.median(f(x) for x in rs)
+def cpu(name):
+    return tuple(map(int, open(f"{tmp}/{name}.cpu").read().split()))
 tput = lambda x: x["throughput_msgs_per_s"]
 p99 = lambda x: x["latency_ms"]["p99"]
 p50 = lambda x: x["latency_ms"]["p50"]
@@ -153,27 +184,49 @@ lost = lambda x: x["lost"]
 k = reps * lat_runs
 print(f"\nbroker vs mosquitto, 256-byte payloads, {dur} s per run, brokers interleaved, same load client, this machine")
 print(f"throughput: --rate 0 (publishers send as fast as each broker takes it), msg/s received by subscribers, median of {reps} runs;")
-print(f"p99: end-to-end latency at a fixed 500 msg/s per publisher, {k} runs per broker, back to back in pairs (ABBA);")
-print(f"  pooled: over all samples of the {k} runs; run median: the median of the {k} runs' own p99s")
-print(f"p99 wins: pairs in which ours had the lower or equal p99; lost: median messages not received")
-before = [tuple(map(int, l.split())) for l in open(f"{tmp}/cpu-before")]
-after = [tuple(map(int, l.split())) for l in open(f"{tmp}/cpu-after")]
-steal = sum(a[0] - b[0] for a, b in zip(after, before)) / max(sum(a[1] - b[1] for a, b in zip(after, before)), 1)
-print(f"steal: {100 * steal:.1f}% of CPU time during the latency runs went to other guests of the host\n")
-print("| case | ours msg/s | mosquitto msg/s | ratio (target ≥ 1.0) | p99 pooled ours / mosq ms | ratio (target ≤ 1.0) | p99 run median ours / mosq ms | ratio | p99 wins | p50 ours / mosq ms | lost at max rate ours / mosq | lost at 500/s ours / mosq |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print(f"latency: a fixed 500 msg/s per publisher, {k} pairs of runs per case (ours and mosquitto back to back, ABBA);")
+print(f"  quiet: both runs of the pair lost at most {quiet_max}% of their CPU time to the host (steal); a stalled pair")
+print(f"  is measured again, {tries} tries in all. p99 pooled: over all samples of the quiet pairs' runs; run median:")
+print(f"  the median of those runs' own p99s; p99 wins: quiet pairs in which ours had the lower or equal p99;")
+print(f"  all pairs: pooled p99 over every run measured, stalled tries included; lost: total messages never received")
+all_runs = [nm for b in ("ours", "mosq") for nm in lat_names(b, quiet + stalled)]
+steal = sum(cpu(nm)[0] for nm in all_runs) / max(sum(cpu(nm)[1] for nm in all_runs), 1)
+print(f"steal: {100 * steal:.1f}% of CPU time during the latency runs went to other guests of the host; "
+      f"{len(stalled)} of {len(quiet) + len(stalled)} pairs stalled\n")
+print("| case | ours msg/s | mosquitto msg/s | ratio (target ≥ 1.0) | quiet pairs | p99 pooled ours / mosq ms | ratio (target ≤ 1.0) | p99 run median ours / mosq ms | ratio | p99 wins | p99 all pairs ours / mosq ms | p50 ours / mosq ms | lost at max rate ours / mosq | lost at 500/s ours / mosq |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+met = {"throughput": 0, "p99": 0, "judged": 0}
 for i in range(1, n + 1):
     name = open(f"{tmp}/name-{i}").read().strip()
     mo, mm = runs(f"max-ours-{i}"), runs(f"max-mosq-{i}")
-    lo, lm = [load(x) for x in lat_names("ours", i)], [load(x) for x in lat_names("mosq", i)]
     to, tm = med(mo, tput), med(mm, tput)
-    so, sm = samples(lat_names("ours", i)), samples(lat_names("mosq", i))
-    po, pm, qo, qm = pct(so, 0.99), pct(sm, 0.99), pct(so, 0.5), pct(sm, 0.5)
-    ro, rm = med(lo, p99), med(lm, p99)
-    wins = sum(p99(a) <= p99(b) for a, b in zip(lo, lm))
-    print(f"| {name} | {to:.0f} | {tm:.0f} | {to / max(tm, 1e-9):.2f} | {po:.3f} / {pm:.3f} | {po / max(pm, 1e-9):.2f} | "
-          f"{ro:.3f} / {rm:.3f} | {ro / max(rm, 1e-9):.2f} | {wins}/{k} | {qo:.3f} / {qm:.3f} | "
-          f"{med(mo, lost):.0f} / {med(mm, lost):.0f} | {med(lo, lost):.0f} / {med(lm, lost):.0f} |")
+    met["throughput"] += to >= tm
+    qi = [p for p in quiet if p[0] == i]
+    every = qi + [p for p in stalled if p[0] == i]
+    ao, am = samples(lat_names("ours", every)), samples(lat_names("mosq", every))
+    lost_o = sum(lost(load(x)) for x in lat_names("ours", every))
+    lost_m = sum(lost(load(x)) for x in lat_names("mosq", every))
+    row = f"| {name} | {to:.0f} | {tm:.0f} | {to / max(tm, 1e-9):.2f} | {len(qi)}/{k} | "
+    if qi:
+        lo, lm = [load(x) for x in lat_names("ours", qi)], [load(x) for x in lat_names("mosq", qi)]
+        so, sm = samples(lat_names("ours", qi)), samples(lat_names("mosq", qi))
+        po, pm, qo, qm = pct(so, 0.99), pct(sm, 0.99), pct(so, 0.5), pct(sm, 0.5)
+        ro, rm = med(lo, p99), med(lm, p99)
+        wins = sum(p99(a) <= p99(b) for a, b in zip(lo, lm))
+        met["p99"] += po <= pm
+        met["judged"] += 1
+        row += (f"{po:.3f} / {pm:.3f} | {po / max(pm, 1e-9):.2f} | {ro:.3f} / {rm:.3f} | {ro / max(rm, 1e-9):.2f} | "
+                f"{wins}/{len(qi)} | ")
+    else:
+        row += "no quiet pair | - | - | - | - | "
+        qo = qm = None
+    row += f"{pct(ao, 0.99):.3f} / {pct(am, 0.99):.3f} | "
+    row += f"{qo:.3f} / {qm:.3f} | " if qi else "- | "
+    row += f"{med(mo, lost):.0f} / {med(mm, lost):.0f} | {lost_o} / {lost_m} |"
+    print(row)
+print(f"\ntargets met: throughput ≥ 1.0x in {met['throughput']} of {n} cases; pooled p99 of the quiet pairs ≤ mosquitto's in {met['p99']} of {met['judged']} cases with quiet pairs")
+if any(not [p for p in quiet if p[0] == i] for i in range(1, n + 1)):
+    print("a case without a quiet pair has no p99 verdict: the host was busy all along; run the script again later")
 print(f"\nQoS 1 into persistent sessions, 10->10, --rate 0, median of {reps} runs (no target yet)\n")
 print("| broker | msg/s | p50 ms | p99 ms | lost |")
 print("|---|---:|---:|---:|---:|")
