@@ -192,7 +192,7 @@ print(f"  all pairs: pooled p99 over every run measured, stalled tries included;
 all_runs = [nm for b in ("ours", "mosq") for nm in lat_names(b, quiet + stalled)]
 steal = sum(cpu(nm)[0] for nm in all_runs) / max(sum(cpu(nm)[1] for nm in all_runs), 1)
 print(f"steal: {100 * steal:.1f}% of CPU time during the latency runs went to other guests of the host; "
-      f"{len(stalled)} of {len(quiet) + len(stalled)} pairs stalled\n")
+      f"{len(stalled)} of {len(quiet) + len(stalled)} tries of a pair stalled\n")
 print("| case | ours msg/s | mosquitto msg/s | ratio (target ≥ 1.0) | quiet pairs | p99 pooled ours / mosq ms | ratio (target ≤ 1.0) | p99 run median ours / mosq ms | ratio | p99 wins | p99 all pairs ours / mosq ms | p50 ours / mosq ms | lost at max rate ours / mosq | lost at 500/s ours / mosq |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 met = {"throughput": 0, "p99": 0, "judged": 0}
