@@ -15,10 +15,9 @@
 # runs, steal against log p99 correlated 0.82). So each run's steal is
 # measured: a pair in which either run lost more than BENCH_QUIET_STEAL % of
 # its CPU time to the host is measured again, up to BENCH_TRIES times in all.
-# The verdict columns use the quiet pairs only
-# (decided by steal alone, before anyone looks at the latencies, and for both
-# brokers at once); the p99 over every pair measured, stalled ones included,
-# is printed beside them. p99 pooled is over every sample of those runs;
+# The verdict columns use the quiet pairs only (decided by steal alone, before
+# anyone looks at the latencies, and for both brokers at once); the p99 over
+# every pair measured, stalled ones included, is printed beside them. p99 pooled is over every sample of those runs;
 # run median is the median of the runs' own p99s; "p99 wins" counts the quiet
 # pairs where ours had the lower or equal p99.
 set -euo pipefail
