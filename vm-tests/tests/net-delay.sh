@@ -109,19 +109,28 @@ rtts 4 10 0.2
 base_a=$(q 0.5 /tmp/rtt.a); base_c=$(q 0.5 /tmp/rtt.c)
 id=$(inject --protocol icmp --latency 100ms --jitter 20ms --duration 2m)
 ip netns exec c tc qdisc add dev vc root netem delay 100ms 20ms || fail "tc's own netem with jitter"
+# agree P: quantile P of this window, over each path's base, is within 4 ms
+# for chaosd and tc's netem; sets ours and ref.
+agree() {
+  ours=$(minus "$(q "$1" /tmp/rtt.a)" "$base_a"); ref=$(minus "$(q "$1" /tmp/rtt.c)" "$base_c")
+  within "$ours" "$ref" 4
+}
 tries=0
 while :; do
   rtts 4 160 0.05
   # The quantiles of the reference may be up to 10 ms late (on a busy host
   # they were 7 to 10 ms late for minutes); chaosd's are compared with them.
-  # netem holds a ping at most 120 ms: one held past 150 ms on either path
-  # met a stall, which moves the upper quantiles of one path and not the
-  # other's (p95 is the 8th slowest of 160).
+  clean "jitter p5" "$(minus "$(q 0.05 /tmp/rtt.c)" "$base_c")" 82 10 || continue
+  clean "jitter p95" "$(minus "$(q 0.95 /tmp/rtt.c)" "$base_c")" 118 10 || continue
+  if agree 0.05; then p=0.95; agree $p && break; else p=0.05; fi
+  # netem holds a ping at most 120 ms (+ base): one held past 130 ms met a
+  # stall, which moves the upper quantiles of one path and not the other's
+  # (p95 is the 8th slowest of 160; one window was 4.13 ms apart at p95 with
+  # chaosd's slowest ping at 142 ms). Only then is the window measured
+  # again; paths that differ without a stall fail below.
   mx_a=$(q 1 /tmp/rtt.a); mx_c=$(q 1 /tmp/rtt.c)
-  clean "jitter p5" "$(minus "$(q 0.05 /tmp/rtt.c)" "$base_c")" 82 10 \
-    && clean "jitter p95" "$(minus "$(q 0.95 /tmp/rtt.c)" "$base_c")" 118 10 \
-    && { awk -v a="$mx_a" -v c="$mx_c" 'BEGIN { exit !(a < 150 && c < 150) }' \
-      || again "jitter: the slowest ping took $mx_a ms with chaosd, $mx_c ms with tc's netem"; } && break
+  awk -v a="$mx_a" -v c="$mx_c" 'BEGIN { exit !(a > 130 || c > 130) }' || break
+  again "jitter: quantile $p is base + $ours ms with chaosd, base + $ref ms with tc's netem; the slowest ping took $mx_a and $mx_c ms" || :
 done
 ip netns exec c tc qdisc del dev vc root
 cp /tmp/rtt.a /tmp/jitter; cp /tmp/rtt.c /tmp/jitter.ref
@@ -132,8 +141,7 @@ done
 min=$(q 0 /tmp/jitter); p5=$(q 0.05 /tmp/jitter); p95=$(q 0.95 /tmp/jitter)
 awk -v m="$min" 'BEGIN { exit !(m >= 79) }' || fail "jitter: a ping came back after $min ms, before latency - jitter (80 ms)"
 for p in 0.05 0.95; do
-  ours=$(minus "$(q $p /tmp/jitter)" "$base_a"); ref=$(minus "$(q $p /tmp/jitter.ref)" "$base_c")
-  within "$ours" "$ref" 4 || fail "jitter: quantile $p is base + $ours ms with chaosd, base + $ref ms with tc's netem: not within 4 ms"
+  agree $p || fail "jitter: quantile $p is base + $ours ms with chaosd, base + $ref ms with tc's netem: not within 4 ms"
 done
 near "$p5" "$(awk -v b="$base_a" 'BEGIN { print b + 82 }')" 3 15 || fail "jitter p5 $p5 ms is not within -3/+15 ms of $base_a + 82"
 near "$p95" "$(awk -v b="$base_a" 'BEGIN { print b + 118 }')" 3 15 || fail "jitter p95 $p95 ms is not within -3/+15 ms of $base_a + 118"
