@@ -67,24 +67,37 @@ pub struct BrokerProc {
 impl BrokerProc {
     pub fn spawn(data_dir: &std::path::Path, port: u16, extra: &[&str]) -> BrokerProc {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args(["--mqtt-listen", &addr.to_string(), "--http-listen", &http.to_string()])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning the broker binary");
-        let p = BrokerProc { child, addr, http };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "broker did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
+        // The HTTP port is free when picked, but a test running in parallel
+        // may take it before the broker binds it (a CI run failed so: the
+        // broker exited with "Address already in use"): then pick another.
+        for attempt in 1..=5 {
+            let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+                .args(["--mqtt-listen", &addr.to_string(), "--http-listen", &http.to_string()])
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawning the broker binary");
+            let mut p = BrokerProc { child, addr, http };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return p;
+                }
+                if let Some(status) = p.child.try_wait().expect("waiting for the broker") {
+                    assert!(attempt < 5, "broker exited before listening on {addr} ({status}), 5 times");
+                    eprintln!("broker exited before listening on {addr} ({status}): trying another HTTP port");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "broker did not listen on {addr}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        p
+        unreachable!("the loop returns or panics")
     }
 
     /// SIGKILL, no chance to flush anything.
