@@ -72,11 +72,8 @@ fn main() -> anyhow::Result<()> {
 /// The broker's event loop: by default one worker thread that reads, routes
 /// and writes, so a message crosses no thread between the publisher's socket
 /// and the subscribers' sockets (see architecture.md). The multi-threaded
-/// scheduler even with one worker: its LIFO slot runs the task a task just
-/// woke next (reader, then router), so when several publishes
-/// arrive together each is written out before the next is read (a second
-/// write to one connection waits for the burst's end: `outbox::Burst`), where
-/// a current-thread runtime's FIFO queue read them all first.
+/// scheduler even with one worker, so that `worker_threads` can spread
+/// connections over more cores on machines that need it.
 fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
     let slice = cfg.sched_slice_us;
     tokio::runtime::Builder::new_multi_thread()

@@ -10,15 +10,6 @@
 //! batches the backlog into one write per wake-up. Inside `corked` (the
 //! router's handling of one batch of its inbox) direct writes are held back to
 //! the end of the batch, one write per connection.
-//!
-//! Publishes often come in bursts: ten publishers on one timer tick make ten
-//! connections readable at once, and the router handles each publish as its
-//! reader hands it over (tokio runs the task just woken next). Each first
-//! write to a connection in a burst goes out at once; later ones wait for the
-//! burst's end (`Burst`), when the readers that were ready with it have run,
-//! and go out together: fan-in sends a subscriber one write per burst instead
-//! of one per publisher, while deliveries to different connections are not
-//! delayed.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -85,10 +76,8 @@ struct State {
     closing: bool,
     /// Nothing more is sent: the writer task ended or a write failed.
     done: bool,
-    /// Bytes are held back for the end of a `corked` batch or of a burst.
+    /// Bytes are held back for the end of a `corked` batch.
     corked: bool,
-    /// A `corked` batch of the current burst wrote to this connection.
-    in_burst: bool,
 }
 
 thread_local! {
@@ -101,89 +90,18 @@ thread_local! {
 /// then writes each outbox `f` sent to once: requests handled together (the
 /// router's inbox under load) go out in one write per connection instead of
 /// one per packet, and a lone request still goes out as soon as it is handled.
-/// An outbox that an earlier batch of `burst` wrote to is held for the
-/// burst's end instead.
-pub fn corked<R>(burst: &Burst, f: impl FnOnce() -> R) -> R {
-    struct Uncork<'a>(&'a Burst);
-    impl Drop for Uncork<'_> {
+pub fn corked<R>(f: impl FnOnce() -> R) -> R {
+    struct Uncork;
+    impl Drop for Uncork {
         fn drop(&mut self) {
             for out in CORKED.with_borrow_mut(Option::take).unwrap_or_default() {
-                out.uncork(self.0);
+                out.uncork();
             }
         }
     }
     CORKED.with_borrow_mut(|c| *c = Some(Vec::new()));
-    let _uncork = Uncork(burst);
+    let _uncork = Uncork;
     f()
-}
-
-/// The connections written to in the current burst, and those holding bytes
-/// for its end. A burst starts with the first write of a `corked` batch and
-/// ends when the tasks that were queued on the worker thread at that moment
-/// (the readers made ready by the same wake-up) have run.
-#[derive(Default)]
-pub struct Burst {
-    lists: Mutex<BurstLists>,
-    started: Notify,
-}
-
-#[derive(Default)]
-struct BurstLists {
-    written: Vec<Arc<Outbox>>,
-    held: Vec<Arc<Outbox>>,
-}
-
-impl Burst {
-    fn lists(&self) -> MutexGuard<'_, BurstLists> {
-        self.lists.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Ends each burst behind the tasks queued when it started; ends the
-    /// last one when `stop` fires.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = self.started.notified() => {}
-                () = stop.cancelled() => break,
-            }
-            behind_queued_tasks().await;
-            self.end();
-        }
-        self.end();
-    }
-
-    /// Writes what was held and starts a new burst.
-    pub fn end(&self) {
-        let BurstLists { written, held } = std::mem::take(&mut *self.lists());
-        for out in written {
-            out.lock().in_burst = false;
-        }
-        for out in held {
-            let mut st = out.lock();
-            st.corked = false;
-            if !st.busy && !st.done {
-                out.write_now(&mut st);
-            }
-        }
-    }
-}
-
-/// Returns after the tasks already queued on this worker thread have run.
-/// A task that wakes itself while being polled goes to the back of tokio's
-/// run queue (a wake by another task on the thread puts it first);
-/// `tokio::task::yield_now` would instead wait for the I/O driver's next
-/// poll, one more `epoll_wait`. With nothing queued it returns at once.
-async fn behind_queued_tasks() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 impl Outbox {
@@ -201,7 +119,6 @@ impl Outbox {
                 closing: false,
                 done: false,
                 corked: false,
-                in_burst: false,
             }),
             wake: Notify::new(),
             metrics: c.metrics,
@@ -244,28 +161,13 @@ impl Outbox {
         Ok(())
     }
 
-    /// Writes what `corked` held back, unless the writer task has taken over
-    /// or an earlier batch of the burst wrote here (then it waits for the
-    /// burst's end).
-    fn uncork(self: &Arc<Self>, burst: &Burst) {
+    /// Writes what `corked` held back, unless the writer task has taken over.
+    fn uncork(&self) {
         let mut st = self.lock();
-        if st.in_burst {
-            drop(st);
-            burst.lists().held.push(self.clone());
-            return;
-        }
         st.corked = false;
-        if st.busy || st.done {
-            return;
+        if !st.busy && !st.done {
+            self.write_now(&mut st);
         }
-        self.write_now(&mut st);
-        st.in_burst = true;
-        drop(st);
-        let mut lists = burst.lists();
-        if lists.written.is_empty() {
-            burst.started.notify_one();
-        }
-        lists.written.push(self.clone());
     }
 
     /// Writes `st.unwritten` without waiting; what the socket does not take
@@ -527,7 +429,7 @@ mod tests {
     #[tokio::test]
     async fn corked_sends_go_out_together_at_the_end() {
         let (out, mut client) = pair(Version::V311).await;
-        corked(&Burst::default(), || {
+        corked(|| {
             for pid in 1..=3 {
                 out.send(Outbound::packet(Packet::PubRel(codec::Ack::new(pid, 0)))).unwrap();
             }
@@ -537,51 +439,6 @@ mod tests {
         let mut b = [0u8; 12];
         client.read_exact(&mut b).await.unwrap();
         assert_eq!(b, [0x62, 2, 0, 1, 0x62, 2, 0, 2, 0x62, 2, 0, 3]);
-    }
-
-    /// In one burst, the first batch that writes to a connection writes at
-    /// once; what later batches send it waits for the burst's end and goes
-    /// out in one write, in order; the next burst writes at once again.
-    #[tokio::test]
-    async fn a_burst_writes_a_connection_once_and_holds_the_rest_for_its_end() {
-        let (out, mut client) = pair(Version::V311).await;
-        let burst = Burst::default();
-        let pubrel = |pid| Outbound::packet(Packet::PubRel(codec::Ack::new(pid, 0)));
-        corked(&burst, || out.send(pubrel(1)).unwrap());
-        assert!(out.lock().unwritten.is_empty(), "the burst's first write was held");
-        corked(&burst, || out.send(pubrel(2)).unwrap());
-        out.send(pubrel(3)).unwrap();
-        assert_eq!(out.lock().unwritten.len(), 8, "a second write in one burst went out before its end");
-        burst.end();
-        assert!(out.lock().unwritten.is_empty() && !out.lock().corked);
-        corked(&burst, || out.send(pubrel(4)).unwrap());
-        assert!(out.lock().unwritten.is_empty(), "the next burst's first write was held");
-        let mut b = [0u8; 16];
-        client.read_exact(&mut b).await.unwrap();
-        assert_eq!(b, [0x62, 2, 0, 1, 0x62, 2, 0, 2, 0x62, 2, 0, 3, 0x62, 2, 0, 4]);
-    }
-
-    /// `Burst::run` ends a burst by itself once the running task lets the
-    /// others run: what was held reaches the client without anyone calling
-    /// `end`.
-    #[tokio::test]
-    async fn the_burst_task_writes_what_was_held() {
-        let (out, mut client) = pair(Version::V311).await;
-        let burst = Arc::new(Burst::default());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(burst.clone().run(stop.clone()));
-        for pid in 1..=2 {
-            corked(&burst, || out.send(Outbound::packet(Packet::PubRel(codec::Ack::new(pid, 0)))).unwrap());
-        }
-        assert_eq!(out.lock().unwritten.len(), 4, "the second write was not held");
-        let mut b = [0u8; 8];
-        tokio::time::timeout(std::time::Duration::from_secs(5), client.read_exact(&mut b))
-            .await
-            .expect("the held write never went out")
-            .unwrap();
-        assert_eq!(b, [0x62, 2, 0, 1, 0x62, 2, 0, 2]);
-        stop.cancel();
-        task.await.unwrap();
     }
 
     /// Nothing waiting: the packet is on the socket when `send` returns,

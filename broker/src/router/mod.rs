@@ -5,9 +5,9 @@
 //! which writes to the socket without waiting or queues behind a backlog
 //! bounded in practice by the inflight window and the QoS 0 pending limit.
 //! What one batch of its inbox sends to a connection goes out in one write
-//! after the batch (`outbox::corked`); what later batches of the same burst
-//! send to a connection already written to goes out at the burst's end
-//! (`outbox::Burst`). It never awaits anything but its inbox.
+//! after the batch (`outbox::corked`); a batch is what the inbox holds once
+//! the connections that were ready with the first message have read. It
+//! never awaits anything but its inbox.
 
 mod handlers;
 pub mod session;
@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{ConnAck, Connect, Publish, Subscribe, Unsubscribe};
 use crate::config::Config;
-use crate::conn::outbox::{Burst, corked};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::store::{Loaded, StoreHandle};
@@ -135,22 +134,30 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = Vec::with_capacity(256);
-        let bursts_stop = CancellationToken::new();
-        let burst = Arc::new(Burst::default());
-        let bursts = tokio::spawn(burst.clone().run(bursts_stop.clone()));
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut buf, 256) => {
                     if n == 0 {
                         break;
                     }
-                    corked(&burst, || {
+                    // Connections made readable by the same wake-up as this
+                    // message are queued on this thread behind the router:
+                    // let them read first, so that a burst (ten publishers on
+                    // one timer tick) goes out in one write per connection,
+                    // not one per message, and a subscriber wakes once for it.
+                    behind_queued_tasks().await;
+                    while buf.len() < 256
+                        && let Ok(m) = rx.try_recv()
+                    {
+                        buf.push(m);
+                    }
+                    crate::conn::outbox::corked(|| {
                         for m in buf.drain(..) {
                             self.handle(m);
                         }
                     });
                 }
-                _ = tick.tick() => corked(&burst, || self.on_tick()),
+                _ = tick.tick() => crate::conn::outbox::corked(|| self.on_tick()),
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -159,9 +166,6 @@ impl Router {
                 let _ = c.tx.send(crate::message::Outbound::Close(crate::codec::reason::SERVER_SHUTTING_DOWN));
             }
         }
-        // Writes what the last burst held, the closes with it.
-        bursts_stop.cancel();
-        let _ = bursts.await;
     }
 
     fn handle(&mut self, m: ToRouter) {
@@ -229,6 +233,25 @@ impl Router {
         m.inflight.store(self.sessions.values().map(|s| s.inflight_len() as u64).sum(), Relaxed);
         m.queued.store(self.sessions.values().map(|s| s.queued_len() as u64).sum(), Relaxed);
     }
+}
+
+/// Returns after the tasks already queued on this worker thread have run.
+/// A task that wakes itself while being polled goes to the back of tokio's
+/// run queue (a wake by another task on the thread, as the first publish's
+/// send, puts it first); `tokio::task::yield_now` would instead wait for the
+/// I/O driver's next poll, one more `epoll_wait` per batch. With nothing
+/// queued it returns at once.
+async fn behind_queued_tasks() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// `$share/g/f` → (Some(g), f); anything else → (None, filter).
