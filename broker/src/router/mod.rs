@@ -86,6 +86,9 @@ pub enum ToRouter {
     },
 }
 
+/// Most inbox messages handled in one batch (one write per connection).
+const BATCH: usize = 256;
+
 pub struct Router {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -133,10 +136,10 @@ impl Router {
     pub async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut buf = Vec::with_capacity(256);
+        let mut buf = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
-                n = rx.recv_many(&mut buf, 256) => {
+                n = rx.recv_many(&mut buf, BATCH) => {
                     if n == 0 {
                         break;
                     }
@@ -146,7 +149,7 @@ impl Router {
                     // one timer tick) goes out in one write per connection,
                     // not one per message, and a subscriber wakes once for it.
                     behind_queued_tasks().await;
-                    while buf.len() < 256
+                    while buf.len() < BATCH
                         && let Ok(m) = rx.try_recv()
                     {
                         buf.push(m);
@@ -259,5 +262,28 @@ pub fn split_share(filter: &str) -> (Option<&str>, &str) {
     match crate::topic::parse_shared(filter) {
         Some(Ok((g, f))) => (Some(g), f),
         _ => (None, filter),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// A task queued on the worker before the router yields runs before the
+    /// router goes on: what lets a burst's readers read first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn behind_queued_tasks_lets_queued_tasks_run_first() {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let o = order.clone();
+        tokio::spawn(async move {
+            let o2 = o.clone();
+            let queued = tokio::spawn(async move { o2.lock().unwrap().push("queued") });
+            super::behind_queued_tasks().await;
+            o.lock().unwrap().push("router");
+            queued.await.unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(*order.lock().unwrap(), ["queued", "router"]);
     }
 }
