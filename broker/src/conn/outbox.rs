@@ -116,8 +116,9 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
 /// rotating rounds: quiet-run median p99 0.503 / 0.443 / 0.490 ms with this
 /// order against 0.551 / 0.562 / 0.667 ms with first-sent order.)
 fn write_order(mut list: Vec<Arc<Outbox>>) -> Vec<Arc<Outbox>> {
-    // A stable sort: within each group the first-sent order stays.
-    list.sort_by_key(|out| !out.lock().corked_delivery);
+    // Stable, and each outbox locked once (a fan-out batch can hold
+    // thousands): within each group the first-sent order stays.
+    list.sort_by_cached_key(|out| !out.lock().corked_delivery);
     list
 }
 
@@ -393,6 +394,20 @@ mod tests {
         (out, client)
     }
 
+    /// A QoS 1 message on topic "t" with `len` bytes of payload.
+    fn message(len: usize) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: vec![7u8; len].into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Properties::default(),
+            expires_at: None,
+            publisher: None,
+            received_at: std::time::Instant::now(),
+        })
+    }
+
     fn delivery(msg: &Arc<Message>, pid: u16) -> Outbound {
         Outbound::Deliver(Delivery {
             msg: msg.clone(),
@@ -411,16 +426,7 @@ mod tests {
     async fn order_survives_a_full_socket_buffer() {
         let (out, mut client) = pair(Version::V311).await;
         let writer = tokio::spawn(run(out.clone()));
-        let msg = Arc::new(Message {
-            topic: "t".into(),
-            payload: vec![7u8; 1000].into(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props: Properties::default(),
-            expires_at: None,
-            publisher: None,
-            received_at: std::time::Instant::now(),
-        });
+        let msg = message(1000);
         let n: u16 = 20_000;
         out.send(delivery(&msg, 1)).unwrap();
         assert!(!out.lock().busy, "the first send was not written at once");
@@ -467,16 +473,7 @@ mod tests {
     /// before those that got only acks, each group in first-sent order.
     #[tokio::test]
     async fn corked_writes_deliveries_before_acks() {
-        let msg = Arc::new(Message {
-            topic: "t".into(),
-            payload: vec![7u8; 10].into(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props: Properties::default(),
-            expires_at: None,
-            publisher: None,
-            received_at: std::time::Instant::now(),
-        });
+        let msg = message(10);
         let mut outs = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..4 {
