@@ -85,6 +85,7 @@ fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
                 tracing::warn!(error = %e, slice_us = slice, "sched_setattr: keeping the default time slice");
             }
         })
+        .on_thread_unpark(broker::conn::outbox::new_round)
         .enable_all()
         .build()
         .context("starting tokio")

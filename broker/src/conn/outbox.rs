@@ -10,11 +10,13 @@
 //! batches the backlog into one write per wake-up. Inside `corked` (the
 //! router's handling of one batch of its inbox) direct writes are held back to
 //! the end of the batch, one write per connection, the connections that get a
-//! delivery first.
+//! delivery first; `corked_holding_acks` holds the connections that get only
+//! acks further, until the router releases them (`Held`).
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BytesMut};
@@ -77,16 +79,42 @@ struct State {
     closing: bool,
     /// Nothing more is sent: the writer task ended or a write failed.
     done: bool,
-    /// Bytes are held back for the end of a `corked` batch.
+    /// Bytes are held back for the end of a `corked` batch, or, if `held`,
+    /// for `Held::release`.
     corked: bool,
+    /// Only acks are held back, past the end of their batch
+    /// (`corked_holding_acks`).
+    held: bool,
     /// Among them a delivery: written before connections that only get acks.
     corked_delivery: bool,
+    /// The event loop's wake-up (`ROUND`) in which a `corked` batch last
+    /// sent to this connection.
+    round: u64,
+}
+
+/// Wake-ups of the event loop's threads (`new_round`): what one wake-up
+/// makes ready is one burst.
+static ROUND: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a wake-up of an event-loop thread; called when it unparks.
+pub fn new_round() {
+    ROUND.fetch_add(1, Relaxed);
 }
 
 thread_local! {
     /// Outboxes holding bytes back for the end of the `corked` call running
     /// on this thread; `None` outside one.
     static CORKED: std::cell::RefCell<Option<Vec<Arc<Outbox>>>> = const { std::cell::RefCell::new(None) };
+    /// A batch sent to a connection that a batch of the same wake-up had
+    /// already sent to (or sent to one connection twice).
+    static REPEATED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the last `corked` call on this thread sent to a connection that
+/// had already been sent to in the same wake-up of the event loop: packets
+/// that one write could have carried.
+pub fn repeated() -> bool {
+    REPEATED.get()
 }
 
 /// Runs `f` with direct writes on this thread held back until it returns,
@@ -94,17 +122,62 @@ thread_local! {
 /// router's inbox under load) go out in one write per connection instead of
 /// one per packet, and a lone request still goes out as soon as it is handled.
 pub fn corked<R>(f: impl FnOnce() -> R) -> R {
-    struct Uncork;
-    impl Drop for Uncork {
+    corked_with(None, f)
+}
+
+/// `corked`, except that the connections that get only acks are not written
+/// at the end but put in `held`, and `held.ready` is notified.
+pub fn corked_holding_acks<R>(held: &Held, f: impl FnOnce() -> R) -> R {
+    corked_with(Some(held), f)
+}
+
+fn corked_with<R>(held: Option<&Held>, f: impl FnOnce() -> R) -> R {
+    struct Uncork<'a>(Option<&'a Held>);
+    impl Drop for Uncork<'_> {
         fn drop(&mut self) {
+            let mut holding = Vec::new();
             for out in write_order(CORKED.with_borrow_mut(Option::take).unwrap_or_default()) {
-                out.uncork();
+                if out.uncork(self.0.is_some()) {
+                    holding.push(out);
+                }
+            }
+            if let Some(held) = self.0
+                && !holding.is_empty()
+            {
+                held.list.lock().unwrap_or_else(|e| e.into_inner()).append(&mut holding);
+                held.ready.notify_one();
             }
         }
     }
     CORKED.with_borrow_mut(|c| *c = Some(Vec::new()));
-    let _uncork = Uncork;
+    REPEATED.set(false);
+    let _uncork = Uncork(held);
     f()
+}
+
+/// Connections whose acks `corked_holding_acks` held back.
+#[derive(Default)]
+pub struct Held {
+    list: Mutex<Vec<Arc<Outbox>>>,
+    /// Notified when connections are added.
+    pub ready: Notify,
+}
+
+impl Held {
+    /// Writes what was held back (unless a later send has written it).
+    pub fn release(&self) {
+        let list = std::mem::take(&mut *self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        for out in list {
+            let mut st = out.lock();
+            if st.held {
+                st.held = false;
+                st.corked = false;
+                if !st.busy && !st.done {
+                    out.write_now(&mut st);
+                }
+            }
+        }
+    }
 }
 
 /// The connections that get a delivery first, then those that only get acks
@@ -138,6 +211,8 @@ impl Outbox {
                 done: false,
                 corked: false,
                 corked_delivery: false,
+                held: false,
+                round: u64::MAX,
             }),
             wake: Notify::new(),
             metrics: c.metrics,
@@ -172,25 +247,39 @@ impl Outbox {
         let st = &mut *st;
         let delivery = matches!(item, Outbound::Deliver(_));
         self.put(st, item);
-        if !st.corked {
+        if !st.corked || st.held {
+            // Held acks go out with this packet: at the end of this batch,
+            // or now outside one.
             st.corked = CORKED.with_borrow_mut(|c| c.as_mut().map(|list| list.push(self.clone())).is_some());
+            st.held = false;
         }
         if st.corked {
             st.corked_delivery |= delivery;
+            let round = ROUND.load(Relaxed);
+            if st.round == round {
+                REPEATED.set(true);
+            }
+            st.round = round;
         } else {
             self.write_now(st);
         }
         Ok(())
     }
 
-    /// Writes what `corked` held back, unless the writer task has taken over.
-    fn uncork(&self) {
+    /// Writes what `corked` held back, unless the writer task has taken over;
+    /// with `hold_acks`, only acks are held further (returns true).
+    fn uncork(&self, hold_acks: bool) -> bool {
         let mut st = self.lock();
+        if hold_acks && !st.corked_delivery && !st.busy && !st.done {
+            st.held = true;
+            return true;
+        }
         st.corked = false;
         st.corked_delivery = false;
         if !st.busy && !st.done {
             self.write_now(&mut st);
         }
+        false
     }
 
     /// Writes `st.unwritten` without waiting; what the socket does not take
@@ -497,6 +586,68 @@ mod tests {
             let st = out.lock();
             assert!(st.unwritten.is_empty() && !st.corked && !st.corked_delivery);
         }
+    }
+
+    /// A batch reports a connection it sent to twice, or that an earlier
+    /// batch of the same wake-up sent to; a new wake-up starts afresh.
+    #[tokio::test]
+    async fn corked_reports_a_connection_written_twice_in_a_wake_up() {
+        let msg = message(10);
+        let (a, _ca) = pair(Version::V311).await;
+        let (b, _cb) = pair(Version::V311).await;
+        new_round();
+        corked(|| {
+            a.send(delivery(&msg, 1)).unwrap();
+            b.send(delivery(&msg, 1)).unwrap();
+        });
+        assert!(!repeated(), "one packet to each connection");
+        corked(|| a.send(delivery(&msg, 2)).unwrap());
+        assert!(repeated(), "a second batch of the same wake-up wrote `a` again");
+        new_round();
+        corked(|| a.send(delivery(&msg, 3)).unwrap());
+        assert!(!repeated(), "a new wake-up");
+        corked(|| {
+            b.send(delivery(&msg, 2)).unwrap();
+            b.send(delivery(&msg, 3)).unwrap();
+        });
+        assert!(repeated(), "two packets to `b` in one batch");
+    }
+
+    /// `corked_holding_acks` writes the deliveries at the end of the batch
+    /// and holds the connections that got only acks until `Held::release`;
+    /// a later send to a held connection takes its acks along.
+    #[tokio::test]
+    async fn held_acks_go_out_on_release_or_with_the_next_packet() {
+        let msg = message(10);
+        let (publ, mut pub_client) = pair(Version::V311).await;
+        let (sub, mut sub_client) = pair(Version::V311).await;
+        let (other, mut other_client) = pair(Version::V311).await;
+        let held = Held::default();
+        let ack = |pid| Outbound::packet(Packet::PubAck(codec::Ack::new(pid, 0)));
+        corked_holding_acks(&held, || {
+            sub.send(delivery(&msg, 1)).unwrap();
+            publ.send(ack(1)).unwrap();
+            other.send(ack(1)).unwrap();
+        });
+        assert!(sub.lock().unwritten.is_empty(), "the delivery is written at the end of the batch");
+        for out in [&publ, &other] {
+            let st = out.lock();
+            assert!(st.held && st.corked && st.unwritten.len() == 4, "the ack is held");
+        }
+        // A packet to a held connection in a later batch takes its ack along.
+        corked_holding_acks(&held, || publ.send(delivery(&msg, 7)).unwrap());
+        assert!(!publ.lock().held && publ.lock().unwritten.is_empty());
+        let mut b = [0u8; 4 + 17];
+        pub_client.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b[..5], [0x40, 2, 0, 1, 0x32]);
+        held.release();
+        assert!(!other.lock().held && !other.lock().corked && other.lock().unwritten.is_empty());
+        let mut b = [0u8; 4];
+        other_client.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [0x40, 2, 0, 1]);
+        let mut d = [0u8; 17];
+        sub_client.read_exact(&mut d).await.unwrap();
+        assert_eq!(d[0], 0x32);
     }
 
     /// Nothing waiting: the packet is on the socket when `send` returns,

@@ -5,9 +5,12 @@
 //! which writes to the socket without waiting or queues behind a backlog
 //! bounded in practice by the inflight window and the QoS 0 pending limit.
 //! What one batch of its inbox sends to a connection goes out in one write
-//! after the batch (`outbox::corked`); a batch is what the inbox holds once
-//! the connections that were ready with the first message have read. It
-//! never awaits anything but its inbox.
+//! after the batch (`outbox::corked`). While bursts write to one connection
+//! more than once (`Bursts`), a batch is what the inbox holds once the
+//! connections that were ready with the first message have read; otherwise
+//! it is what the inbox holds when the router runs, and the publishers' acks
+//! wait for the end of the burst (`release_behind_queued_tasks`). It never
+//! awaits anything but its inbox.
 
 mod handlers;
 pub mod session;
@@ -100,6 +103,7 @@ pub struct Router {
     pending_wills: Vec<(Instant, Arc<str>, crate::codec::Will)>,
     started: Instant,
     last_sys: Instant,
+    bursts: Bursts,
 }
 
 impl Router {
@@ -114,6 +118,7 @@ impl Router {
             pending_wills: Vec::new(),
             started: Instant::now(),
             last_sys: Instant::now(),
+            bursts: Bursts::default(),
         };
         for m in loaded.retained {
             r.retained.insert(m.topic.clone(), Arc::new(m));
@@ -137,6 +142,8 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = Vec::with_capacity(BATCH);
+        let held = Arc::new(crate::conn::outbox::Held::default());
+        let releaser = tokio::spawn(release_behind_queued_tasks(held.clone()));
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut buf, BATCH) => {
@@ -145,25 +152,38 @@ impl Router {
                     }
                     // Connections made readable by the same wake-up as this
                     // message are queued on this thread behind the router:
-                    // let them read first, so that a burst (ten publishers on
-                    // one timer tick) goes out in one write per connection,
-                    // not one per message, and a subscriber wakes once for it.
-                    behind_queued_tasks().await;
-                    while buf.len() < BATCH
-                        && let Ok(m) = rx.try_recv()
-                    {
-                        buf.push(m);
+                    // when bursts write to one connection more than once (ten
+                    // publishers on one timer tick, one subscriber), let them
+                    // read first, so that the burst goes out in one write per
+                    // connection and a subscriber wakes once for it.
+                    // Otherwise route at once, and hold only the acks.
+                    let gather = self.bursts.gather;
+                    if gather {
+                        behind_queued_tasks().await;
+                        while buf.len() < BATCH
+                            && let Ok(m) = rx.try_recv()
+                        {
+                            buf.push(m);
+                        }
                     }
-                    crate::conn::outbox::corked(|| {
+                    let batch = || {
                         for m in buf.drain(..) {
                             self.handle(m);
                         }
-                    });
+                    };
+                    if gather {
+                        crate::conn::outbox::corked(batch);
+                    } else {
+                        crate::conn::outbox::corked_holding_acks(&held, batch);
+                    }
+                    self.bursts.after_batch(crate::conn::outbox::repeated());
                 }
                 _ = tick.tick() => crate::conn::outbox::corked(|| self.on_tick()),
                 _ = shutdown.cancelled() => break,
             }
         }
+        releaser.abort();
+        held.release();
         for s in self.sessions.values() {
             if let Some(c) = &s.conn {
                 let _ = c.tx.send(crate::message::Outbound::Close(crate::codec::reason::SERVER_SHUTTING_DOWN));
@@ -238,6 +258,41 @@ impl Router {
     }
 }
 
+/// Batches in a row that wrote no connection twice in a wake-up after which
+/// the router stops waiting for the rest of a burst.
+const GATHER_QUIT: u32 = 64;
+
+/// Whether the router waits for the rest of a burst before routing it. It
+/// pays where one burst writes to a connection several times (fan-in: the
+/// subscriber gets one write and one wake-up instead of ten) and costs where
+/// every connection gets one packet per burst (10->10: the first deliveries
+/// would wait for the other reads). The router starts waiting as soon as a
+/// wake-up writes to a connection twice (`outbox::repeated`), and stops
+/// after `GATHER_QUIT` batches without such a connection.
+#[derive(Debug)]
+struct Bursts {
+    gather: bool,
+    single: u32,
+}
+
+impl Default for Bursts {
+    fn default() -> Self {
+        Bursts { gather: true, single: 0 }
+    }
+}
+
+impl Bursts {
+    fn after_batch(&mut self, repeated: bool) {
+        if repeated {
+            self.gather = true;
+            self.single = 0;
+        } else if self.gather {
+            self.single += 1;
+            self.gather = self.single < GATHER_QUIT;
+        }
+    }
+}
+
 /// Returns after the tasks already queued on this worker thread have run.
 /// A task that wakes itself while being polled goes to the back of tokio's
 /// run queue (a wake by another task on the thread, as the first publish's
@@ -257,6 +312,18 @@ async fn behind_queued_tasks() {
     .await
 }
 
+/// Writes the acks held back from the deliveries of a burst once the tasks
+/// queued behind the batch that held them have run: the deliveries go out as
+/// each publish is read, the publishers' acks (each write wakes a client)
+/// after the whole burst.
+async fn release_behind_queued_tasks(held: Arc<crate::conn::outbox::Held>) {
+    loop {
+        held.ready.notified().await;
+        behind_queued_tasks().await;
+        held.release();
+    }
+}
+
 /// `$share/g/f` → (Some(g), f); anything else → (None, filter).
 pub fn split_share(filter: &str) -> (Option<&str>, &str) {
     match crate::topic::parse_shared(filter) {
@@ -268,6 +335,30 @@ pub fn split_share(filter: &str) -> (Option<&str>, &str) {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
+
+    /// The router waits for bursts from the start and as soon as a batch
+    /// writes a connection twice in a wake-up, and stops after `GATHER_QUIT`
+    /// batches in a row that did not.
+    #[test]
+    fn bursts_gather_while_they_repeat() {
+        let mut b = super::Bursts::default();
+        assert!(b.gather);
+        for _ in 1..super::GATHER_QUIT {
+            b.after_batch(false);
+        }
+        assert!(b.gather, "one batch short of GATHER_QUIT");
+        b.after_batch(true);
+        for _ in 1..super::GATHER_QUIT {
+            b.after_batch(false);
+        }
+        assert!(b.gather, "a repeated batch starts the count again");
+        b.after_batch(false);
+        assert!(!b.gather);
+        b.after_batch(false);
+        assert!(!b.gather);
+        b.after_batch(true);
+        assert!(b.gather);
+    }
 
     /// A task queued on the worker before the router yields runs before the
     /// router goes on: what lets a burst's readers read first.
