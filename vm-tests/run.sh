@@ -15,6 +15,9 @@
 #   CHAOSD_VM_KERNEL   kernel package to use  (default: what linux-image-amd64 depends on)
 #   CHAOSD_VM_TIMEOUT  seconds per test boot  (default 300; a test may say
 #                      "# vm-test-timeout: N" in its header)
+#   CHAOSD_VM_BOOT_LIMIT  seconds for the guest to reach /init (default 120;
+#                      it takes 5-20 here): past it the boot counts as hung,
+#                      and a hung boot is tried once more
 #   CHAOSD_VM_MEM, CHAOSD_VM_SMP  guest RAM in MiB (1024) and CPUs (2)
 #   CHAOSD_VM_VERBOSE=1  stream the guest console while tests run
 set -euo pipefail
@@ -26,6 +29,7 @@ CACHE=${CHAOSD_VM_CACHE:-/var/cache/chaosd-vm}
 LOGS=${CHAOSD_VM_LOGS:-$target_dir/vm-logs}
 BIN_DIR=${CHAOSD_VM_BIN_DIR:-$target_dir/release}
 TIMEOUT=${CHAOSD_VM_TIMEOUT:-300}
+BOOT_LIMIT=${CHAOSD_VM_BOOT_LIMIT:-120}
 MEM=${CHAOSD_VM_MEM:-1024}
 SMP=${CHAOSD_VM_SMP:-2}
 BINARIES=(chaosd chaosctl broker)
@@ -37,8 +41,8 @@ die() { printf 'vm-tests: error: %s\n' "$*" >&2; exit 1; }
 # Everything this script starts or creates is undone here, on every exit path.
 work=""
 qemu_group=""
-cleanup() {
-  local rc=$?
+# stop_qemu: kills the running VM, if any, and returns once qemu is gone.
+stop_qemu() {
   if [ -n "$qemu_group" ]; then
     # `timeout` makes itself a process-group leader with qemu inside; the
     # pid file covers the moment before it did.
@@ -56,6 +60,11 @@ cleanup() {
     done
     qemu_group=""
   fi
+  if [ -n "$work" ]; then rm -f "$work/qemu.pid"; fi
+}
+cleanup() {
+  local rc=$?
+  stop_qemu
   [ -n "$work" ] && rm -rf -- "$work"
   exit "$rc"
 }
@@ -317,9 +326,10 @@ clean_log() {
   tr -d '\r' < "$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
 }
 
-# run_test NAME: one VM boot; sets result_line and returns 0 on PASS.
+# run_test NAME: one VM boot; sets result_line and returns 0 on PASS. Sets
+# boot_hung=1 when the guest did not reach /init within BOOT_LIMIT seconds.
 run_test() {
-  local name=$1 t_limit nonce log rc line t0
+  local name=$1 t_limit nonce log rc line t0 started
   t_limit=$(sed -n 's/^# *vm-test-timeout: *\([0-9][0-9]*\).*/\1/p' "$here/tests/$name.sh" | head -1)
   t_limit=${t_limit:-$TIMEOUT}
   nonce=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
@@ -338,12 +348,32 @@ run_test() {
   if [ "${CHAOSD_VM_VERBOSE:-0}" = 1 ]; then
     tail -n +1 -f --pid="$qemu_group" "$log" &
   fi
+  # Under TCG a boot now and then stops after SeaBIOS and never reaches the
+  # kernel's /init (once in the CI rehearsal of 2026-11-22, console ending at
+  # "Booting from ROM.."): that is no result of the test, so it is told
+  # apart from one, instead of eating the whole test timeout.
+  boot_hung=0
+  started=$SECONDS
+  while kill -0 "$qemu_group" 2>/dev/null; do
+    if grep -aq 'vm-init: kernel' "$log"; then
+      break
+    elif [ $((SECONDS - started)) -ge "$BOOT_LIMIT" ]; then
+      boot_hung=1
+      stop_qemu
+      break
+    fi
+    sleep 1
+  done
   rc=0
-  wait "$qemu_group" || rc=$?
+  if [ -n "$qemu_group" ]; then
+    wait "$qemu_group" || rc=$?
+  fi
   qemu_group=""
   rm -f "$work/qemu.pid"
   line=$(clean_log "$log" | grep -a -E "^VM-TEST-RESULT: (PASS|FAIL) $name .* id=$nonce\$" | tail -1 || true)
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  if [ "$boot_hung" -eq 1 ]; then
+    result_line="FAIL $name: the guest did not reach /init within ${BOOT_LIMIT}s (VM killed; console: $(clean_log "$log" | tail -c 120 | tr '\n' ' '))"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     result_line="FAIL $name: no result within ${t_limit}s (VM killed)"
   elif [ -z "$line" ]; then
     result_line="FAIL $name: the guest printed no result line (qemu exit $rc; kernel panic or /init crash?)"
@@ -370,9 +400,18 @@ run_test() {
 
 passed=()
 failed=()
+rebooted=()
 for t in "${tests[@]}"; do
-  if run_test "$t"; then passed+=("$t"); else failed+=("$t"); fi
+  if run_test "$t"; then
+    passed+=("$t")
+  elif [ "$boot_hung" -eq 1 ]; then
+    say "$t: the boot hung before the test ran; booting it once more"
+    rebooted+=("$t")
+    if run_test "$t"; then passed+=("$t"); else failed+=("$t"); fi
+  else
+    failed+=("$t")
+  fi
 done
 
-echo "vm-tests: ${#passed[@]} passed, ${#failed[@]} failed in $(elapsed "$t_total")s (kernel $kver)${failed[*]:+; failed: ${failed[*]}}"
+echo "vm-tests: ${#passed[@]} passed, ${#failed[@]} failed in $(elapsed "$t_total")s (kernel $kver)${failed[*]:+; failed: ${failed[*]}}${rebooted[*]:+; booted twice after a hung boot: ${rebooted[*]}}"
 [ ${#failed[@]} -eq 0 ]
