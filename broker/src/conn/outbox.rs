@@ -170,11 +170,7 @@ impl Held {
         for out in list {
             let mut st = out.lock();
             if st.held {
-                st.held = false;
-                st.corked = false;
-                if !st.busy && !st.done {
-                    out.write_now(&mut st);
-                }
+                out.flush(&mut st);
             }
         }
     }
@@ -274,12 +270,19 @@ impl Outbox {
             st.held = true;
             return true;
         }
+        self.flush(&mut st);
+        false
+    }
+
+    /// Ends holding bytes back and writes them, unless the writer task has
+    /// taken over.
+    fn flush(&self, st: &mut State) {
         st.corked = false;
         st.corked_delivery = false;
+        st.held = false;
         if !st.busy && !st.done {
-            self.write_now(&mut st);
+            self.write_now(st);
         }
-        false
     }
 
     /// Writes `st.unwritten` without waiting; what the socket does not take
