@@ -9,8 +9,8 @@
 //! more than once (`Bursts`), a batch is what the inbox holds once the
 //! connections that were ready with the first message have read; otherwise
 //! it is what the inbox holds when the router runs, and the publishers' acks
-//! wait for the end of the burst (`release_behind_queued_tasks`). It never
-//! awaits anything but its inbox.
+//! wait for the end of the burst (`release_behind_queued_tasks`). It awaits
+//! nothing but its inbox and, while gathering, the readers queued behind it.
 
 mod handlers;
 pub mod session;
