@@ -11,7 +11,7 @@
 # Reported: throughput is the median of BENCH_REPS runs per broker. Latency
 # runs go in pairs, ours and mosquitto back to back, the brokers taking turns
 # going first. This machine is a guest of a shared host: when the host runs
-# other guests, this one stalls ("steal" in /proc/stat), and a 3 s run's p99
+# other guests, this one stalls ("steal" in /proc/stat), and a run's p99
 # is then the length of the stalls, whichever broker is running (across 144
 # runs, steal against log p99 correlated 0.82). So each run's steal is
 # measured: a pair in which either run lost more than BENCH_QUIET_STEAL % of
@@ -156,9 +156,9 @@ for rep in $(seq "$REPS"); do
   run "pers-mosq-$rep" "$MQ_PORT" "$DUR" $pers --rate 0
 done
 
-python3 - "$tmp" "${#cases[@]}" "$DUR/$LAT_DUR" "$REPS" "$LAT_RUNS" "$TRIES" "$QUIET" <<'PY'
+python3 - "$tmp" "${#cases[@]}" "$DUR" "$LAT_DUR" "$REPS" "$LAT_RUNS" "$TRIES" "$QUIET" <<'PY'
 import json, statistics, sys
-tmp, n, dur, reps, lat_runs, tries, quiet_max = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+tmp, n, dur, lat_dur, reps, lat_runs, tries, quiet_max = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 def load(name):
     with open(f"{tmp}/{name}.json") as f:
         return json.load(f)["total"]
@@ -188,7 +188,7 @@ p99 = lambda x: x["latency_ms"]["p99"]
 p50 = lambda x: x["latency_ms"]["p50"]
 lost = lambda x: x["lost"]
 k = reps * lat_runs
-print(f"\nbroker vs mosquitto, 256-byte payloads, {dur.split('/')[0]} s per throughput run, {dur.split('/')[1]} s per latency run, brokers interleaved, same load client, this machine")
+print(f"\nbroker vs mosquitto, 256-byte payloads, {dur} s per throughput run, {lat_dur} s per latency run, brokers interleaved, same load client, this machine")
 print(f"throughput: --rate 0 (publishers send as fast as each broker takes it), msg/s received by subscribers, median of {reps} runs;")
 print(f"latency: a fixed 500 msg/s per publisher, {k} pairs of runs per case (ours and mosquitto back to back, ABBA);")
 print(f"  quiet: both runs of the pair lost at most {quiet_max}% of their CPU time to the host (steal); a stalled pair")
