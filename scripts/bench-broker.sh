@@ -23,7 +23,7 @@
 # pairs where ours had the lower or equal p99.
 # Many short latency runs rather than a few long ones: a run's p99 is mostly
 # set by a state the run starts in and keeps (the same broker, every
-# publisher alike, 0.26 ms in one 3 s run and 0.47 ms in the next; steady
+# publisher alike, 0.26 ms in one 3 s run and 0.47 ms in another; steady
 # over a 6 s run), so the number of runs, not their length, sets how far
 # the pooled p99 moves between two runs of the script.
 set -euo pipefail

@@ -16,7 +16,7 @@
 #   CHAOSD_VM_TIMEOUT  seconds per test boot  (default 300; a test may say
 #                      "# vm-test-timeout: N" in its header)
 #   CHAOSD_VM_BOOT_LIMIT  seconds for the guest to reach /init (default 120;
-#                      here it does at 3-5 s of guest uptime): past it the boot counts as hung,
+#                      here it does at 2-5 s of guest uptime): past it the boot counts as hung,
 #                      and a hung boot is tried once more
 #   CHAOSD_VM_MEM, CHAOSD_VM_SMP  guest RAM in MiB (1024) and CPUs (2)
 #   CHAOSD_VM_VERBOSE=1  stream the guest console while tests run
