@@ -22,10 +22,11 @@
 # run median is the median of the runs' own p99s; "p99 wins" counts the quiet
 # pairs where ours had the lower or equal p99.
 # Many short latency runs rather than a few long ones: a run's p99 is mostly
-# set by a state the run starts in and keeps (the same broker, every
-# publisher alike, 0.26 ms in one 3 s run and 0.47 ms in another; steady
-# over a 6 s run), so the number of runs, not their length, sets how far
-# the pooled p99 moves between two runs of the script.
+# set by a state of the machine that lasts tens of seconds (the same broker,
+# every publisher alike, 0.26 ms in one 3 s run and 0.47 ms in another;
+# steady over a 6 s run; both brokers alike in the same round), so the two
+# runs of a pair share it, and the number of pairs, not their length, sets
+# how far the pooled p99 moves between two runs of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
