@@ -43,6 +43,5 @@ fn main() {
         );
     }
     let built = target_dir.join("bpfel-unknown-none/release/chaosd");
-    fs::copy(&built, out_dir.join("chaosd.bpf.o"))
-        .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+    fs::copy(&built, out_dir.join("chaosd.bpf.o")).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
 }

@@ -124,7 +124,7 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         .send(ToRouter::Connect {
             conn,
             connect: Box::new(accepted.connect),
-            connack: accepted.connack,
+            connack: Box::new(accepted.connack),
             reply: reply_tx,
         })
         .await;
@@ -323,7 +323,7 @@ impl Reader<'_> {
                         }
                     }
                 }
-                self.to_router(ToRouter::Publish { conn, client, publish: p }).await
+                self.to_router(ToRouter::Publish { conn, client, publish: Box::new(p) }).await
             }
             Packet::PubAck(a) => self.to_router(ToRouter::PubAck { conn, client, pid: a.pid }).await,
             Packet::PubRec(a) => self.to_router(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code }).await,
@@ -344,9 +344,9 @@ impl Reader<'_> {
                         "several subscription identifiers",
                     ));
                 }
-                self.to_router(ToRouter::Subscribe { conn, client, sub: s }).await
+                self.to_router(ToRouter::Subscribe { conn, client, sub: Box::new(s) }).await
             }
-            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: u }).await,
+            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: Box::new(u) }).await,
             Packet::PingReq => {
                 let _ = self.tx.send(Outbound::packet(Packet::PingResp));
                 None
