@@ -1,11 +1,11 @@
 //! The router's reaction to each kind of request.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 
 use super::session::{ConnHandle, Session};
 use super::subs::Sub;

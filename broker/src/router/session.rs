@@ -6,10 +6,12 @@
 //! a message with the same id it had, which is what lets a client recognise
 //! a QoS 2 duplicate.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::subs::Sub;
 use crate::codec::{Ack, Packet, QoS, Version, Will, publish_size};

@@ -3,8 +3,9 @@
 //! Subscribers are named by session (client id). A later cluster layer adds
 //! remote routes next to these as another kind of subscriber.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use crate::codec::SubOptions;
 
