@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -55,10 +54,9 @@ pub async fn run(
         None => (None, Loaded::default()),
     };
     let cfg = Arc::new(cfg);
-    let (router_tx, router_rx) = mpsc::channel(8192);
+    let (router_tx, router_rx) = crate::router::inbox::inbox();
     let router = Router::new(cfg.clone(), metrics.clone(), store, loaded);
-    let router_stop = CancellationToken::new();
-    let router_task = tokio::spawn(router.run(router_rx, router_stop.clone()));
+    let router_task = tokio::spawn(router.run(router_rx));
     if let Some(h) = http {
         tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
     }
@@ -93,7 +91,7 @@ pub async fn run(
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
-    router_stop.cancel();
+    shared.router.stop();
     drop(shared);
     let _ = router_task.await;
     Ok(metrics)

@@ -33,7 +33,7 @@ use outbox::Outbox;
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub router: tokio::sync::mpsc::Sender<ToRouter>,
+    pub router: crate::router::inbox::Sender,
     pub auth: Option<Auth>,
     pub next_id: AtomicU64,
 }

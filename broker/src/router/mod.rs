@@ -1,7 +1,7 @@
 //! The router: single owner of sessions, subscriptions and retained messages.
 //!
-//! Connection tasks send it `ToRouter` messages over one bounded channel
-//! (backpressure on publishers); it answers through each connection's outbox,
+//! Connection tasks send it `ToRouter` messages through one inbox bounded at
+//! `inbox::CAPACITY` messages (backpressure on publishers, `inbox.rs`); it answers through each connection's outbox,
 //! which writes to the socket without waiting or queues behind a backlog
 //! bounded in practice by the inflight window and the QoS 0 pending limit.
 //! What one batch of its inbox sends to a connection goes out in one write
@@ -13,6 +13,7 @@
 //! nothing but its inbox and, while gathering, the readers queued behind it.
 
 mod handlers;
+pub mod inbox;
 pub mod session;
 pub mod subs;
 
@@ -21,8 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
 
 use crate::codec::{ConnAck, Connect, Publish, Subscribe, Unsubscribe};
 use crate::config::Config;
@@ -141,15 +141,18 @@ impl Router {
         r
     }
 
-    /// Runs until `shutdown` fires or every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>, shutdown: CancellationToken) {
+    /// Runs until the inbox says stop or every sender is gone.
+    pub async fn run(mut self, mut rx: inbox::Receiver) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = Vec::with_capacity(BATCH);
         let held = Arc::new(crate::conn::outbox::Held::default());
         let releaser = tokio::spawn(release_behind_queued_tasks(held.clone()));
-        loop {
+        let mut stop = false;
+        while !stop {
             tokio::select! {
+                // The inbox first: the tick is polled only when it is empty.
+                biased;
                 n = rx.recv_many(&mut buf, BATCH) => {
                     if n == 0 {
                         break;
@@ -165,7 +168,7 @@ impl Router {
                     if gather {
                         behind_queued_tasks().await;
                         while buf.len() < BATCH
-                            && let Ok(m) = rx.try_recv()
+                            && let Some(m) = rx.try_recv()
                         {
                             buf.push(m);
                         }
@@ -173,6 +176,10 @@ impl Router {
                     let mut publishes = false;
                     let batch = || {
                         for m in buf.drain(..) {
+                            let Some(m) = m else {
+                                stop = true;
+                                break;
+                            };
                             publishes |= matches!(m, ToRouter::Publish { .. });
                             self.handle(m);
                         }
@@ -187,7 +194,6 @@ impl Router {
                     }
                 }
                 _ = tick.tick() => crate::conn::outbox::corked(|| self.on_tick()),
-                _ = shutdown.cancelled() => break,
             }
         }
         releaser.abort();
