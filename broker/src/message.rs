@@ -35,6 +35,11 @@ impl Message {
         self.expires_at.is_some_and(|t| t <= now)
     }
 
+    /// `expired` at the current time, read only for messages that expire.
+    pub fn expired_now(&self) -> bool {
+        self.expires_at.is_some_and(|t| t <= unix_now())
+    }
+
     /// Seconds left, for the message expiry interval sent on.
     pub fn remaining(&self, now: u64) -> Option<u32> {
         self.expires_at.map(|t| t.saturating_sub(now).max(1).min(u64::from(u32::MAX)) as u32)

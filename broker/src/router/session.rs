@@ -17,7 +17,7 @@ use super::subs::Sub;
 use crate::codec::{Ack, Packet, QoS, Version, Will, publish_size};
 use crate::config::Config;
 use crate::conn::outbox::Outbox;
-use crate::message::{Delivery, Outbound, unix_now};
+use crate::message::{Delivery, Outbound};
 use crate::metrics::{DropReason, Metrics};
 use crate::store::record::{Entry, SessionMeta, encode_entry, encode_meta};
 use crate::store::{Op, StoreHandle};
@@ -143,7 +143,7 @@ impl Session {
     /// Returns whether a store write was issued (the publisher's ack must
     /// then wait for the commit).
     pub fn deliver(&mut self, ctx: &Ctx, e: Entry) -> bool {
-        if e.msg.expired(unix_now()) {
+        if e.msg.expired_now() {
             ctx.metrics.dropped(DropReason::Expired, e.qos as u8);
             return false;
         }
@@ -212,7 +212,7 @@ impl Session {
             let Some((seq, e, dup)) = self.queue.pop_front() else {
                 break;
             };
-            if e.msg.expired(unix_now()) {
+            if e.msg.expired_now() {
                 ctx.metrics.dropped(DropReason::Expired, e.qos as u8);
                 self.forget(ctx, seq);
                 continue;
