@@ -305,11 +305,15 @@ impl Reader<'_> {
         loop {
             loop {
                 match codec::decode(buf, self.version, max) {
-                    Ok(Some(p)) => {
-                        if let Some(end) = self.handle(p).await {
-                            return Ok(end);
+                    Ok(Some(p)) => match self.handle(p) {
+                        Ok(None) => {}
+                        Ok(Some(m)) => {
+                            if let Some(end) = self.to_router(m).await {
+                                return Ok(end);
+                            }
                         }
-                    }
+                        Err(end) => return Ok(end),
+                    },
                     Ok(None) => break,
                     Err(e) => return Ok(decode_end(&e)),
                 }
@@ -343,8 +347,10 @@ impl Reader<'_> {
         }
     }
 
-    /// Handles one packet; `Some` ends the connection.
-    async fn handle(&mut self, p: Packet) -> Option<End> {
+    /// Handles one packet: what to send the router, or why the connection
+    /// ends. Not async, so that the packet (a v5 `Publish` is about 500
+    /// bytes) is not copied into the reader's future on its way.
+    fn handle(&mut self, p: Packet) -> Result<Option<ToRouter>, End> {
         tracing::trace!(client = %self.client, packet = p.name(), "received");
         let (conn, client) = (self.id, self.client.clone());
         let v5 = self.version == Version::V5;
@@ -352,7 +358,7 @@ impl Reader<'_> {
             Packet::Publish(mut p) => {
                 if let Some(a) = p.props.topic_alias {
                     if a == 0 || a > self.sh.cfg.topic_alias_maximum {
-                        return Some(End::bad(
+                        return Err(End::bad(
                             CloseReason::TopicAliasInvalid,
                             reason::TOPIC_ALIAS_INVALID,
                             "topic alias out of range",
@@ -362,7 +368,7 @@ impl Reader<'_> {
                         match self.aliases.get(&a) {
                             Some(t) => p.topic = t.clone(),
                             None => {
-                                return Some(End::bad(
+                                return Err(End::bad(
                                     CloseReason::ProtocolError,
                                     reason::PROTOCOL_ERROR,
                                     "unknown topic alias",
@@ -374,7 +380,7 @@ impl Reader<'_> {
                     }
                 }
                 if !crate::topic::valid_name(&p.topic) {
-                    return Some(End::bad(
+                    return Err(End::bad(
                         CloseReason::TopicNameInvalid,
                         reason::TOPIC_NAME_INVALID,
                         format!("invalid topic name {:?}", p.topic),
@@ -385,7 +391,7 @@ impl Reader<'_> {
                     QoS::AtMostOnce => {}
                     QoS::AtLeastOnce => {
                         if self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
-                            return Some(End::bad(
+                            return Err(End::bad(
                                 CloseReason::ReceiveMaxExceeded,
                                 reason::RECEIVE_MAX_EXCEEDED,
                                 "receive maximum exceeded",
@@ -394,7 +400,7 @@ impl Reader<'_> {
                     }
                     QoS::ExactlyOnce => {
                         if self.qos2_in.insert(p.pid) && self.inflight_in.fetch_add(1, Relaxed) + 1 > limit && v5 {
-                            return Some(End::bad(
+                            return Err(End::bad(
                                 CloseReason::ReceiveMaxExceeded,
                                 reason::RECEIVE_MAX_EXCEEDED,
                                 "receive maximum exceeded",
@@ -402,46 +408,46 @@ impl Reader<'_> {
                         }
                     }
                 }
-                self.to_router(ToRouter::Publish { conn, client, publish: Box::new(p) }).await
+                Ok(Some(ToRouter::Publish { conn, client, publish: Box::new(p) }))
             }
-            Packet::PubAck(a) => self.to_router(ToRouter::PubAck { conn, client, pid: a.pid }).await,
-            Packet::PubRec(a) => self.to_router(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code }).await,
-            Packet::PubComp(a) => self.to_router(ToRouter::PubComp { conn, client, pid: a.pid }).await,
+            Packet::PubAck(a) => Ok(Some(ToRouter::PubAck { conn, client, pid: a.pid })),
+            Packet::PubRec(a) => Ok(Some(ToRouter::PubRec { conn, client, pid: a.pid, code: a.code })),
+            Packet::PubComp(a) => Ok(Some(ToRouter::PubComp { conn, client, pid: a.pid })),
             Packet::PubRel(a) => {
                 if !self.qos2_in.remove(&a.pid) {
                     // PUBREL for a message of an earlier connection: the
                     // outbox will still decrement for its PUBCOMP.
                     self.inflight_in.fetch_add(1, Relaxed);
                 }
-                self.to_router(ToRouter::PubRel { conn, client, pid: a.pid }).await
+                Ok(Some(ToRouter::PubRel { conn, client, pid: a.pid }))
             }
             Packet::Subscribe(s) => {
                 if s.props.subscription_ids.len() > 1 {
-                    return Some(End::bad(
+                    return Err(End::bad(
                         CloseReason::ProtocolError,
                         reason::PROTOCOL_ERROR,
                         "several subscription identifiers",
                     ));
                 }
-                self.to_router(ToRouter::Subscribe { conn, client, sub: Box::new(s) }).await
+                Ok(Some(ToRouter::Subscribe { conn, client, sub: Box::new(s) }))
             }
-            Packet::Unsubscribe(u) => self.to_router(ToRouter::Unsubscribe { conn, client, unsub: Box::new(u) }).await,
+            Packet::Unsubscribe(u) => Ok(Some(ToRouter::Unsubscribe { conn, client, unsub: Box::new(u) })),
             Packet::PingReq => {
                 let _ = self.tx.send(Outbound::packet(Packet::PingResp));
-                None
+                Ok(None)
             }
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry
                     && self.connect_expiry == 0
                     && e != 0
                 {
-                    return Some(End::bad(
+                    return Err(End::bad(
                         CloseReason::ProtocolError,
                         reason::PROTOCOL_ERROR,
                         "session expiry set on DISCONNECT after 0 on CONNECT",
                     ));
                 }
-                Some(End {
+                Err(End {
                     reason: CloseReason::ClientDisconnect,
                     send: None,
                     publish_will: d.code == reason::DISCONNECT_WITH_WILL,
@@ -449,7 +455,7 @@ impl Reader<'_> {
                     detail: None,
                 })
             }
-            other => Some(End::bad(
+            other => Err(End::bad(
                 CloseReason::ProtocolError,
                 reason::PROTOCOL_ERROR,
                 format!("unexpected {} from a client", other.name()),
