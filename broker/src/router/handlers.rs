@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use foldhash::{HashMap, HashMapExt};
 
 use super::session::{ConnHandle, Session};
 use super::subs::Sub;
@@ -389,7 +388,8 @@ impl Router {
         if msg.retain {
             persisted |= self.set_retained(&msg) && msg.qos != QoS::AtMostOnce;
         }
-        let mut targets: HashMap<Arc<str>, (QoS, bool, Vec<u32>)> = HashMap::new();
+        // Kept between publishes, so that routing one allocates no map.
+        let mut targets = std::mem::take(&mut self.targets);
         {
             let sessions = &self.sessions;
             let online = |c: &str| sessions.get(c).is_some_and(|s| s.conn.is_some());
@@ -407,12 +407,13 @@ impl Router {
         }
         let n = targets.len();
         let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
-        for (client, (qos, rap, sub_ids)) in targets {
+        for (client, (qos, rap, sub_ids)) in targets.drain() {
             if let Some(s) = self.sessions.get_mut(&client) {
                 let retain = rap && msg.retain;
                 persisted |= s.deliver(&ctx, Entry { msg: msg.clone(), qos, retain, released: false, sub_ids });
             }
         }
+        self.targets = targets;
         (n, persisted)
     }
 

@@ -108,6 +108,8 @@ pub struct Router {
     started: Instant,
     last_sys: Instant,
     bursts: Bursts,
+    /// `route`'s sessions to deliver to, empty between publishes.
+    targets: HashMap<Arc<str>, (crate::codec::QoS, bool, Vec<u32>)>,
 }
 
 impl Router {
@@ -123,6 +125,7 @@ impl Router {
             started: Instant::now(),
             last_sys: Instant::now(),
             bursts: Bursts::default(),
+            targets: HashMap::new(),
         };
         for m in loaded.retained {
             r.retained.insert(m.topic.clone(), Arc::new(m));

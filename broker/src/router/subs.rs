@@ -156,9 +156,20 @@ impl SubTable {
     /// group one member is chosen, round robin, preferring members for which
     /// `online` holds.
     pub fn matches(&mut self, topic: &str, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
-        let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        walk(&mut self.root, &levels, 0, dollar, online, out);
+        // Topics of up to 16 levels are split on the stack: no allocation
+        // per publish.
+        let mut on_stack = [""; 16];
+        let mut n = 0;
+        for level in topic.split('/') {
+            if n == on_stack.len() {
+                let levels: Vec<&str> = topic.split('/').collect();
+                return walk(&mut self.root, &levels, 0, dollar, online, out);
+            }
+            on_stack[n] = level;
+            n += 1;
+        }
+        walk(&mut self.root, &on_stack[..n], 0, dollar, online, out);
     }
 }
 
@@ -239,6 +250,20 @@ mod tests {
         }
         assert!(t.root.is_empty());
         assert_eq!(t.len(), 0);
+    }
+
+    /// Topics deeper than the 16 levels split on the stack match the same.
+    #[test]
+    fn deep_topics_match() {
+        let mut t = SubTable::default();
+        let sub = Sub { opts: SubOptions::qos(QoS::AtMostOnce), id: None };
+        let deep: Vec<String> = (0..20).map(|i| format!("l{i}")).collect();
+        let topic = deep.join("/");
+        t.insert(&Arc::from("exact"), None, &topic, sub);
+        t.insert(&Arc::from("hash"), None, "l0/l1/#", sub);
+        t.insert(&Arc::from("plus"), None, &format!("{}/+", deep[..19].join("/")), sub);
+        t.insert(&Arc::from("short"), None, "l0/l1", sub);
+        assert_eq!(collect(&mut t, &topic), ["exact", "hash", "plus"]);
     }
 
     #[test]
