@@ -56,7 +56,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let (router_tx, router_rx) = crate::router::inbox::inbox();
     let router = Router::new(cfg.clone(), metrics.clone(), store, loaded);
-    let router_task = tokio::spawn(router.run(router_rx));
+    let router_task = tokio::spawn(router.run(router_rx, router_tx.clone()));
     if let Some(h) = http {
         tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
     }

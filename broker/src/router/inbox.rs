@@ -75,6 +75,13 @@ impl Sender {
         self.room.queued.fetch_add(1, AcqRel);
         let _ = self.tx.send(None);
     }
+
+    /// Sends without waiting for room: for the router's own ticks, which
+    /// must not queue behind publishers.
+    pub fn push(&self, m: ToRouter) {
+        self.room.queued.fetch_add(1, AcqRel);
+        let _ = self.tx.send(Some(m));
+    }
 }
 
 impl Receiver {
