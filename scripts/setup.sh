@@ -17,10 +17,11 @@ fi
 
 # Debian packages: iproute2 (tests drive namespaces with ip/tc, and the VM
 # image carries them), QEMU + busybox + cpio (VM tests), mosquitto and paho
-# (broker interop tests and the benchmark baseline), iperf3-free: our own
-# load tools are in Rust. xz-utils/zstd unpack the kernel package.
+# (broker interop tests and the benchmark baseline), valgrind (the broker's
+# instruction count benchmark), iperf3-free: our own load tools are in Rust.
+# xz-utils/zstd unpack the kernel package.
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
-      mosquitto mosquitto-clients python3-paho-mqtt procps psmisc
+      mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
       build-essential pkg-config curl ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
