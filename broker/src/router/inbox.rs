@@ -107,6 +107,14 @@ impl Receiver {
     }
 }
 
+impl Drop for Receiver {
+    /// Senders waiting for room learn that none will come.
+    fn drop(&mut self) {
+        self.rx.close();
+        self.room.freed.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -155,5 +163,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A sender waiting on a full inbox is told when the router is gone,
+    /// instead of waiting for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_sender_learns_the_router_is_gone() {
+        let (tx, rx) = inbox();
+        for i in 0..CAPACITY {
+            tx.send(ack(i as u16)).await.expect("room");
+        }
+        let waiting = tokio::spawn(async move { tx.send(ack(0)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a sender went past a full inbox");
+        drop(rx);
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("sender woken").expect("join");
+        assert!(sent.is_err(), "sent to a router that is gone");
     }
 }
