@@ -59,7 +59,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Bench(args)) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("bench")
+                .enable_all()
+                .build()
+                .context("starting tokio")?;
             rt.block_on(broker::bench::run(args))
         }
         None => {
@@ -78,6 +82,9 @@ fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
     let slice = cfg.sched_slice_us;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.worker_threads.max(1))
+        // Named apart from a load client's tokio threads in top, perf and
+        // /proc/PID/task.
+        .thread_name("broker-loop")
         .on_thread_start(move || {
             if slice > 0
                 && let Err(e) = broker::sched::set_thread_slice(slice)
