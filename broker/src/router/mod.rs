@@ -1,9 +1,10 @@
 //! The router: single owner of sessions, subscriptions and retained messages.
 //!
 //! Connection tasks send it `ToRouter` messages through one inbox bounded at
-//! `inbox::CAPACITY` messages (backpressure on publishers, `inbox.rs`); it answers through each connection's outbox,
-//! which writes to the socket without waiting or queues behind a backlog
-//! bounded in practice by the inflight window and the QoS 0 pending limit.
+//! `inbox::CAPACITY` messages (backpressure on publishers, `inbox.rs`); it
+//! answers through each connection's outbox, which writes to the socket
+//! without waiting or queues behind a backlog bounded in practice by the
+//! inflight window and the QoS 0 pending limit.
 //! What one batch of its inbox sends to a connection goes out in one write
 //! after the batch (`outbox::corked`). While bursts write to one connection
 //! more than once (`Bursts`), a batch is what the inbox holds once the
@@ -150,8 +151,9 @@ impl Router {
         r
     }
 
-    /// Runs until the inbox says stop or every sender is gone. `tx` is the
-    /// inbox's own sender, for the ticks: they come as messages, so that
+    /// Runs until the inbox says stop (the ticker holds a sender, so the
+    /// inbox does not close before). `tx` is the inbox's own sender, for the
+    /// ticks: they come as messages, so that
     /// the loop awaits nothing but the inbox (an `Interval` polled beside it
     /// after every batch cost about 600 instructions per QoS 1 message).
     pub async fn run(mut self, mut rx: inbox::Receiver, tx: inbox::Sender) {
