@@ -77,7 +77,8 @@ impl Sender {
     }
 
     /// Sends without waiting for room: for the router's own ticks, which
-    /// must not queue behind publishers.
+    /// must not wait out the backpressure meant for publishers (a tick or
+    /// a stop may take the inbox past `CAPACITY` by one).
     pub fn push(&self, m: ToRouter) {
         self.room.queued.fetch_add(1, AcqRel);
         let _ = self.tx.send(Some(m));
