@@ -28,14 +28,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench-broker-instructions.sh: nothing listens on port $1" >&2; exit 1
-}
+# shellcheck source=scripts/lib/ports.sh
+source scripts/lib/ports.sh  # the script has cd-ed to the repository root
 
 # count BROKER SECONDS BENCH-ARGS...: prints "instructions messages"
 count() {
@@ -53,7 +47,8 @@ count() {
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$BIN" --mqtt-listen 127.0.0.1:"$port" >"$tmp/broker.log" 2>&1 &
   fi
   pid=$!
-  wait_port "$port"
+  # valgrind takes a few seconds to start a program.
+  wait_port "$port" 200
   msgs=$("$BIN" bench --addr 127.0.0.1:"$port" --json --duration "$secs" --drain 2 --rate 50 --payload 256 \
     --prefix "i$RANDOM" "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["received"])')
   kill -INT "$pid"

@@ -47,14 +47,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench-broker.sh: nothing listens on port $1" >&2; exit 1
-}
+# shellcheck source=scripts/lib/ports.sh
+source scripts/lib/ports.sh  # the script has cd-ed to the repository root
 # Sets $port. Not called in $(...): the pid must reach this shell's cleanup list.
 start_ours() { # name, extra args...
   port=$(free_port)
