@@ -44,9 +44,9 @@ count() {
     # `user root`: mosquitto would otherwise drop to its own user, which
     # cannot write callgrind's output file.
     printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 100000\nmax_inflight_messages 100\n' "$port" >"$tmp/mosquitto.conf"
-    valgrind --tool=callgrind --callgrind-out-file="$out" mosquitto -c "$tmp/mosquitto.conf" >"$tmp/broker.log" 2>&1 &
+    valgrind --tool=callgrind --vgdb=no --callgrind-out-file="$out" mosquitto -c "$tmp/mosquitto.conf" >"$tmp/broker.log" 2>&1 &
   else
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$BIN" --mqtt-listen 127.0.0.1:"$port" >"$tmp/broker.log" 2>&1 &
+    RUST_LOG=warn valgrind --tool=callgrind --vgdb=no --callgrind-out-file="$out" "$BIN" --mqtt-listen 127.0.0.1:"$port" >"$tmp/broker.log" 2>&1 &
   fi
   pid=$!
   # valgrind takes a few seconds to start a program.
