@@ -7,7 +7,9 @@
 # Usage: scripts/bench-broker.sh  (BENCH_DURATION=3 s per throughput run,
 #        BENCH_LAT_DURATION=1 s per latency run, BENCH_REPS=3 rounds,
 #        BENCH_LAT_RUNS=12 latency pairs per case and round, BENCH_TRIES=3
-#        tries per pair, BENCH_QUIET_STEAL=0.5 % of CPU time)
+#        tries per pair, BENCH_QUIET_STEAL=0.5 % of CPU time,
+#        BENCH_CASES=REGEX runs only the cases whose name matches, e.g.
+#        'qos0 fan-out'; BENCH_PERSISTENT=0 skips the persistent-session runs)
 # Reported: throughput is the median of BENCH_REPS runs per broker. Latency
 # runs go in pairs, ours and mosquitto back to back, the brokers taking turns
 # going first. This machine is a guest of a shared host: when the host runs
@@ -107,6 +109,13 @@ cases=(
 )
 # Each measurement is repeated, interleaving the two brokers: the machine is
 # shared, single runs are noisy.
+if [ -n "${BENCH_CASES:-}" ]; then
+  kept=()
+  for c in "${cases[@]}"; do [[ ${c%%|*} =~ $BENCH_CASES ]] && kept+=("$c"); done
+  [ ${#kept[@]} -gt 0 ] || { echo "bench-broker.sh: BENCH_CASES='$BENCH_CASES' matches no case" >&2; exit 1; }
+  cases=("${kept[@]}")
+fi
+PERSISTENT=${BENCH_PERSISTENT:-1}
 REPS=${BENCH_REPS:-3}
 LAT_RUNS=${BENCH_LAT_RUNS:-12}
 TRIES=${BENCH_TRIES:-3}
@@ -141,6 +150,7 @@ for rep in $(seq "$REPS"); do
       done
     done
   done
+  [ "$PERSISTENT" = 1 ] || continue
   echo "bench-broker.sh: round $rep/$REPS: QoS 1 into persistent sessions" >&2
   pers="--qos-mix 0/100/0 --publishers 10 --subscribers 10 --topics 10 --persistent"
   # shellcheck disable=SC2086
@@ -151,9 +161,10 @@ for rep in $(seq "$REPS"); do
   run "pers-mosq-$rep" "$MQ_PORT" "$DUR" $pers --rate 0
 done
 
-python3 - "$tmp" "${#cases[@]}" "$DUR" "$LAT_DUR" "$REPS" "$LAT_RUNS" "$TRIES" "$QUIET" <<'PY'
+python3 - "$tmp" "${#cases[@]}" "$DUR" "$LAT_DUR" "$REPS" "$LAT_RUNS" "$TRIES" "$QUIET" "$PERSISTENT" <<'PY'
 import json, statistics, sys
 tmp, n, dur, lat_dur, reps, lat_runs, tries, quiet_max = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+persistent = sys.argv[9] == "1"
 def load(name):
     with open(f"{tmp}/{name}.json") as f:
         return json.load(f)["total"]
@@ -228,6 +239,8 @@ for i in range(1, n + 1):
 print(f"\ntargets met: throughput ≥ 1.0x in {met['throughput']} of {n} cases; pooled p99 of the quiet pairs ≤ mosquitto's in {met['p99']} of {met['judged']} cases with quiet pairs")
 if met["judged"] < n:
     print("a case without a quiet pair has no p99 verdict: the host was busy all along; run the script again later")
+if not persistent:
+    sys.exit(0)
 print(f"\nQoS 1 into persistent sessions, 10->10, --rate 0, median of {reps} runs (no target yet)\n")
 print("| broker | msg/s | p50 ms | p99 ms | lost |")
 print("|---|---:|---:|---:|---:|")
