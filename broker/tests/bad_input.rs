@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use broker::client::{Client, connect_packet};
-use broker::codec::{Ack, Packet, Properties, QoS, Version, reason};
+use broker::codec::{Ack, Packet, PropertyValues, QoS, Version, reason};
 use bytes::Bytes;
 use common::*;
 
@@ -131,7 +131,7 @@ async fn connect_not_first_idle_and_half_open_clients_are_dropped() {
     assert_eq!(ack.code, 2);
     // Empty client id with v5: one is assigned.
     let (_, ack) = Client::connect(b.addr, connect_packet(Version::V5, "", true, 10)).await.expect("connect");
-    assert!(ack.props.assigned_client_id.is_some_and(|id| !id.is_empty()));
+    assert!(ack.props.assigned_client_id.as_ref().is_some_and(|id| !id.is_empty()));
     let body =
         wait_metric(&b, "broker_connections_closed_total{node=\"test\",reason=\"keepalive_timeout\"}", 1.0).await;
     assert!(closed(&body, "connect_timeout") >= 1.0);
@@ -182,7 +182,7 @@ async fn receive_maximum_and_packet_id_reuse_and_client_max_packet_size() {
         Version::V5,
         "small",
         true,
-        Properties { maximum_packet_size: Some(100), ..Default::default() },
+        PropertyValues { maximum_packet_size: Some(100), ..Default::default() }.into(),
     )
     .await;
     subscribe(&mut small, "mp/#", QoS::AtMostOnce).await;

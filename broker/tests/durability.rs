@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use broker::client::{Client, connect_packet};
-use broker::codec::{Ack, Packet, Properties, QoS, Version};
+use broker::codec::{Ack, Packet, Properties, PropertyValues, QoS, Version};
 use bytes::Bytes;
 use common::*;
 
@@ -58,7 +58,7 @@ async fn durability_case(extra: &[&str], n1: u32, n2: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut b = BrokerProc::spawn(dir.path(), port, extra);
-    let sub_props = Properties { session_expiry: Some(3600), ..Default::default() };
+    let sub_props: Properties = PropertyValues { session_expiry: Some(3600), ..Default::default() }.into();
     let mut sc = connect_packet(Version::V5, "dur-sub", true, 30);
     sc.props = sub_props.clone();
     let (mut sub, _) = Client::connect(b.addr, sc).await.expect("subscriber connects");

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use broker::client::connect_packet;
-use broker::codec::{Ack, Packet, Properties, QoS, Version, Will, reason};
+use broker::codec::{Ack, Packet, Properties, PropertyValues, QoS, Version, Will, reason};
 use bytes::Bytes;
 use common::*;
 
@@ -188,7 +188,7 @@ async fn takeover_and_persistent_session_redelivery() {
     let b = start(|_| {}).await;
     for v in VERSIONS {
         let props = if v == Version::V5 {
-            Properties { session_expiry: Some(300), ..Default::default() }
+            PropertyValues { session_expiry: Some(300), ..Default::default() }.into()
         } else {
             Properties::default()
         };

@@ -8,7 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use broker::client::{Client, connect_packet};
-use broker::codec::{Ack, Disconnect, Packet, Properties, Publish, QoS, SubOptions, Version, Will, reason};
+use broker::codec::{
+    Ack, Disconnect, Packet, Properties, PropertyValues, Publish, QoS, SubOptions, Version, Will, reason,
+};
 use bytes::Bytes;
 use common::*;
 
@@ -59,7 +61,7 @@ async fn connack_properties_and_reason_codes() {
     c.send(&publish("nobody/here", QoS::AtLeastOnce, 1, b"x", false, Properties::default())).await.expect("send");
     assert_eq!(next(&mut c).await, Packet::PubAck(Ack::new(1, reason::NO_MATCHING_SUBSCRIBERS)));
     // Payload format 1 with bytes that are not UTF-8: 0x99.
-    let props = Properties { payload_format: Some(1), ..Default::default() };
+    let props = PropertyValues { payload_format: Some(1), ..Default::default() }.into();
     c.send(&publish("x/y", QoS::AtLeastOnce, 2, b"\xff\xfe", false, props)).await.expect("send");
     assert_eq!(next(&mut c).await, Packet::PubAck(Ack::new(2, reason::PAYLOAD_FORMAT_INVALID)));
     // Invalid filter: 0x8F in SUBACK.
@@ -70,11 +72,17 @@ async fn connack_properties_and_reason_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_aliases_in_both_directions() {
     let b = start(|_| {}).await;
-    let mut s =
-        connect_with(b.addr, V5, "ta-s", true, Properties { topic_alias_maximum: Some(2), ..Default::default() }).await;
+    let mut s = connect_with(
+        b.addr,
+        V5,
+        "ta-s",
+        true,
+        PropertyValues { topic_alias_maximum: Some(2), ..Default::default() }.into(),
+    )
+    .await;
     subscribe(&mut s, "ta/#", QoS::AtMostOnce).await;
     let mut p = connect(b.addr, V5, "ta-p", true).await;
-    let alias = |a| Properties { topic_alias: Some(a), ..Default::default() };
+    let alias = |a| PropertyValues { topic_alias: Some(a), ..Default::default() }.into();
     p.send(&publish("ta/x", QoS::AtMostOnce, 0, b"1", false, alias(1))).await.expect("send");
     p.send(&publish("", QoS::AtMostOnce, 0, b"2", false, alias(1))).await.expect("send");
     p.send(&publish("ta/y", QoS::AtMostOnce, 0, b"3", false, Properties::default())).await.expect("send");
@@ -116,11 +124,11 @@ async fn retain_handling_retain_as_published_and_subscription_ids() {
     assert_eq!(live, vec![false]);
     // Subscription identifiers of every matching subscription.
     let mut si = connect(b.addr, V5, "si", true).await;
-    let id = |n| Properties { subscription_ids: vec![n], ..Default::default() };
+    let id = |n| PropertyValues { subscription_ids: vec![n], ..Default::default() }.into();
     subscribe_opts(&mut si, "si/#", SubOptions::qos(QoS::AtMostOnce), id(5)).await;
     subscribe_opts(&mut si, "si/+", SubOptions::qos(QoS::AtMostOnce), id(600)).await;
     p.send(&publish("si/x", QoS::AtMostOnce, 0, b"i", false, Properties::default())).await.expect("send");
-    let mut ids = got(next(&mut si).await).props.subscription_ids;
+    let mut ids = got(next(&mut si).await).props.subscription_ids.clone();
     ids.sort();
     assert_eq!(ids, vec![5, 600]);
     nothing(&mut si, Duration::from_millis(200)).await;
@@ -165,7 +173,7 @@ async fn shared_subscriptions_split_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_and_message_expiry() {
     let b = start(|_| {}).await;
-    let exp = |s| Properties { session_expiry: Some(s), ..Default::default() };
+    let exp = |s| PropertyValues { session_expiry: Some(s), ..Default::default() }.into();
     // Session expiry 1 s: gone after it.
     let mut s = connect_with(b.addr, V5, "se", true, exp(1)).await;
     subscribe(&mut s, "se/#", QoS::AtLeastOnce).await;
@@ -179,7 +187,7 @@ async fn session_and_message_expiry() {
     drop(s);
     // Message expiry while the session is offline.
     let mut p = connect(b.addr, V5, "se-p", true).await;
-    let me = |s| Properties { message_expiry: Some(s), ..Default::default() };
+    let me = |s| PropertyValues { message_expiry: Some(s), ..Default::default() }.into();
     p.send(&publish("se/short", QoS::AtLeastOnce, 1, b"short", false, me(1))).await.expect("send");
     next(&mut p).await;
     p.send(&publish("se/long", QoS::AtLeastOnce, 2, b"long", false, me(60))).await.expect("send");
@@ -215,7 +223,7 @@ async fn will_delay_and_disconnect_with_will() {
             payload: Bytes::from_static(b"w"),
             qos: QoS::AtMostOnce,
             retain: false,
-            props: Properties { will_delay: Some(delay), ..Default::default() },
+            props: PropertyValues { will_delay: Some(delay), ..Default::default() }.into(),
         });
         c
     };

@@ -13,7 +13,7 @@ use bytes::Bytes;
 pub(crate) use decode::Rd;
 pub use decode::{DecodeError, decode, decode_connect};
 pub use encode::{encode, encode_publish_parts, publish_size};
-pub use props::Properties;
+pub use props::{Properties, PropertyValues};
 
 /// Protocol level from CONNECT: 4 is MQTT 3.1.1, 5 is MQTT 5.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

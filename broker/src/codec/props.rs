@@ -6,8 +6,81 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::decode::{DecodeError, Rd};
 use super::encode::{put_bin, put_str, put_varint, varint_len};
 
+/// The properties of one packet. Most packets carry none (every MQTT 3.1.1
+/// packet, most 5.0 PUBLISHes and acks), so the values sit behind a pointer
+/// that stays null until one is set: a packet moves as a few words instead
+/// of some 330 bytes, and a decoded packet is moved several times on its way
+/// from the decoder through the reader to the router (about 280
+/// instructions of `memcpy` per packet, callgrind, QoS 1 fan-out).
+/// Reads go through `Deref` (an empty set when null); a mutable borrow
+/// allocates the values.
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertyValues>>);
+
+impl std::ops::Deref for Properties {
+    type Target = PropertyValues;
+    fn deref(&self) -> &PropertyValues {
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut PropertyValues {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Properties) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl From<PropertyValues> for Properties {
+    fn from(v: PropertyValues) -> Properties {
+        if v == NONE { Properties(None) } else { Properties(Some(Box::new(v))) }
+    }
+}
+
+static NONE: PropertyValues = PropertyValues {
+    payload_format: None,
+    message_expiry: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_ids: Vec::new(),
+    session_expiry: None,
+    assigned_client_id: None,
+    server_keep_alive: None,
+    auth_method: None,
+    auth_data: None,
+    request_problem_info: None,
+    will_delay: None,
+    request_response_info: None,
+    response_info: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_sub_available: None,
+    sub_id_available: None,
+    shared_sub_available: None,
+};
+
+/// Every property MQTT 5.0 defines, each optional.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Properties {
+pub struct PropertyValues {
     pub payload_format: Option<u8>,
     pub message_expiry: Option<u32>,
     pub content_type: Option<String>,
@@ -55,13 +128,28 @@ fn flag(rd: &mut Rd) -> Result<u8, DecodeError> {
 
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        self.0.as_deref().is_none_or(|v| *v == NONE)
+    }
+
+    /// Encoded size including the variable byte integer length prefix.
+    pub fn encoded_len(&self) -> usize {
+        self.0.as_deref().map_or(1, PropertyValues::encoded_len)
+    }
+
+    pub(crate) fn encode(&self, buf: &mut BytesMut) {
+        match self.0.as_deref() {
+            Some(v) => v.encode(buf),
+            None => buf.put_u8(0),
+        }
     }
 
     pub(crate) fn decode(rd: &mut Rd) -> Result<Properties, DecodeError> {
         let len = rd.varint()? as usize;
+        if len == 0 {
+            return Ok(Properties(None));
+        }
         let mut sub = rd.take(len)?;
-        let mut p = Properties::default();
+        let mut p = PropertyValues::default();
         while !sub.is_empty() {
             let id = sub.varint()?;
             match id {
@@ -117,9 +205,11 @@ impl Properties {
                 _ => return Err(DecodeError::Malformed("unknown property identifier")),
             }
         }
-        Ok(p)
+        Ok(p.into())
     }
+}
 
+impl PropertyValues {
     /// Length of the encoded properties, without the length prefix.
     pub fn body_len(&self) -> usize {
         let s = |o: &Option<String>| o.as_ref().map_or(0, |v| 3 + v.len());

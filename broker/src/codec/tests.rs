@@ -17,7 +17,7 @@ fn roundtrip(p: Packet, v: Version) {
 }
 
 fn full_props() -> Properties {
-    Properties {
+    PropertyValues {
         payload_format: Some(1),
         message_expiry: Some(30),
         content_type: Some("text/plain".into()),
@@ -25,8 +25,9 @@ fn full_props() -> Properties {
         correlation_data: Some(Bytes::from_static(b"\x01\x02")),
         subscription_ids: vec![1, 300_000],
         user: vec![("k".into(), "v".into()), ("k".into(), "v2".into())],
-        ..Properties::default()
+        ..PropertyValues::default()
     }
+    .into()
 }
 
 #[test]
@@ -40,7 +41,7 @@ fn roundtrip_all_packets_both_versions() {
                 clean_start: true,
                 keep_alive: 60,
                 props: if v5 {
-                    Properties { session_expiry: Some(10), receive_maximum: Some(5), ..Default::default() }
+                    PropertyValues { session_expiry: Some(10), receive_maximum: Some(5), ..Default::default() }.into()
                 } else {
                     Properties::default()
                 },
@@ -51,7 +52,7 @@ fn roundtrip_all_packets_both_versions() {
                     qos: QoS::AtLeastOnce,
                     retain: true,
                     props: if v5 {
-                        Properties { will_delay: Some(5), ..Default::default() }
+                        PropertyValues { will_delay: Some(5), ..Default::default() }.into()
                     } else {
                         Properties::default()
                     },
@@ -85,7 +86,7 @@ fn roundtrip_all_packets_both_versions() {
             Packet::Subscribe(Subscribe {
                 pid: 4,
                 props: if v5 {
-                    Properties { subscription_ids: vec![3], ..Default::default() }
+                    PropertyValues { subscription_ids: vec![3], ..Default::default() }.into()
                 } else {
                     Properties::default()
                 },
@@ -181,4 +182,12 @@ fn random_bytes_never_panic() {
             let _ = decode_connect(&mut b, 1 << 16);
         }
     }
+}
+
+/// A decoded packet is moved from the decoder to the reader and on to the
+/// router: kept to a few words, moving it costs no `memcpy` call.
+#[test]
+fn packets_stay_small() {
+    let size = std::mem::size_of::<Packet>();
+    assert!(size <= 96, "Packet is {size} bytes: box what grew (Properties already is)");
 }

@@ -202,8 +202,11 @@ impl Router {
         }
         let (qos, pid) = (p.qos, p.pid);
         let mut props = p.props;
-        props.topic_alias = None;
-        props.subscription_ids.clear();
+        // Read first: a write through `Properties` allocates its values.
+        if props.topic_alias.is_some() || !props.subscription_ids.is_empty() {
+            props.topic_alias = None;
+            props.subscription_ids.clear();
+        }
         let msg = Message {
             expires_at: props.message_expiry.map(|e| unix_now() + u64::from(e)),
             topic: p.topic,

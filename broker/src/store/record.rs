@@ -142,6 +142,7 @@ pub fn decode_meta(raw: &[u8]) -> Result<SessionMeta, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::PropertyValues;
 
     #[test]
     fn entry_and_meta_roundtrip() {
@@ -150,11 +151,12 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             qos: QoS::ExactlyOnce,
             retain: true,
-            props: Properties {
+            props: PropertyValues {
                 content_type: Some("t".into()),
                 user: vec![("k".into(), "v".into())],
                 ..Default::default()
-            },
+            }
+            .into(),
             expires_at: Some(123),
             publisher: Some(Arc::from("p")),
             received_at: Instant::now(),
