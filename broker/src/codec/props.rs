@@ -8,8 +8,8 @@ use super::encode::{put_bin, put_str, put_varint, varint_len};
 
 /// The properties of one packet. Most packets carry none (every MQTT 3.1.1
 /// packet, most 5.0 PUBLISHes and acks), so the values sit behind a pointer
-/// that stays null until one is set: a packet moves as a few words instead
-/// of some 330 bytes, and a decoded packet is moved several times on its way
+/// that stays null until one is set: `Packet` is 72 bytes instead of over
+/// 344 (the values alone), and a decoded packet is moved several times on its way
 /// from the decoder through the reader to the router (about 280
 /// instructions of `memcpy` per packet, callgrind, QoS 1 fan-out).
 /// Reads go through `Deref` (an empty set when null); a mutable borrow

@@ -185,7 +185,8 @@ fn random_bytes_never_panic() {
 }
 
 /// A decoded packet is moved from the decoder to the reader and on to the
-/// router: kept to a few words, moving it costs no `memcpy` call.
+/// router. With the properties inline (344 bytes) each move was a `memcpy`
+/// call; it is 72 bytes now.
 #[test]
 fn packets_stay_small() {
     let size = std::mem::size_of::<Packet>();
