@@ -36,6 +36,27 @@ DUR=${BENCH_DURATION:-3}
 LAT_DUR=${BENCH_LAT_DURATION:-1}
 DRAIN=${BENCH_DRAIN:-5}
 
+# case name | bench arguments (throughput runs use --rate 0, latency runs a fixed rate)
+cases=(
+  "qos0 10->10|--qos-mix 100/0/0 --publishers 10 --subscribers 10 --topics 10"
+  "qos1 10->10|--qos-mix 0/100/0 --publishers 10 --subscribers 10 --topics 10"
+  "qos0 fan-in 10->1|--qos-mix 100/0/0 --publishers 10 --subscribers 1 --sub-mode all"
+  "qos1 fan-in 10->1|--qos-mix 0/100/0 --publishers 10 --subscribers 1 --sub-mode all"
+  "qos0 fan-out 1->10|--qos-mix 100/0/0 --publishers 1 --subscribers 10 --topics 1"
+  "qos1 fan-out 1->10|--qos-mix 0/100/0 --publishers 1 --subscribers 10 --topics 1"
+)
+# Checked before anything is built or started.
+if [ -n "${BENCH_CASES:-}" ]; then
+  kept=()
+  for c in "${cases[@]}"; do [[ ${c%%|*} =~ $BENCH_CASES ]] && kept+=("$c"); done
+  if [ ${#kept[@]} = 0 ]; then
+    echo "bench-broker.sh: BENCH_CASES='$BENCH_CASES' matches no case; the cases are:" >&2
+    for c in "${cases[@]}"; do echo "  ${c%%|*}" >&2; done
+    exit 1
+  fi
+  cases=("${kept[@]}")
+fi
+
 command -v mosquitto >/dev/null || { echo "bench-broker.sh: mosquitto is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
 cargo build --release -p broker >&2
 BIN=$PWD/target/release/broker
@@ -98,23 +119,8 @@ quiet() { # run name: did the host leave it alone?
   awk -v max="$QUIET" '{ exit !($1 <= $2 * max / 100) }' "$tmp/$1.cpu"
 }
 
-# case name | bench arguments (throughput runs use --rate 0, latency runs a fixed rate)
-cases=(
-  "qos0 10->10|--qos-mix 100/0/0 --publishers 10 --subscribers 10 --topics 10"
-  "qos1 10->10|--qos-mix 0/100/0 --publishers 10 --subscribers 10 --topics 10"
-  "qos0 fan-in 10->1|--qos-mix 100/0/0 --publishers 10 --subscribers 1 --sub-mode all"
-  "qos1 fan-in 10->1|--qos-mix 0/100/0 --publishers 10 --subscribers 1 --sub-mode all"
-  "qos0 fan-out 1->10|--qos-mix 100/0/0 --publishers 1 --subscribers 10 --topics 1"
-  "qos1 fan-out 1->10|--qos-mix 0/100/0 --publishers 1 --subscribers 10 --topics 1"
-)
 # Each measurement is repeated, interleaving the two brokers: the machine is
 # shared, single runs are noisy.
-if [ -n "${BENCH_CASES:-}" ]; then
-  kept=()
-  for c in "${cases[@]}"; do [[ ${c%%|*} =~ $BENCH_CASES ]] && kept+=("$c"); done
-  [ ${#kept[@]} -gt 0 ] || { echo "bench-broker.sh: BENCH_CASES='$BENCH_CASES' matches no case" >&2; exit 1; }
-  cases=("${kept[@]}")
-fi
 PERSISTENT=${BENCH_PERSISTENT:-1}
 REPS=${BENCH_REPS:-3}
 LAT_RUNS=${BENCH_LAT_RUNS:-12}
