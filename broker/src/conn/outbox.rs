@@ -344,8 +344,15 @@ impl Outbox {
         let hop_props;
         let props = if needs_props {
             let mut p = m.props.clone();
-            p.subscription_ids = d.sub_ids;
-            p.message_expiry = m.remaining(unix_now());
+            // Only what differs is written: a write through `Properties`
+            // allocates its values, and most deliveries change nothing.
+            if p.subscription_ids != d.sub_ids {
+                p.subscription_ids = d.sub_ids;
+            }
+            let expiry = m.remaining(unix_now());
+            if p.message_expiry != expiry {
+                p.message_expiry = expiry;
+            }
             if st.alias_max > 0 {
                 if let Some(a) = st.aliases.get(topic) {
                     p.topic_alias = Some(*a);
