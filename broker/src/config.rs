@@ -22,7 +22,12 @@ pub enum ConfigError {
     },
     #[error("invalid fsync policy {0:?}: expected \"every-ack\" or \"group\"")]
     Fsync(String),
+    #[error("invalid listen backlog {0}: expected 1 to 2147483647 (listen(2) takes a C int)")]
+    ListenBacklog(u32),
 }
+
+/// The largest backlog `listen(2)` can be asked for.
+pub const MAX_LISTEN_BACKLOG: u32 = i32::MAX as u32;
 
 /// When the store makes writes durable. Either way a QoS 1/2 message for a
 /// persistent session is fsynced before the publisher gets its PUBACK/PUBREC;
@@ -70,6 +75,12 @@ pub struct Config {
     pub password_file: Option<PathBuf>,
     pub sys_interval_secs: u64,
     pub max_connections: usize,
+    /// Connections the kernel completes and queues for the broker to accept
+    /// (the MQTT listener's `listen(2)` backlog); a burst beyond it waits for
+    /// the client's SYN retransmission, one second or more. Absent means
+    /// `max_connections`: a burst of every connection the broker admits fits.
+    /// The kernel caps it at `net.core.somaxconn`.
+    pub listen_backlog: Option<u32>,
     /// Threads that run connections and the router: 1 (the default) is a
     /// single event loop, where a message crosses no thread on its way from
     /// publisher to subscribers; more spreads connections over cores.
@@ -100,6 +111,7 @@ impl Default for Config {
             password_file: None,
             sys_interval_secs: 10,
             max_connections: 100_000,
+            listen_backlog: None,
             worker_threads: 1,
             sched_slice_us: 100,
         }
@@ -117,6 +129,15 @@ impl Config {
             "every-ack" => Ok(FsyncPolicy::EveryAck),
             "group" => Ok(FsyncPolicy::Group(Duration::from_millis(self.group_commit_ms.max(1)))),
             other => Err(ConfigError::Fsync(other.into())),
+        }
+    }
+
+    /// The backlog to ask `listen(2)` for, before the kernel's cap.
+    pub fn listen_backlog(&self) -> Result<u32, ConfigError> {
+        match self.listen_backlog {
+            Some(b) if (1..=MAX_LISTEN_BACKLOG).contains(&b) => Ok(b),
+            Some(b) => Err(ConfigError::ListenBacklog(b)),
+            None => Ok(u32::try_from(self.max_connections).unwrap_or(u32::MAX).clamp(1, MAX_LISTEN_BACKLOG)),
         }
     }
 }
@@ -143,5 +164,23 @@ mod tests {
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         let bad = Config { fsync: "sometimes".into(), ..Config::default() };
         assert!(bad.fsync_policy().is_err());
+    }
+
+    #[test]
+    fn listen_backlog_follows_max_connections_unless_set() {
+        assert_eq!(Config::default().listen_backlog().expect("default"), 100_000);
+        let c = Config { max_connections: 500, ..Config::default() };
+        assert_eq!(c.listen_backlog().expect("derived"), 500);
+        let c = Config { max_connections: usize::MAX, ..Config::default() };
+        assert_eq!(c.listen_backlog().expect("derived"), MAX_LISTEN_BACKLOG);
+        let c = Config { max_connections: 0, ..Config::default() };
+        assert_eq!(c.listen_backlog().expect("derived"), 1);
+        let c = Config { listen_backlog: Some(64), ..Config::default() };
+        assert_eq!(c.listen_backlog().expect("set"), 64);
+        for bad in [0, MAX_LISTEN_BACKLOG + 1, u32::MAX] {
+            let c = Config { listen_backlog: Some(bad), ..Config::default() };
+            let e = c.listen_backlog().expect_err("out of range").to_string();
+            assert!(e.contains(&bad.to_string()) && e.contains("2147483647"), "{e}");
+        }
     }
 }

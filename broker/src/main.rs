@@ -49,6 +49,13 @@ struct RunArgs {
     /// Threads of the event loop (1: a single thread, the default).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Backlog of the MQTT listener: connections the kernel completes and
+    /// queues while the broker is busy; a burst beyond it stalls clients a
+    /// second or more (SYN retransmission). Default: max_connections. The
+    /// kernel caps it at net.core.somaxconn (a sysctl, per network
+    /// namespace): raise that too for a larger backlog.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(broker::config::MAX_LISTEN_BACKLOG)))]
+    listen_backlog: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,14 +137,28 @@ fn config(a: RunArgs) -> anyhow::Result<Config> {
     if let Some(v) = a.worker_threads {
         cfg.worker_threads = v;
     }
+    if let Some(v) = a.listen_backlog {
+        cfg.listen_backlog = Some(v);
+    }
     cfg.fsync_policy()?;
+    cfg.listen_backlog()?;
     Ok(cfg)
 }
 
 async fn run_broker(cfg: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.mqtt_listen)
-        .await
+    let (listener, backlog) = broker::server::bind_mqtt(cfg.mqtt_listen, cfg.listen_backlog()?)
         .with_context(|| format!("binding MQTT listener {}", cfg.mqtt_listen))?;
+    if backlog.granted < backlog.asked {
+        let somaxconn = backlog.somaxconn.unwrap_or(backlog.granted);
+        let raise = format!("sysctl -w net.core.somaxconn={}", backlog.asked);
+        if cfg.listen_backlog.is_some() {
+            tracing::warn!(asked = backlog.asked, somaxconn, "listen backlog capped at net.core.somaxconn; {raise} lifts the cap");
+        } else {
+            // The default (max_connections) is capped on most hosts: worth
+            // a line, not a warning on every start.
+            tracing::info!(max_connections = cfg.max_connections, somaxconn, "listen backlog capped at net.core.somaxconn; {raise} lifts the cap");
+        }
+    }
     let http = match cfg.http_listen {
         Some(addr) => {
             Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP listener {addr}"))?)
@@ -147,6 +168,7 @@ async fn run_broker(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(
         node = %cfg.node_name,
         mqtt = %listener.local_addr()?,
+        backlog = backlog.granted,
         http = ?http.as_ref().and_then(|h| h.local_addr().ok()),
         data_dir = ?cfg.data_dir,
         fsync = %cfg.fsync,

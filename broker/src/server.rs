@@ -1,5 +1,6 @@
 //! Wires the parts together: store, router, listeners.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -23,6 +24,40 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+}
+
+/// The MQTT listener's backlog: what was asked for and what the kernel
+/// grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub asked: u32,
+    /// `asked`, or `net.core.somaxconn` if that is lower: `listen(2)`
+    /// silently lowers a larger backlog to it.
+    pub granted: u32,
+    /// `net.core.somaxconn` of the network namespace, when readable.
+    pub somaxconn: Option<u32>,
+}
+
+/// `net.core.somaxconn` of this process's network namespace.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?.trim().parse().ok()
+}
+
+/// Binds the MQTT listener with a backlog of `asked` (capped at
+/// `net.core.somaxconn` as the kernel does). Tokio's `TcpListener::bind`
+/// takes no backlog. Call inside a tokio runtime.
+pub fn bind_mqtt(addr: SocketAddr, asked: u32) -> std::io::Result<(TcpListener, Backlog)> {
+    let somaxconn = somaxconn();
+    let granted = somaxconn.map_or(asked, |m| asked.min(m)).clamp(1, crate::config::MAX_LISTEN_BACKLOG);
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // As tokio's bind: a restarted broker binds its port again while the
+    // previous one's connections are in TIME_WAIT.
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(i32::try_from(granted).unwrap_or(i32::MAX))?;
+    let listener = TcpListener::from_std(sock.into())?;
+    Ok((listener, Backlog { asked, granted, somaxconn }))
 }
 
 /// Runs a broker on `listener` (and `http` for metrics) until `shutdown`.
