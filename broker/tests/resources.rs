@@ -1,6 +1,7 @@
-//! What the broker holds for connections: a burst of connections fits its
-//! listen backlog. The tests run the `broker` binary and real TCP clients,
-//! and need root (a network namespace of their own).
+//! What the broker holds for connections: its memory comes back to a level
+//! when they close, and a burst of connections fits its listen backlog.
+//! Both run the `broker` binary and real TCP clients; the backlog tests need
+//! root (a network namespace of their own).
 
 mod common;
 
@@ -28,6 +29,15 @@ fn raise_fd_limit(need: u64) {
     }
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading the broker's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
 /// A v3.1.1 CONNECT, clean session, keep alive 0.
 fn connect_bytes(id: &str) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
@@ -46,6 +56,55 @@ fn connect_all(streams: &mut [TcpStream], tag: &str) {
         s.read_exact(&mut ack).unwrap_or_else(|e| panic!("CONNACK for client {tag}-{i}: {e}"));
         assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK for client {tag}-{i}");
     }
+}
+
+fn wait_for_no_connections(http: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http_get(http, "/metrics");
+        let n = metric(&body, "broker_connections{node=\"broker\"}");
+        if n == 0.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} connections still open 20 s after every client closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Clients connected at once in each round: enough that the memory the
+/// connections take dwarfs the broker's own (about 5 MB), few enough for
+/// ten rounds in seconds.
+const CLIENTS: usize = 2000;
+
+/// Ten rounds of many clients connecting at once, then closing: what the
+/// broker's RSS settles at after a round is what the next ones reuse, so
+/// the tenth round ends within 20% of the second (the first grows the heap).
+#[test]
+fn memory_levels_off_over_rounds_of_connections() {
+    raise_fd_limit(CLIENTS as u64 * 2 + 256);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProc::spawn(dir.path(), free_port(), &[]);
+    let pid = b.child.id();
+    let mut rss = Vec::new();
+    for round in 1..=10 {
+        let mut streams: Vec<TcpStream> = (0..CLIENTS)
+            .map(|_| TcpStream::connect_timeout(&b.addr, T).expect("connecting to the broker"))
+            .collect();
+        connect_all(&mut streams, &format!("r{round}"));
+        drop(streams);
+        wait_for_no_connections(b.http);
+        rss.push(rss_kib(pid));
+    }
+    let mb: Vec<String> = rss.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+    eprintln!("broker RSS after each round of {CLIENTS} clients (MB): {}", mb.join(" "));
+    let (second, tenth) = (rss[1], rss[9]);
+    assert!(
+        tenth * 5 <= second * 6,
+        "RSS after round 10 ({} MB) is more than 20% above round 2 ({} MB); every round (MB): {}",
+        mb[9],
+        mb[1],
+        mb.join(" ")
+    );
 }
 
 /// A network namespace of the test's own, deleted on drop.

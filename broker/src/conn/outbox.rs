@@ -430,7 +430,10 @@ pub async fn run(out: Arc<Outbox>) {
     // One cancellation waiter for the connection, not one per batch.
     let cancelled = local.cancelled();
     tokio::pin!(cancelled);
-    let mut buf = BytesMut::with_capacity(BATCH);
+    // Allocated by the first backlog, not up front: most connections never
+    // have one, and 64 KiB for each of thousands of idle connections would
+    // be most of the broker's heap (README: "Memory per connection").
+    let mut buf = BytesMut::new();
     let mut close = false;
     'outer: loop {
         tokio::select! {
