@@ -417,6 +417,8 @@ struct Soak {
     checks: BTreeMap<&'static str, u64>,
     steps_taken: BTreeMap<String, u32>,
     notes: Vec<String>,
+    /// chaosd daemons this test did not start, with when they were first seen (s).
+    foreign_seen: BTreeMap<String, f64>,
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -448,12 +450,15 @@ impl Soak {
         for f in &self.faults {
             let _ = writeln!(m, "  {}", f.summary());
         }
-        let mine: Vec<u32> = [self.d1.pid(), self.d2.as_ref().and_then(|d| d.pid())].into_iter().flatten().collect();
-        let foreign = foreign_daemons(&mine);
+        let mut foreign = self.foreign_seen.clone();
+        for d in foreign_daemons(&self.my_pids()) {
+            foreign.entry(d).or_insert(self.started.elapsed().as_secs_f64());
+        }
         if !foreign.is_empty() {
             let _ = writeln!(
                 m,
-                "NOTE: other chaosd daemons run on this host (their start-up sweeps touch every namespace): {foreign:?}"
+                "NOTE: other chaosd daemons ran on this host during the soak (their start-up sweeps touch every \
+                 namespace, so they may have caused this): {foreign:?}"
             );
         }
         let _ = writeln!(m, "main daemon log (last 40 lines, {}):\n{}", self.d1.log.display(), self.d1.log_tail(40));
@@ -462,6 +467,18 @@ impl Soak {
         }
         let _ = writeln!(m, "===== end of failure (seed {}) =====", self.seed);
         panic!("{m}");
+    }
+
+    fn my_pids(&self) -> Vec<u32> {
+        [self.d1.pid(), self.d2.as_ref().and_then(|d| d.pid())].into_iter().flatten().collect()
+    }
+
+    /// Notes chaosd daemons that this test did not start (for failure messages).
+    fn watch_foreign(&mut self) {
+        let t = self.started.elapsed().as_secs_f64();
+        for d in foreign_daemons(&self.my_pids()) {
+            self.foreign_seen.entry(d).or_insert(t);
+        }
     }
 
     fn count(&mut self, what: &'static str) {
@@ -1297,8 +1314,21 @@ impl Soak {
             let in_bw = here.iter().any(|f| f.action == Action::Bandwidth && f.dir.ingress());
             let m = marked(&ns);
             let mut wrong = Vec::new();
-            if here.is_empty() && !(m.filters.is_empty() && m.tcx.is_empty()) {
-                wrong.push(format!("classifiers with no active fault in {ns}: {:?} {:?}", m.filters, m.tcx));
+            // A classifier per direction that some active fault acts in
+            // (filters and TCX programs are listed as "DEV DIR: ...").
+            for (dir, egress) in [("egress", true), ("ingress", false)] {
+                if here.iter().any(|f| if egress { f.dir.egress() } else { f.dir.ingress() }) {
+                    continue;
+                }
+                let tag = format!(" {dir}: ");
+                let left: Vec<&String> = m.filters.iter().chain(m.tcx.iter()).filter(|l| l.contains(&tag)).collect();
+                if !left.is_empty() {
+                    wrong.push(format!("{dir} classifiers with no active fault acting on {dir} in {ns}: {left:?}"));
+                }
+            }
+            let sel: Vec<&String> = m.filters.iter().filter(|l| l.contains("ifb_sel")).collect();
+            if !in_bw && !sel.is_empty() {
+                wrong.push(format!("IFB redirect filter with no active ingress bandwidth fault in {ns}: {sel:?}"));
             }
             if !bw && !m.htb_roots.is_empty() {
                 wrong.push(format!("HTB root c4a0: with no active bandwidth fault in {ns}: {:?}", m.htb_roots));
@@ -1433,6 +1463,7 @@ impl Soak {
     }
 
     fn oracle(&mut self, label: &str) {
+        self.watch_foreign();
         for owner in [1, 2] {
             let Some(d) = (if owner == 1 { Some(&mut self.d1) } else { self.d2.as_mut() }) else { continue };
             if let Some(st) = d.exited() {
@@ -1462,6 +1493,7 @@ impl Soak {
             after.extend(Self::counters(&self.check_list(o, Instant::now())));
         }
         self.check_counters(&executed, &before, &after, now);
+        self.watch_foreign();
         self.check_kernel();
         self.ended.clear();
         let active = self.faults.len();
@@ -1601,6 +1633,7 @@ fn soak_random_faults_restarts_and_neighbours_keep_list_and_kernel_in_agreement(
         checks: BTreeMap::new(),
         steps_taken: BTreeMap::new(),
         notes: Vec::new(),
+        foreign_seen: BTreeMap::new(),
     };
     if let Err(e) = soak.d1.wait_ready(Duration::from_secs(30)) {
         soak.fail(e);
@@ -1645,5 +1678,8 @@ fn soak_random_faults_restarts_and_neighbours_keep_list_and_kernel_in_agreement(
     println!("  checks: {:?}", soak.checks);
     for n in &soak.notes {
         println!("  note: {n}");
+    }
+    for (d, t) in &soak.foreign_seen {
+        println!("  note: another chaosd ran beside the soak (first seen at {t:.1} s): {d}");
     }
 }
