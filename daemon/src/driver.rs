@@ -68,6 +68,23 @@ pub trait Driver: Send + Sync {
     /// belong to no journal entry in `known`. Returns what it removed.
     fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String>;
 
+    /// Called before each `tick`: the experiments of `active` that the
+    /// kernel already ended on its own, with the reason — e.g. the daemon
+    /// could not run (SIGSTOP, a stall) for longer than the dead man's
+    /// switch allows. The engine ends and reverts them before `tick` may
+    /// re-arm anything, so a fault that was switched off never silently
+    /// comes back.
+    fn ended_by_kernel(&self, _active: &[Experiment]) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Whether an active experiment's kernel objects are all present and in
+    /// force; `Err` says what is not (the engine then ends it as failed
+    /// rather than listing a fault that does nothing).
+    fn verify(&self, _exp: &Experiment, _objects: &[Value]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Periodic work (every ~100 ms): e.g. refreshing the BPF heartbeat.
     /// Returns experiments whose fault ended by itself (e.g. OOM-killed
     /// stressors), with the reason.

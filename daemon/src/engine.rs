@@ -203,10 +203,11 @@ impl Engine {
         let _serialised = lock(&target_lock);
 
         let mut exp = Experiment::new(new_id(), spec.target, spec.fault, spec.duration, spec.force, SystemTime::now());
+        // The intent goes to the journal before the kernel is touched; it is
+        // announced (Watch) only once it is an experiment, not a refusal.
         self.journal()
             .insert(&exp)
             .map_err(|e| ApiError::Internal(format!("cannot write the journal, nothing applied: {e}")))?;
-        self.emit(EventKind::StateChanged, &exp);
 
         let active: Vec<Experiment> =
             lock(&self.live).values().filter(|l| DriverKind::of(&l.exp.fault) == kind).map(|l| l.exp.clone()).collect();
@@ -236,10 +237,23 @@ impl Engine {
             Err(e) => {
                 // The driver promises all-or-nothing; revert what was recorded
                 // anyway so a driver bug cannot leave a half-applied fault.
-                if !objects.is_empty() {
-                    if let Err(errs) = driver.revert(&exp, &objects) {
-                        tracing::error!(id = %exp.id, errors = ?errs, "rollback after a failed injection was incomplete");
+                let rolled_back = objects.is_empty()
+                    || match driver.revert(&exp, &objects) {
+                        Ok(()) => true,
+                        Err(errs) => {
+                            tracing::error!(id = %exp.id, errors = ?errs, "rollback after a failed injection was incomplete");
+                            false
+                        }
+                    };
+                // A refusal (bad request, conflict, missing target) that left
+                // nothing behind is not an experiment: it is forgotten, so
+                // `list --all` shows only what ran. A failure of the kernel
+                // or the journal is kept, with its reason.
+                if rolled_back && e.is_refusal() {
+                    if let Err(je) = self.journal().forget(&exp.id) {
+                        tracing::warn!(id = %exp.id, error = %je, "could not remove a refused request from the journal");
                     }
+                    return Err(e);
                 }
                 exp.state = State::Failed;
                 exp.reason = e.to_string();
@@ -361,6 +375,17 @@ impl Engine {
     /// One pass of periodic work: driver ticks, expiry, vanished targets.
     /// `check_liveness` is set about once a second.
     pub fn tick(&self, check_liveness: bool) {
+        for (kind, driver) in self.drivers.all() {
+            let active: Vec<Experiment> = lock(&self.live)
+                .values()
+                .filter(|l| DriverKind::of(&l.exp.fault) == kind)
+                .map(|l| l.exp.clone())
+                .collect();
+            for (id, reason) in driver.ended_by_kernel(&active) {
+                tracing::warn!(%id, %reason, "fault ended by the kernel");
+                let _ = self.finish(&id, State::Failed, reason);
+            }
+        }
         for (_, driver) in self.drivers.all() {
             for (id, reason) in driver.tick() {
                 let _ = self.finish(&id, State::Failed, reason);
@@ -382,6 +407,13 @@ impl Engine {
                 let Ok(driver) = self.drivers.get(DriverKind::of(&exp.fault)) else { continue };
                 if driver.liveness(&exp, &objects) == Liveness::Gone {
                     let _ = self.finish(&exp.id, State::Failed, format!("target gone: {}", exp.target));
+                } else if let Err(missing) = driver.verify(&exp, &objects) {
+                    // Ended meanwhile (recovered, expired): nothing to report.
+                    if !lock(&self.live).contains_key(&exp.id) {
+                        continue;
+                    }
+                    tracing::warn!(id = %exp.id, %missing, "fault no longer in force");
+                    let _ = self.finish(&exp.id, State::Failed, format!("no longer in force: {missing}"));
                 }
             }
         }

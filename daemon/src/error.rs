@@ -24,6 +24,14 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The request was turned down for what it asked, not because something
+    /// failed while carrying it out.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, ApiError::Internal(_))
+    }
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         use tonic::Code;

@@ -88,7 +88,7 @@ impl Journal {
     /// against a second daemon.
     pub fn open(dir: &Path, boot_id: String) -> Result<Self, JournalError> {
         let path = dir.join("journal.sqlite3");
-        let lock_path = dir.join("journal.lock");
+        let lock_path = dir.join(crate::owner::LOCK_FILE);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -158,6 +158,17 @@ impl Journal {
             })
             .map_err(self.sql())?;
         Ok(())
+    }
+
+    /// Removes an experiment that never was one: a request refused before
+    /// anything was applied (its objects, if any, were rolled back).
+    pub fn forget(&mut self, id: &str) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        let sql = |source| JournalError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute("DELETE FROM objects WHERE experiment_id = ?1", params![id]).map_err(sql)?;
+        tx.execute("DELETE FROM experiments WHERE id = ?1", params![id]).map_err(sql)?;
+        tx.commit().map_err(sql)
     }
 
     /// Rewrites an experiment (state, reason, counters). When it ended, its

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod net;
 pub mod netlink;
 pub mod netns;
+pub mod owner;
 pub mod privilege;
 pub mod probe;
 pub mod process;

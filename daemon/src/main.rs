@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use chaosd::{
     engine::{Drivers, Engine, Slot},
     journal::{self, Journal},
+    owner::Owner,
     privilege, probe, server,
     service::ChaosdService,
 };
@@ -53,8 +54,17 @@ struct ServeArgs {
     #[arg(long, default_value = "/sys/fs/bpf/chaosd")]
     bpf_dir: PathBuf,
     /// Ports never matched by a network fault (repeatable).
-    #[arg(long = "protect-port", default_values_t = [22u16])]
+    #[arg(long = "protect-port", default_values_t = [22u16], value_parser = protected_port)]
     protect_ports: Vec<u16>,
+}
+
+/// A port to protect: 1..65535. Port 0 is no port a packet carries, so
+/// protecting it would protect nothing while looking as if it did.
+fn protected_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        _ => Err(format!("'{s}' is not a port: give a port from 1 to 65535 (22 is protected by default)")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -87,6 +97,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     privilege::check()?;
     create_private_dir(&args.state_dir)?;
     let mut socket = server::ApiSocket::bind(&args.socket)?;
+    // Every lock before anything is touched: a second daemon that would
+    // share the socket, the journal or the BPF directory stops here.
+    let journal = Journal::open(&args.state_dir, journal::current_boot_id())?;
+    let owner = Owner::of_state_dir(&args.state_dir)?;
+    let _bpf_dir_lock = match chaosd::net::bpf::lock_dir(&args.bpf_dir) {
+        Ok(lock) => Some(lock),
+        Err(e @ chaosd::net::bpf::BpfError::Locked(_)) => return Err(e.into()),
+        // Without bpffs there are no network faults to protect; the driver
+        // says why when it fails to open.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot lock the BPF directory");
+            None
+        }
+    };
     let dropped = privilege::drop_unneeded().context("dropping unneeded capabilities")?;
     tracing::debug!(?dropped, "dropped capabilities");
 
@@ -94,8 +118,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let host = Arc::new(probe::probe_host());
     tracing::info!(elapsed_ms = probe_started.elapsed().as_millis() as u64, "probed the host");
     log_probe(&host);
-    let journal = Journal::open(&args.state_dir, journal::current_boot_id())?;
-    let engine = Arc::new(Engine::new(journal, build_drivers(&host, &args)));
+    let engine = Arc::new(Engine::new(journal, build_drivers(&host, &args, owner)));
     let reconciled = engine.reconcile().context("reconciling the journal with the kernel")?;
     for id in &reconciled.resumed {
         tracing::info!(%id, "experiment resumed");
@@ -146,13 +169,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The drivers this host can run.
-fn build_drivers(host: &probe::HostProbe, args: &ServeArgs) -> Drivers {
+fn build_drivers(host: &probe::HostProbe, args: &ServeArgs, owner: Owner) -> Drivers {
     let network = {
         let config = chaosd::net::NetConfig {
             grace: args.grace,
             protected_ports: args.protect_ports.clone(),
             api_socket: args.socket.clone(),
             bpffs: args.bpf_dir.clone(),
+            owner,
         };
         match chaosd::net::NetworkDriver::new(host, config) {
             Ok(d) => Slot::Ready(Box::new(d)),

@@ -197,7 +197,7 @@ fn probe_qdiscs() -> (Probe, Probe, Probe) {
         };
         let netem = try_root(root("netem", tc::netem_noop_options(1000)), "netem");
         let htb = try_root(root("htb", tc::htb_init_options(0)), "HTB");
-        let ifb = match tc::link_add(&mut sock, "chaosd-probe", InfoKind::Ifb) {
+        let ifb = match tc::link_add(&mut sock, "chaosd-probe", InfoKind::Ifb, None) {
             Ok(()) => {
                 let _ = tc::link_del_by_name(&mut sock, "chaosd-probe");
                 Probe::yes("created an ifb device in a scratch namespace")

@@ -88,12 +88,70 @@ pub fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Creates a link of a driver-only kind (ifb, dummy) in the socket's namespace.
-pub fn link_add(sock: &mut RouteSocket, name: &str, kind: InfoKind) -> Result<(), NetlinkError> {
+/// Creates a link of a driver-only kind (ifb, dummy) in the socket's
+/// namespace, then sets its `alias` (IFLA_IFALIAS), which the kernel
+/// ignores in the creating message. If the alias cannot be set the link is
+/// deleted again: a link without its alias would look unowned.
+pub fn link_add(sock: &mut RouteSocket, name: &str, kind: InfoKind, alias: Option<&str>) -> Result<(), NetlinkError> {
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(name.to_string()));
     msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind.clone())]));
-    sock.request(&format!("create {kind} link {name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+    sock.request(&format!("create {kind} link {name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+    let Some(alias) = alias else { return Ok(()) };
+    let mut set = LinkMessage::default();
+    set.attributes.push(LinkAttribute::IfName(name.to_string()));
+    set.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+    if let Err(e) = sock.request(&format!("set the alias of {name}"), RouteNetlinkMessage::SetLink(set), 0) {
+        let _ = link_del_by_name(sock, name);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// A cls_bpf filter (handle 1, every protocol) running an already loaded
+/// program; `name` is free text the kernel reports back in dumps, which is
+/// how chaosd labels its filters with their owner.
+pub struct BpfFilter<'a> {
+    pub parent: TcHandle,
+    pub priority: u16,
+    /// A chain other than 0: never run unless something jumps there.
+    pub chain: Option<u32>,
+    pub prog_fd: i32,
+    pub name: &'a str,
+    /// The program's return value is the verdict (clsact classifiers).
+    pub direct_action: bool,
+    /// Nested TCA_BPF_ACT actions, if any.
+    pub actions: Option<Vec<u8>>,
+}
+
+pub fn bpf_filter_add(sock: &mut RouteSocket, ifindex: u32, f: &BpfFilter<'_>) -> Result<(), NetlinkError> {
+    const TCA_BPF_ACT: u16 = 1;
+    const TCA_BPF_FD: u16 = 6;
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_BPF_FLAGS: u16 = 8;
+    const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+    let mut name = f.name.as_bytes().to_vec();
+    name.push(0);
+    let mut opts = nla(TCA_BPF_FD, &f.prog_fd.to_ne_bytes());
+    opts.extend(nla(TCA_BPF_NAME, &name));
+    if f.direct_action {
+        opts.extend(nla(TCA_BPF_FLAGS, &TCA_BPF_FLAG_ACT_DIRECT.to_ne_bytes()));
+    }
+    if let Some(act) = &f.actions {
+        opts.extend(nla(TCA_BPF_ACT, act));
+    }
+    let mut msg = tc_message(ifindex, f.parent, TcHandle { major: 0, minor: 1 });
+    msg.header.info = ((f.priority as u32) << 16) | (libc::ETH_P_ALL as u16).to_be() as u32;
+    msg.attributes.push(TcAttribute::Kind("bpf".into()));
+    if let Some(chain) = f.chain {
+        msg.attributes.push(TcAttribute::Chain(chain));
+    }
+    msg.attributes.push(TcAttribute::Other(DefaultNla::new(TCA_OPTIONS, opts)));
+    sock.request(
+        &format!("add cls_bpf filter {} on ifindex {ifindex}", f.name),
+        RouteNetlinkMessage::NewTrafficFilter(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
 }
 
 pub fn link_del_by_name(sock: &mut RouteSocket, name: &str) -> Result<(), NetlinkError> {

@@ -21,7 +21,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{NlOptions, TcAttachOptions},
+        tc::TcAttachOptions,
     },
     util::nr_cpus,
 };
@@ -66,6 +66,11 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "another chaosd uses the BPF directory {} (its lock is held): give each daemon its own --bpf-dir",
+        .0.display()
+    )]
+    Locked(PathBuf),
     #[error("{0}")]
     Other(String),
 }
@@ -109,6 +114,8 @@ pub struct Datapath {
     /// The heartbeat found in the pinned control map at start was older
     /// than the grace period: the dead man's switch had fired.
     pub stale_at_start: bool,
+    /// CLOCK_BOOTTIME of the last heartbeat written (0: none yet).
+    last_beat: std::sync::atomic::AtomicU64,
 }
 
 /// CLOCK_BOOTTIME now, as `bpf_ktime_get_boot_ns` sees it.
@@ -128,6 +135,28 @@ pub fn ensure_bpffs(mountpoint: &Path) -> Result<(), BpfError> {
     }
     nix::mount::mount(Some("bpf"), mountpoint, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
         .map_err(|e| BpfError::Other(format!("mount bpffs on {}: {e}", mountpoint.display())))
+}
+
+/// Locks chaosd's BPF directory (flock on the directory itself, which
+/// bpffs allows) for as long as the returned guard lives: two daemons
+/// sharing one directory would share, and wipe, each other's rules and
+/// programs. Creates the directory (and mounts bpffs on its parent) first.
+pub fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, BpfError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = dir.parent() {
+        ensure_bpffs(parent)?;
+    }
+    fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(io(format!("open {}", dir.display())))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        nix::errno::Errno::EWOULDBLOCK => BpfError::Locked(dir.to_path_buf()),
+        e => BpfError::Other(format!("lock {}: {e}", dir.display())),
+    })
 }
 
 impl Datapath {
@@ -201,6 +230,7 @@ impl Datapath {
             grace,
             tcx,
             stale_at_start,
+            last_beat: std::sync::atomic::AtomicU64::new(0),
         };
         dp.heartbeat()?;
         Ok(dp)
@@ -223,8 +253,23 @@ impl Datapath {
 
     /// Refreshes the dead man's switch.
     pub fn heartbeat(&self) -> Result<(), BpfError> {
-        let c = Control { heartbeat_ns: boot_ns(), grace_ns: self.grace.as_nanos() as u64 };
-        self.lock().control.set(CONTROL_HEARTBEAT, c, 0).map_err(map_err("CONTROL"))
+        let now = boot_ns();
+        let c = Control { heartbeat_ns: now, grace_ns: self.grace.as_nanos() as u64 };
+        self.lock().control.set(CONTROL_HEARTBEAT, c, 0).map_err(map_err("CONTROL"))?;
+        self.last_beat.store(now, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How long ago the last heartbeat was written (CLOCK_BOOTTIME, so time
+    /// the daemon spent stopped or the host suspended counts).
+    pub fn since_last_beat(&self) -> Duration {
+        let last = self.last_beat.load(std::sync::atomic::Ordering::SeqCst);
+        Duration::from_nanos(boot_ns().saturating_sub(last))
+    }
+
+    /// The dead man's switch's grace period.
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     /// Directory of the pins of one namespace's programs and links.
@@ -355,8 +400,16 @@ fn attach_type(dir: u8) -> TcAttachType {
 }
 
 /// Attaches the namespace's pinned classifier to `ifname`. Must run on a
-/// thread inside the namespace. TCX links are pinned at `link_pin`.
-pub fn attach(prog_pin: &Path, link_pin: &Path, ifname: &str, dir: u8, kind: AttachKind) -> Result<(), BpfError> {
+/// thread inside the namespace. TCX links are pinned at `link_pin`; a
+/// cls_bpf filter under clsact carries `label` as its name (its owner).
+pub fn attach(
+    prog_pin: &Path,
+    link_pin: &Path,
+    ifname: &str,
+    dir: u8,
+    kind: AttachKind,
+    label: &str,
+) -> Result<(), BpfError> {
     let mut prog = SchedClassifier::from_pin(prog_pin)
         .map_err(|source| BpfError::Program { what: format!("open pinned program {}", prog_pin.display()), source })?;
     let what = format!("attach chaosd's classifier to {ifname} {:?}", attach_type(dir));
@@ -371,17 +424,30 @@ pub fn attach(prog_pin: &Path, link_pin: &Path, ifname: &str, dir: u8, kind: Att
             fd.pin(link_pin).map_err(|e| BpfError::Other(format!("pin link at {}: {e}", link_pin.display())))?;
         }
         AttachKind::Clsact => {
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    attach_type(dir),
-                    TcAttachOptions::Netlink(NlOptions { priority: FILTER_PRIORITY, ..Default::default() }),
-                )
-                .map_err(|source| BpfError::Program { what: what.clone(), source })?;
-            let link = prog.take_link(id).map_err(|source| BpfError::Program { what, source })?;
-            // Dropping the link would detach the filter: it must outlive the
-            // daemon, and is removed by name in `detach`.
-            std::mem::forget(link);
+            use std::os::fd::{AsFd, AsRawFd};
+            // Our own netlink request rather than aya's, which names the
+            // filter after the program: the name is where the owner goes.
+            let fd = prog.fd().map_err(|source| BpfError::Program { what: what.clone(), source })?;
+            let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
+            let mut sock = crate::netlink::RouteSocket::open().map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
+            let parent = netlink_packet_route::tc::TcHandle {
+                major: 0xffff,
+                minor: if dir == DIR_EGRESS { 0xfff3 } else { 0xfff2 },
+            };
+            crate::tc::bpf_filter_add(
+                &mut sock,
+                ifindex,
+                &crate::tc::BpfFilter {
+                    parent,
+                    priority: FILTER_PRIORITY,
+                    chain: None,
+                    prog_fd: fd.as_fd().as_raw_fd(),
+                    name: label,
+                    direct_action: true,
+                    actions: None,
+                },
+            )
+            .map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
         }
     }
     Ok(())
@@ -401,18 +467,19 @@ pub fn unpin_link(link_pin: &Path) -> Result<(), BpfError> {
     }
 }
 
-/// Removes chaosd's cls_bpf filter from `ifname` (namespace thread). A
-/// filter that is not there is not an error.
-pub fn detach_filter(ifname: &str, dir: u8) -> Result<(), BpfError> {
-    let name = if dir == DIR_EGRESS { PROG_EGRESS } else { PROG_INGRESS };
-    // Filters carry the kernel's program name, cut to 15 characters
-    // (BPF_OBJ_NAME_LEN), since programs are attached from their pins.
-    let name = &name[..name.len().min(15)];
-    match aya::programs::tc::qdisc_detach_program(ifname, attach_type(dir), name) {
+/// Removes chaosd's cls_bpf filter named `label` from `ifname` (namespace
+/// thread). A filter that is not there is not an error.
+pub fn detach_filter(ifname: &str, dir: u8, label: &str) -> Result<(), BpfError> {
+    match aya::programs::tc::qdisc_detach_program(ifname, attach_type(dir), label) {
         Ok(()) => Ok(()),
         Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(BpfError::Other(format!("detach chaosd's filter from {ifname}: {e}"))),
     }
+}
+
+/// The name chaosd gives its classifier filter of a direction.
+pub fn prog_name(dir: u8) -> &'static str {
+    if dir == DIR_EGRESS { PROG_EGRESS } else { PROG_INGRESS }
 }
 
 /// Opens a pinned classifier (for `test_run`).

@@ -27,6 +27,7 @@ use crate::{
     error::ApiError,
     experiment::{Counters, Experiment},
     netns::NetnsError,
+    owner::{Owner, Whose},
     probe::HostProbe,
     spec::{Fault, NetAction, NetworkFault, Protocol, Target},
 };
@@ -44,6 +45,8 @@ pub struct NetConfig {
     /// chaosd's directory on bpffs (e.g. /sys/fs/bpf/chaosd); bpffs is
     /// mounted on its parent when absent.
     pub bpffs: PathBuf,
+    /// Whose objects this daemon's are (labels in the kernel, see `owner`).
+    pub owner: Owner,
 }
 
 impl Default for NetConfig {
@@ -53,6 +56,7 @@ impl Default for NetConfig {
             protected_ports: vec![22],
             api_socket: PathBuf::from("/run/chaosd/chaosd.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/chaosd"),
+            owner: Owner::new("/var/lib/chaosd"),
         }
     }
 }
@@ -190,8 +194,12 @@ impl NetworkDriver {
                 )));
             }
         }
-        // Shaping replaces the root qdisc: never clobber the user's own.
+        // Shaping replaces the root qdisc: never clobber the user's own,
+        // nor another chaosd's (whose classes would collide with ours).
         let shaping = fault.action.shapes();
+        if shaping {
+            self.check_not_anothers(&selected, devices, sel.direction)?;
+        }
         if shaping && sel.direction.egress() && !exp.forced {
             for d in &selected {
                 let ours = matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR);
@@ -207,6 +215,47 @@ impl NetworkDriver {
             }
         }
         Ok(selected)
+    }
+
+    /// Refuses shaping where another chaosd's HTB root or IFB is: they are
+    /// shared per device, and two daemons' class ids would collide.
+    fn check_not_anothers(
+        &self,
+        selected: &[Device],
+        all: &[Device],
+        dir: crate::spec::Direction,
+    ) -> Result<(), ApiError> {
+        let owner = &self.config.owner;
+        let refuse = |what: String, whose: Whose| {
+            let who = match whose {
+                Whose::Live(o) => format!("the chaosd running with --state-dir {o}"),
+                Whose::Dead(o) => format!("a chaosd (--state-dir {o}) that is no longer running"),
+                Whose::Unlabelled => "an older chaosd".to_string(),
+                Whose::Mine => unreachable!("only called for others"),
+            };
+            Err(ApiError::FailedPrecondition(format!(
+                "{what} belongs to {who}; recover its faults there (or restart it, which removes what a dead one \
+                 left) before shaping this device from here; nothing was changed"
+            )))
+        };
+        for d in selected {
+            if dir.egress() && matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR) {
+                let whose = d.htb_mark.as_deref().map_or(Whose::Unlabelled, |l| owner.whose(l));
+                if whose != Whose::Mine {
+                    return refuse(format!("the HTB root {:x}: on {}", shaping::HTB_MAJOR, d.name), whose);
+                }
+            }
+            if dir.ingress() {
+                let ifb = shaping::ifb_name(d.ifindex);
+                if let Some(i) = all.iter().find(|i| i.name == ifb) {
+                    let whose = i.alias.as_deref().map_or(Whose::Unlabelled, |l| owner.whose(l));
+                    if whose != Whose::Mine {
+                        return refuse(format!("the IFB device {ifb} that shapes {}'s ingress", d.name), whose);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn record(&self, rec: &mut dyn Recorder, done: &mut Vec<NetObject>, obj: NetObject) -> Result<(), ApiError> {
@@ -305,7 +354,7 @@ impl NetworkDriver {
         // Shaping first, so the classes exist before packets are steered.
         if let Some(plan) = &plan {
             let sel_fd = self.dp.ifb_sel_fd().map_err(api_internal)?;
-            let ifbs = shaping::apply_here(plan, exp.forced, sel_fd).map_err(ApiError::Internal)?;
+            let ifbs = shaping::apply_here(plan, sel_fd, &self.config.owner).map_err(ApiError::Internal)?;
             let mut maps = self.dp.lock();
             for (dev_ifindex, ifb_ifindex) in ifbs {
                 rulemaps::set_ifb(
@@ -367,7 +416,8 @@ impl NetworkDriver {
                 if *how == AttachKind::Clsact {
                     shaping::ensure_clsact(ifname).map_err(|e| e.to_string())?;
                 }
-                bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how).map_err(|e| e.to_string())?;
+                let label = self.config.owner.label(bpf::prog_name(*dir));
+                bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how, &label).map_err(|e| e.to_string())?;
             }
             let mut progs = [None, None];
             for c in &checks {
@@ -510,11 +560,12 @@ impl NetworkDriver {
         });
         if needs_ns {
             if let Some(t) = ns_inode.and_then(ns_alive) {
+                let owner = &self.config.owner;
                 let res = t.netns.run(move || {
                     let mut errs = Vec::new();
                     for (ifname, dir, how, _) in &detach {
                         if *how == AttachKind::Clsact {
-                            if let Err(e) = bpf::detach_filter(ifname, *dir) {
+                            if let Err(e) = bpf::detach_filter(ifname, *dir, &owner.label(bpf::prog_name(*dir))) {
                                 errs.push(e.to_string());
                             }
                         }
@@ -635,7 +686,7 @@ impl Driver for NetworkDriver {
     }
 
     fn sweep(&self, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
-        super::sweep::sweep(&self.dp, known)
+        super::sweep::sweep(&self.dp, &self.config.owner, known)
     }
 
     fn shutdown(&self) -> Result<(), Vec<String>> {
@@ -644,6 +695,27 @@ impl Driver for NetworkDriver {
             Ok(false) => Err(vec![format!("classifiers are still pinned under {}", self.dp.dir().display())]),
             Err(e) => Err(vec![e.to_string()]),
         }
+    }
+
+    fn ended_by_kernel(&self, active: &[Experiment]) -> Vec<(String, String)> {
+        // Once the heartbeat is older than the grace period every rule is
+        // inert in the kernel; the next heartbeat would bring them all back.
+        // So they end here, before `tick` writes that heartbeat.
+        let gap = self.dp.since_last_beat();
+        if gap <= self.dp.grace() || active.is_empty() {
+            return Vec::new();
+        }
+        let reason = format!(
+            "chaosd could not run for {:.1} s (stopped or stalled), longer than the grace period ({:?}): the \
+             kernel's dead man's switch had already ended the fault, so it was not re-armed",
+            gap.as_secs_f64(),
+            self.dp.grace()
+        );
+        active.iter().map(|e| (e.id.clone(), reason.clone())).collect()
+    }
+
+    fn verify(&self, exp: &Experiment, objects: &[Value]) -> Result<(), String> {
+        super::verify::verify(&self.dp, &self.config.owner, exp, &parse_objects(objects))
     }
 
     fn tick(&self) -> Vec<(String, String)> {

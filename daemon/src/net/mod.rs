@@ -11,6 +11,7 @@ pub mod objects;
 pub mod rules;
 pub mod shaping;
 mod shutdown;
+mod verify;
 pub mod sweep;
 pub mod target;
 

@@ -9,12 +9,13 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{InfoKind, LinkFlags, LinkMessage},
-    tc::{TcAttribute, TcHandle, TcMessage},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
 
 use super::{netem_dist, objects::NetObject, target::Device};
 use crate::{
     netlink::{NetlinkError, RouteSocket},
+    owner::Owner,
     spec::{Direction, NetAction},
     tc::{self, QdiscSpec},
 };
@@ -23,6 +24,10 @@ pub use chaosd_common::HTB_MAJOR;
 /// Priority of the cls_bpf + mirred filter that moves delayed ingress
 /// packets to the IFB (after chaosd's classifier at 0xc4a0).
 pub const IFB_FILTER_PRIORITY: u16 = 0xc4a1;
+/// The chain of chaosd's HTB that holds the owner's mark (never run).
+pub const MARK_CHAIN: u32 = 0xc4a0;
+/// What the owner's label names on IFB devices and HTB marks.
+pub const OWNER_MARK: &str = "chaosd_owner";
 /// Default class: unshaped (rate far above any link).
 const DEFAULT_MINOR: u16 = 1;
 /// 100 Gbit/s in bytes per second, the "never shapes" rate.
@@ -32,8 +37,11 @@ pub fn classid(rule: u32) -> u32 {
     ((HTB_MAJOR as u32) << 16) | (rule + 1)
 }
 
+/// Names of chaosd's IFB devices start with this.
+pub const IFB_PREFIX: &str = "chaosd-ifb";
+
 pub fn ifb_name(ifindex: u32) -> String {
-    format!("chaosd-ifb{ifindex}")
+    format!("{IFB_PREFIX}{ifindex}")
 }
 
 /// What one fault needs on which device.
@@ -77,25 +85,27 @@ fn ifindex_here(name: &str) -> Result<u32, String> {
 }
 
 /// Sets everything up; returns (device ifindex, IFB ifindex) for ingress.
-/// Runs on a thread inside the target namespace.
-pub fn apply_here(plan: &Plan, forced: bool, sel_fd: i32) -> Result<Vec<(u32, u32)>, String> {
+/// Runs on a thread inside the target namespace. Validation has made sure
+/// that an HTB root or IFB already there is this daemon's.
+pub fn apply_here(plan: &Plan, sel_fd: i32, owner: &Owner) -> Result<Vec<(u32, u32)>, String> {
     let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
     let mut ifbs = Vec::new();
     for (dev, ifb) in &plan.targets {
         if let Some((_, for_ifindex)) = ifb {
             if nix::net::if_::if_nametoindex(dev.as_str()).is_err() {
-                tc::link_add(&mut sock, dev, InfoKind::Ifb).map_err(|e| e.to_string())?;
+                tc::link_add(&mut sock, dev, InfoKind::Ifb, Some(&owner.label(OWNER_MARK)))
+                    .map_err(|e| e.to_string())?;
             }
             let idx = ifindex_here(dev)?;
             link_set_up(&mut sock, idx).map_err(|e| e.to_string())?;
             ifbs.push((*for_ifindex, idx));
         }
         let idx = ifindex_here(dev)?;
-        ensure_htb(&mut sock, idx, forced).map_err(|e| e.to_string())?;
+        ensure_htb(&mut sock, idx, sel_fd, owner).map_err(|e| e.to_string())?;
         add_class(&mut sock, idx, plan.classid, &plan.action).map_err(|e| e.to_string())?;
         if let Some((for_ifname, for_ifindex)) = ifb {
             ensure_clsact(for_ifname)?;
-            add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd).map_err(|e| e.to_string())?;
+            add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd, owner).map_err(|e| e.to_string())?;
         }
     }
     Ok(ifbs)
@@ -185,8 +195,11 @@ fn htb_class_options(bps: u64, burst: u32) -> Vec<u8> {
     out
 }
 
-/// Puts chaosd's HTB at the root unless it is there already.
-fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), NetlinkError> {
+/// Puts chaosd's HTB at the root unless it is there already, with the
+/// owner's mark: a cls_bpf filter on chain `MARK_CHAIN` of the HTB, which
+/// nothing ever jumps to, so it never runs; it exists to carry the owner's
+/// label, since a qdisc has no field of its own for one.
+fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, sel_fd: i32, owner: &Owner) -> Result<(), NetlinkError> {
     let root = qdiscs(sock, ifindex)?.into_iter().find(|q| q.2 == TcHandle::ROOT);
     if matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
         return Ok(());
@@ -197,15 +210,58 @@ fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, forced: bool) -> Result<(), 
         .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, tc::htb_init_options(DEFAULT_MINOR as u32))));
     // Replacing is only reached when forced or when the root is a kernel
     // default (validated before).
-    let _ = forced;
     let flags = NLM_F_CREATE | NLM_F_REPLACE;
     sock.request(&format!("add HTB root on ifindex {ifindex}"), RouteNetlinkMessage::NewQueueDiscipline(msg), flags)?;
+    let label = owner.label(OWNER_MARK);
+    tc::bpf_filter_add(
+        sock,
+        ifindex,
+        &tc::BpfFilter {
+            parent: TcHandle { major: HTB_MAJOR, minor: 0 },
+            priority: IFB_FILTER_PRIORITY,
+            chain: Some(MARK_CHAIN),
+            prog_fd: sel_fd,
+            name: &label,
+            direct_action: false,
+            actions: None,
+        },
+    )?;
     let mut cls =
         tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
     cls.attributes.push(TcAttribute::Kind("htb".into()));
     cls.attributes
         .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, htb_class_options(UNSHAPED_BPS, 200_000))));
     sock.request("add HTB default class", RouteNetlinkMessage::NewTrafficClass(cls), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// The label of the owner's mark on chaosd's HTB root of a device (None:
+/// no mark, e.g. left by a chaosd older than marks).
+pub fn htb_mark(sock: &mut RouteSocket, ifindex: u32) -> Result<Option<String>, NetlinkError> {
+    let mut req = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: 0, minor: 0 });
+    req.attributes.push(TcAttribute::Chain(MARK_CHAIN));
+    for m in sock.dump("dump the HTB's mark", RouteNetlinkMessage::GetTrafficFilter(req))? {
+        let RouteNetlinkMessage::NewTrafficFilter(f) = m else { continue };
+        if f.header.index as u32 != ifindex {
+            continue;
+        }
+        if let Some(name) = bpf_filter_name(&f) {
+            if name.starts_with(OWNER_MARK) {
+                return Ok(Some(name));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The name a cls_bpf filter carries (chaosd writes its labels there).
+pub fn bpf_filter_name(f: &TcMessage) -> Option<String> {
+    f.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
+            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// netem's TCA_OPTIONS: struct tc_netem_qopt followed by attributes.
@@ -306,7 +362,6 @@ fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAct
     Ok(())
 }
 
-const TCA_OPTIONS: u16 = 2;
 
 fn ingress_parent() -> TcHandle {
     TcHandle { major: 0xffff, minor: 0xfff2 }
@@ -314,10 +369,7 @@ fn ingress_parent() -> TcHandle {
 
 /// cls_bpf (not direct-action) running `chaosd_ifb_sel` with a mirred
 /// "egress redirect" to the IFB; an existing one is kept.
-fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32) -> Result<(), NetlinkError> {
-    const TCA_BPF_ACT: u16 = 1;
-    const TCA_BPF_FD: u16 = 6;
-    const TCA_BPF_NAME: u16 = 7;
+fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32, owner: &Owner) -> Result<(), NetlinkError> {
     const TCA_ACT_KIND: u16 = 1;
     const TCA_ACT_OPTIONS: u16 = 2;
     const TCA_MIRRED_PARMS: u16 = 2;
@@ -331,18 +383,17 @@ fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32) -> Re
     parms.extend_from_slice(&ifb.to_ne_bytes());
     let mut act = tc::nla(TCA_ACT_KIND, b"mirred\0");
     act.extend(tc::nla(TCA_ACT_OPTIONS, &tc::nla(TCA_MIRRED_PARMS, &parms)));
-    let mut opts = tc::nla(TCA_BPF_FD, &sel_fd.to_ne_bytes());
-    opts.extend(tc::nla(TCA_BPF_NAME, b"chaosd_ifb_sel\0"));
-    opts.extend(tc::nla(TCA_BPF_ACT, &tc::nla(1, &act)));
-    let mut msg = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 1 });
-    msg.header.info = ((IFB_FILTER_PRIORITY as u32) << 16) | (libc::ETH_P_ALL as u16).to_be() as u32;
-    msg.attributes.push(TcAttribute::Kind("bpf".into()));
-    msg.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(TCA_OPTIONS, opts)));
-    match sock.request(
-        &format!("add the IFB redirect filter on ifindex {dev}"),
-        RouteNetlinkMessage::NewTrafficFilter(msg),
-        NLM_F_CREATE | NLM_F_EXCL,
-    ) {
+    let label = owner.label(super::bpf::PROG_IFB_SEL);
+    let filter = tc::BpfFilter {
+        parent: ingress_parent(),
+        priority: IFB_FILTER_PRIORITY,
+        chain: None,
+        prog_fd: sel_fd,
+        name: &label,
+        direct_action: false,
+        actions: Some(tc::nla(1, &act)),
+    };
+    match tc::bpf_filter_add(sock, dev, &filter) {
         Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
         r => r,
     }
@@ -414,6 +465,49 @@ pub fn remove_clsact(ifname: &str) -> Result<(), String> {
         Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether the shaping objects of a live experiment are all in place:
+/// its classes under chaosd's HTB root, its IFBs and their redirect
+/// filters. Runs on a thread inside the namespace.
+pub fn verify_here(objects: &[NetObject]) -> Result<(), String> {
+    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    for o in objects {
+        match o {
+            NetObject::Class { ifname, classid, .. } => {
+                let idx = ifindex_here(ifname)?;
+                let root = qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.into_iter().find(|q| q.2 == TcHandle::ROOT);
+                if !matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
+                    return Err(format!("chaosd's HTB root {HTB_MAJOR:x}: is no longer on {ifname}"));
+                }
+                if !classes(&mut sock, idx).map_err(|e| e.to_string())?.contains(&handle(*classid)) {
+                    return Err(format!(
+                        "HTB class {:x}:{:x} is no longer on {ifname}",
+                        classid >> 16,
+                        classid & 0xffff
+                    ));
+                }
+            }
+            NetObject::Ifb { name, for_ifname, .. } => {
+                ifindex_here(name).map_err(|_| format!("IFB device {name} is gone"))?;
+                let dev = ifindex_here(for_ifname)?;
+                let mut req = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
+                req.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
+                let filters = sock
+                    .dump("dump the IFB redirect filter", RouteNetlinkMessage::GetTrafficFilter(req))
+                    .map_err(|e| e.to_string())?;
+                let present = filters.iter().any(|m| {
+                    matches!(m, RouteNetlinkMessage::NewTrafficFilter(f)
+                        if f.header.index as u32 == dev && (f.header.info >> 16) as u16 == IFB_FILTER_PRIORITY)
+                });
+                if !present {
+                    return Err(format!("the filter that steers {for_ifname}'s ingress to {name} is gone"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Undoes shaping objects: classes first, then HTB roots without rule

@@ -13,6 +13,12 @@
 //!   at `IFB_FILTER_PRIORITY`), unless a known experiment's journal
 //!   objects account for them.
 //!
+//! Each of those carries its owner's label (see `crate::owner`): the IFB in
+//! its alias, the filters in their name, the HTB root in a mark filter on a
+//! chain nothing runs. What belongs to another daemon that is running is
+//! never touched; what belongs to a daemon that is gone (or carries no
+//! label, from a chaosd older than labels) is removed.
+//!
 //! A clsact qdisc carries no mark: one chaosd created and one the user
 //! created before (possibly empty) look the same to the kernel, and
 //! `ensure_clsact` does not record which it was. The sweep therefore
@@ -29,7 +35,7 @@ use chaosd_common::{ACTION_NONE, DIR_EGRESS, DIR_INGRESS, DevConf, DevKey, HTB_M
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+    tc::{TcAttribute, TcHandle, TcMessage},
 };
 use serde_json::Value;
 
@@ -42,12 +48,13 @@ use super::{
 use crate::{
     experiment::Experiment,
     netlink::{NetlinkError, RouteSocket},
+    owner::{Owner, Whose},
     tc,
 };
 
-pub fn sweep(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+pub fn sweep(dp: &Datapath, owner: &Owner, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
     let mut removed = sweep_maps(dp, known);
-    removed.extend(sweep_namespaces(known));
+    removed.extend(sweep_namespaces(owner, known));
     removed
 }
 
@@ -181,7 +188,7 @@ fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned
 
 /// Visits every reachable namespace on its own thread and removes what
 /// chaosd marked there and no known experiment accounts for.
-fn sweep_namespaces(known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+fn sweep_namespaces(owner: &Owner, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
     let started = Instant::now();
     let owned = owned_by_namespace(known);
     let nobody = Owned::default();
@@ -191,7 +198,7 @@ fn sweep_namespaces(known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
         let mine = owned.get(&ns.inode).unwrap_or(&nobody);
         // A namespace that vanished before its thread entered it had
         // nothing left to sweep.
-        let Ok(outcome) = ns.netns().run(|| sweep_here(mine)) else { continue };
+        let Ok(outcome) = ns.netns().run(|| sweep_here(owner, mine)) else { continue };
         let place = place(ns);
         removed.extend(outcome.removed.into_iter().map(|r| format!("{r} in network namespace {place}")));
         for note in outcome.kept_clsact {
@@ -238,6 +245,7 @@ struct Link {
     ifindex: u32,
     name: String,
     ifb: bool,
+    alias: Option<String>,
 }
 
 struct Qdisc {
@@ -255,10 +263,11 @@ fn links_here(sock: &mut RouteSocket) -> Result<Vec<Link>, NetlinkError> {
     let mut out = Vec::new();
     for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
         let RouteNetlinkMessage::NewLink(l) = m else { continue };
-        let mut link = Link { ifindex: l.header.index, name: String::new(), ifb: false };
+        let mut link = Link { ifindex: l.header.index, name: String::new(), ifb: false, alias: None };
         for a in &l.attributes {
             match a {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                 LinkAttribute::LinkInfo(info) => {
                     link.ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
                 }
@@ -284,8 +293,9 @@ fn qdiscs_here(sock: &mut RouteSocket) -> Result<Vec<Qdisc>, NetlinkError> {
     Ok(out)
 }
 
-/// A cls_bpf filter chaosd attaches: its program name starts with
-/// "chaosd_" and it sits at one of chaosd's two priorities.
+/// A cls_bpf filter chaosd attaches: its name starts with "chaosd_"
+/// (followed by its owner's label) and it sits at one of chaosd's two
+/// priorities.
 fn chaosd_filter(f: &TcMessage) -> Option<String> {
     if kind_of(&f.attributes) != "bpf" {
         return None;
@@ -294,17 +304,13 @@ fn chaosd_filter(f: &TcMessage) -> Option<String> {
     if prio != bpf::FILTER_PRIORITY && prio != shaping::IFB_FILTER_PRIORITY {
         return None;
     }
-    f.attributes.iter().find_map(|a| match a {
-        TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
-            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("chaosd_") => Some(n.clone()),
-            _ => None,
-        }),
-        _ => None,
-    })
+    shaping::bpf_filter_name(f).filter(|n| n.starts_with("chaosd_"))
 }
 
-/// Runs on a thread inside one namespace.
-fn sweep_here(owned: &Owned) -> Outcome {
+/// Runs on a thread inside one namespace. What carries another running
+/// daemon's label is left alone; what carries a dead daemon's (or no
+/// label) goes; what carries ours goes unless a known experiment owns it.
+fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
     let mut out = Outcome::default();
     let mut sock = match RouteSocket::open() {
         Ok(s) => s,
@@ -355,11 +361,16 @@ fn sweep_here(owned: &Owned) -> Outcome {
                     continue;
                 };
                 let prio = (f.header.info >> 16) as u16;
-                let ours = if prio == shaping::IFB_FILTER_PRIORITY {
-                    owned.ifb_feeds.contains(&dev)
-                } else {
-                    owned.filters.contains(&(q.ifindex, dir))
-                };
+                if !sweepable_or_mine(owner, &name) {
+                    left += 1;
+                    continue;
+                }
+                let ours = owner.whose(&name) == Whose::Mine
+                    && if prio == shaping::IFB_FILTER_PRIORITY {
+                        owned.ifb_feeds.contains(&dev)
+                    } else {
+                        owned.filters.contains(&(q.ifindex, dir))
+                    };
                 if ours {
                     left += 1;
                     continue;
@@ -392,8 +403,9 @@ fn sweep_here(owned: &Owned) -> Outcome {
 
     // 2. IFB devices (their qdiscs go with them).
     let mut deleted = BTreeSet::new();
-    for l in links.iter().filter(|l| l.ifb && l.name.starts_with("chaosd-ifb")) {
-        if owned.ifbs.contains(&l.name) {
+    for l in links.iter().filter(|l| l.ifb && l.name.starts_with(shaping::IFB_PREFIX)) {
+        let whose = l.alias.as_deref().map_or(Whose::Unlabelled, |a| owner.whose(a));
+        if matches!(whose, Whose::Live(_)) || (whose == Whose::Mine && owned.ifbs.contains(&l.name)) {
             continue;
         }
         match tc::link_del_by_name(&mut sock, &l.name) {
@@ -413,7 +425,19 @@ fn sweep_here(owned: &Owned) -> Outcome {
             continue;
         }
         let Some(dev) = name_of(q.ifindex) else { continue };
-        if !owned.htbs.contains(&dev) {
+        let whose = match shaping::htb_mark(&mut sock, q.ifindex) {
+            Ok(mark) => mark.as_deref().map_or(Whose::Unlabelled, |m| owner.whose(m)),
+            Err(e) => {
+                if !gone(&e) {
+                    out.errors.push(e.to_string());
+                }
+                continue;
+            }
+        };
+        if matches!(whose, Whose::Live(_)) {
+            continue;
+        }
+        if whose != Whose::Mine || !owned.htbs.contains(&dev) {
             match tc::qdisc_del(&mut sock, q.ifindex, TcHandle::ROOT, q.handle) {
                 Ok(()) => out.removed.push(format!("HTB root {HTB_MAJOR:x}: on {dev} (with its classes and leaves)")),
                 Err(e) if gone(&e) => {}
@@ -454,6 +478,13 @@ fn sweep_here(owned: &Owned) -> Outcome {
         }
     }
     out
+}
+
+/// Whether a labelled object may be looked at for removal: ours (then the
+/// journal decides) or a dead daemon's; never a running daemon's.
+fn sweepable_or_mine(owner: &Owner, label: &str) -> bool {
+    let whose = owner.whose(label);
+    whose == Whose::Mine || whose.sweepable()
 }
 
 /// The default class of chaosd's HTB (never shapes; goes with the root).

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{LinkAttribute, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 
@@ -47,12 +47,34 @@ pub fn resolve(target: &Target) -> Result<TargetNs, ApiError> {
             )));
         }
     };
-    let inode = netns.inode().map_err(|e| match target {
-        Target::NetnsName(n) => ApiError::NotFound(format!(
-            "network namespace '{n}' not found (no /run/netns/{n}): create it or check `ip netns list` ({e})"
-        )),
-        Target::Pid(p) => ApiError::NotFound(format!("pid {p} has no reachable network namespace (did it exit?): {e}")),
-        _ => ApiError::NotFound(format!("{target}: {e}")),
+    let inode = netns.inode().map_err(|e| {
+        // The kind of failure decides the message: "not found" for a
+        // permission denial sends the user after the wrong mistake.
+        let (path, kind) = match &e {
+            crate::netns::NetnsError::Open { path, source, .. } => (path.display().to_string(), source.kind()),
+            _ => (netns.file_path().display().to_string(), std::io::ErrorKind::Other),
+        };
+        match (kind, target) {
+            (std::io::ErrorKind::NotFound, Target::NetnsName(n)) => ApiError::NotFound(format!(
+                "network namespace '{n}' not found (no /run/netns/{n}): create it or check `ip netns list`"
+            )),
+            (std::io::ErrorKind::NotFound, Target::Pid(p)) => {
+                ApiError::NotFound(format!("pid {p} exited before its network namespace could be opened: check the pid"))
+            }
+            (std::io::ErrorKind::NotFound, _) => {
+                ApiError::NotFound(format!("{path} does not exist: give a network namespace file that does"))
+            }
+            (std::io::ErrorKind::PermissionDenied, _) => ApiError::FailedPrecondition(format!(
+                "chaosd is not allowed to open {} ({path}: permission denied): it belongs to a user namespace \
+                 above chaosd's or a security policy protects it; target a namespace chaosd can open (--netns, \
+                 --netns-path), or run chaosd where it may open this one",
+                match target {
+                    Target::Pid(p) => format!("the network namespace of pid {p}"),
+                    _ => "the network namespace file".to_string(),
+                }
+            )),
+            _ => ApiError::Internal(format!("opening the network namespace of {target}: {e}")),
+        }
     })?;
     Ok(TargetNs { netns, inode: inode as u32 })
 }
@@ -66,6 +88,12 @@ pub struct Device {
     pub v6: bool,
     /// Root qdisc kind and handle major (None: none reported).
     pub root_qdisc: Option<(String, u16)>,
+    /// One of chaosd's own IFB devices (never a target).
+    pub chaosd_ifb: bool,
+    /// The device's alias (chaosd labels its IFBs with their owner).
+    pub alias: Option<String>,
+    /// The owner's mark on chaosd's HTB root, when the device has one.
+    pub htb_mark: Option<String>,
 }
 
 impl Device {
@@ -87,12 +115,20 @@ pub fn inspect_here(root_qdiscs: bool) -> Result<Vec<Device>, NetlinkError> {
     let mut devices: Vec<Device> = Vec::new();
     for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
         if let RouteNetlinkMessage::NewLink(l) = m {
-            let name = l
-                .attributes
-                .iter()
-                .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
-                .unwrap_or_default();
-            devices.push(Device { ifindex: l.header.index, name, ..Default::default() });
+            let mut d = Device { ifindex: l.header.index, ..Default::default() };
+            let mut ifb = false;
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => d.name = n.clone(),
+                    LinkAttribute::IfAlias(a) => d.alias = Some(a.clone()),
+                    LinkAttribute::LinkInfo(info) => {
+                        ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
+                    }
+                    _ => {}
+                }
+            }
+            d.chaosd_ifb = ifb && d.name.starts_with(super::shaping::IFB_PREFIX);
+            devices.push(d);
         }
     }
     let mut req = AddressMessage::default();
@@ -130,14 +166,21 @@ pub fn inspect_here(root_qdiscs: bool) -> Result<Vec<Device>, NetlinkError> {
             }
         }
     }
+    for d in devices.iter_mut() {
+        if matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == super::shaping::HTB_MAJOR) {
+            d.htb_mark = super::shaping::htb_mark(&mut sock, d.ifindex)?;
+        }
+    }
     Ok(devices)
 }
 
-/// The devices a selector names; empty means every device but lo. A name
-/// that does not exist is NotFound, listing what does.
+/// The devices a selector names; empty means every device but lo and
+/// chaosd's own IFBs. A name that does not exist is NotFound, listing what
+/// does; one of chaosd's IFBs is refused: a fault there would act on the
+/// ingress traffic another fault steered to it, in the wrong direction.
 pub fn select<'a>(all: &'a [Device], names: &[String], label: &str) -> Result<Vec<&'a Device>, ApiError> {
     if names.is_empty() {
-        let v: Vec<_> = all.iter().filter(|d| d.name != "lo").collect();
+        let v: Vec<_> = all.iter().filter(|d| d.name != "lo" && !d.chaosd_ifb).collect();
         if v.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "network namespace {label} has no device but lo; name lo with --device lo to target it"
@@ -148,13 +191,20 @@ pub fn select<'a>(all: &'a [Device], names: &[String], label: &str) -> Result<Ve
     names
         .iter()
         .map(|n| {
-            all.iter().find(|d| &d.name == n).ok_or_else(|| {
-                let have: Vec<_> = all.iter().map(|d| d.name.as_str()).collect();
+            let found = all.iter().find(|d| &d.name == n).ok_or_else(|| {
+                let have: Vec<_> = all.iter().filter(|d| !d.chaosd_ifb).map(|d| d.name.as_str()).collect();
                 ApiError::NotFound(format!(
                     "no device '{n}' in network namespace {label} (devices: {})",
                     have.join(", ")
                 ))
-            })
+            })?;
+            if found.chaosd_ifb {
+                return Err(ApiError::InvalidArgument(format!(
+                    "device '{n}' in network namespace {label} is chaosd's own IFB, which carries another fault's \
+                     ingress traffic; target the real device with --direction ingress instead"
+                )));
+            }
+            Ok(found)
         })
         .collect()
 }
