@@ -13,10 +13,17 @@
 //! what should be active, `chaosctl list --output json`, and the kernel:
 //! traffic that each active fault selects behaves as the fault says (in its
 //! direction, to its peers, on its protocol), traffic it does not select
-//! passes, a port no fault selects passes both ways, and nothing
-//! chaosd-marked (IFB devices, HTB roots `c4a0:`, chaosd tc filters, TCX
-//! programs, rules and device entries in the pinned maps) exists without an
-//! active experiment that needs it.
+//! passes, a port no fault selects passes both ways, the counters `list`
+//! shows grew by exactly the datagrams sent through each UDP fault, and
+//! nothing chaosd-marked (IFB devices, HTB roots `c4a0:`, chaosd tc filters,
+//! TCX programs per direction, rules and device entries in the pinned maps)
+//! exists without an active experiment that needs it. Faults share ports
+//! (other direction, protocol or peers) so that they meet on one device.
+//!
+//! The test only asks for what the daemon must accept (the faults of one
+//! daemon never overlap by the daemon's own rule), so a refused inject is
+//! a failure too. Other chaosd daemons on the host (other tests) sweep every
+//! namespace at start: a failure names those seen during the run.
 //!
 //! Environment:
 //! - `CHAOSD_SOAK_SEED`: replay a run (the seed is printed first and in every

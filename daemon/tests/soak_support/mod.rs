@@ -224,13 +224,20 @@ pub fn udp_count(net: &Net, flow: &Flow, n: u32, size: usize, settle: Duration, 
     };
     big_rcvbuf(&rx);
     let tx = in_ns(net.ns(flow.from), move || UdpSocket::bind(src)).unwrap_or_else(|e| panic!("bind udp {src}: {e}"));
-    let payload = vec![0x5au8; size];
+    // Each probe's datagrams carry its own tag: datagrams of an earlier
+    // probe that a shaping queue still held are not counted.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let tag = (u64::from(std::process::id()) << 32) | PROBES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut payload = vec![0x5au8; size.max(8)];
+    payload[..8].copy_from_slice(&tag.to_be_bytes());
     let mut got = 0u32;
-    let mut buf = vec![0u8; size + 16];
+    let mut buf = vec![0u8; size.max(8) + 16];
     rx.set_nonblocking(true).unwrap();
     let mut drain = |got: &mut u32| {
-        while rx.recv(&mut buf).is_ok() {
-            *got += 1;
+        while let Ok(n) = rx.recv(&mut buf) {
+            if n >= 8 && buf[..8] == tag.to_be_bytes() {
+                *got += 1;
+            }
         }
     };
     for i in 0..n {
@@ -292,6 +299,10 @@ pub fn tcp_bulk(net: &Net, flow: &Flow, total: usize, window: Duration) -> usize
     let start = Instant::now();
     let deadline = start + window;
     let from_ns = net.ns(flow.from).to_string();
+    // The connection starts with this probe's tag: a connection of an
+    // earlier probe that a shaping queue held back is not counted.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let tag = (u64::from(std::process::id()) << 32) | PROBES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done_w = done.clone();
     let writer = thread::spawn(move || {
@@ -307,6 +318,10 @@ pub fn tcp_bulk(net: &Net, flow: &Flow, total: usize, window: Duration) -> usize
             &libc::linger { l_onoff: 1, l_linger: 0 },
         );
         let _ = s.set_write_timeout(Some(Duration::from_millis(50)));
+        // The tag first (a small write that fits any send buffer).
+        if s.write_all(&tag.to_be_bytes()).is_err() {
+            return;
+        }
         let chunk = vec![0xa5u8; 8192];
         let mut sent = 0;
         while sent < total && Instant::now() < deadline {
@@ -321,29 +336,44 @@ pub fn tcp_bulk(net: &Net, flow: &Flow, total: usize, window: Duration) -> usize
             thread::sleep(Duration::from_millis(10));
         }
     });
-    let mut conn = None;
-    while Instant::now() < deadline {
-        match listener.accept() {
-            Ok((c, _)) => {
-                conn = Some(c);
-                break;
-            }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
-        }
-    }
     let mut got = 0usize;
-    if let Some(mut c) = conn {
+    let mut buf = vec![0u8; 65536];
+    'accept: while Instant::now() < deadline {
+        let mut c = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(_) => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
         c.set_nonblocking(false).unwrap();
-        let mut buf = vec![0u8; 65536];
-        while got < total && Instant::now() < deadline {
+        let read_some = |c: &mut TcpStream, buf: &mut [u8]| -> Option<usize> {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             c.set_read_timeout(Some(left.min(Duration::from_millis(50)))).unwrap();
-            match c.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(_) => {}
+            match c.read(buf) {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(_) => Some(0),
+            }
+        };
+        let mut head = [0u8; 8];
+        let mut h = 0;
+        while h < 8 && Instant::now() < deadline {
+            match read_some(&mut c, &mut head[h..]) {
+                Some(n) => h += n,
+                None => continue 'accept,
             }
         }
+        if h < 8 || head != tag.to_be_bytes() {
+            continue 'accept;
+        }
+        while got < total && Instant::now() < deadline {
+            match read_some(&mut c, &mut buf) {
+                Some(n) => got += n,
+                None => break,
+            }
+        }
+        break;
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
