@@ -521,7 +521,13 @@ impl Soak {
 
     /// `get id` must show an ended experiment in one of `states`, with a reason.
     fn expect_ended(&mut self, owner: usize, id: &str, states: &[&str], context: &str) {
-        let e = self.get(owner, id);
+        // An experiment the ticker is ending is "recovering" for a moment.
+        let t = Instant::now();
+        let mut e = self.get(owner, id);
+        while e["state"] == "recovering" && t.elapsed() < Duration::from_secs(3) {
+            thread::sleep(Duration::from_millis(50));
+            e = self.get(owner, id);
+        }
         let state = e["state"].as_str().unwrap_or("?");
         let reason = e["reason"].as_str().unwrap_or("");
         if !states.contains(&state) || reason.trim().is_empty() {
@@ -955,6 +961,13 @@ impl Soak {
             f.action = Action::Partition;
             f.proto = Proto::Udp;
             f.device = true;
+            // Mostly on the device and direction where the first daemon has
+            // a fault: both daemons' classifiers then sit on one hook.
+            let firsts: Vec<Fault> = self.faults.iter().filter(|g| g.owner == 1).cloned().collect();
+            if let Some(g) = firsts.choose(&mut self.rng).filter(|_| self.rng.random_bool(0.8)) {
+                f.target = g.target;
+                f.dir = g.dir;
+            }
             self.inject(f, None);
         }
         // The first daemon's faults are untouched while the second runs.
