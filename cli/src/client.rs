@@ -26,6 +26,32 @@ impl CliError {
     }
 }
 
+/// Exit status when the reader of stdout went away (`chaosctl list | head
+/// -1`): the status a shell shows for a writer ended by SIGPIPE (128 + 13),
+/// so scripts see what they see from other tools, and no message.
+pub const CLOSED_PIPE: u8 = 141;
+
+impl CliError {
+    /// The output pipe was closed by its reader: end quietly.
+    pub fn closed_pipe() -> Self {
+        Self { message: String::new(), code: CLOSED_PIPE }
+    }
+
+    pub fn is_closed_pipe(&self) -> bool {
+        self.code == CLOSED_PIPE && self.message.is_empty()
+    }
+}
+
+/// A failed write to stdout.
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Self::closed_pipe();
+        }
+        Self::refused(format!("cannot write the output to stdout: {e}; redirect it where it can be written"))
+    }
+}
+
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         let code = s.code();

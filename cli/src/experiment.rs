@@ -91,7 +91,7 @@ fn fault_family(e: &pb::Experiment) -> &'static str {
 pub fn table(list: &[pb::Experiment]) -> Vec<Vec<String>> {
     let mut rows = vec![vec!["ID".into(), "STATE".into(), "REMAINING".into(), "COUNTERS".into(), "EXPERIMENT".into()]];
     for e in list {
-        let counters = e.counters.clone().unwrap_or_default();
+        let counters = e.counters.unwrap_or_default();
         rows.push(vec![
             e.id.clone(),
             state_name(e.state()).into(),
@@ -104,7 +104,7 @@ pub fn table(list: &[pb::Experiment]) -> Vec<Vec<String>> {
 }
 
 pub fn details(e: &pb::Experiment) -> Vec<Vec<String>> {
-    let c = e.counters.clone().unwrap_or_default();
+    let c = e.counters.unwrap_or_default();
     let mut rows: Vec<Vec<String>> = vec![
         vec!["id".into(), e.id.clone()],
         vec!["experiment".into(), e.summary.clone()],
@@ -143,7 +143,7 @@ pub fn details(e: &pb::Experiment) -> Vec<Vec<String>> {
 }
 
 pub fn to_json(e: &pb::Experiment) -> Value {
-    let c = e.counters.clone().unwrap_or_default();
+    let c = e.counters.unwrap_or_default();
     json!({
         "id": e.id,
         "summary": e.summary,

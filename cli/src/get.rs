@@ -12,8 +12,8 @@ pub async fn run(socket: &std::path::Path, out: Output, id: String) -> Result<()
     let mut client = crate::client::connect(socket).await?;
     let exp = client.get(pb::GetRequest { id }).await?.into_inner();
     match out {
-        Output::Json => output::print_json(&experiment::to_json(&exp)),
-        Output::Table => output::print_rows(&experiment::details(&exp)),
+        Output::Json => output::print_json(&experiment::to_json(&exp))?,
+        Output::Table => output::print_rows(&experiment::details(&exp))?,
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `chaosctl inject network|stress|process ...`: builds one InjectRequest.
 
+use std::io::Write;
+
 use chaos_proto::chaosd::v1 as pb;
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -359,10 +361,25 @@ pub async fn run(socket: &std::path::Path, out: Output, cmd: InjectCommand) -> R
         force: common.force,
     };
     let mut client = crate::client::connect(socket).await?;
-    let exp = client.inject(req).await?.into_inner();
-    match out {
+    let reply = client.inject(req).await?;
+    let note = reply.metadata().get(NOTE_HEADER).and_then(|v| v.to_str().ok()).map(String::from);
+    let exp = reply.into_inner();
+    let printed = match out {
         Output::Json => output::print_json(&experiment::to_json(&exp)),
-        Output::Table => println!("{}", exp.id),
+        Output::Table => output::line(&exp.id),
+    };
+    if let Some(note) = note {
+        let _ = writeln!(std::io::stderr(), "chaosctl: note: {note}");
     }
-    Ok(())
+    printed.map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => CliError::closed_pipe(),
+        _ => CliError::refused(format!(
+            "experiment {id} was started, but writing its id to stdout failed: {e}; `chaosctl list` shows it",
+            id = exp.id
+        )),
+    })
 }
+
+/// Response metadata in which chaosd adds a remark for the user (the
+/// daemon's `service::NOTE_HEADER`).
+const NOTE_HEADER: &str = "chaosd-note";

@@ -12,11 +12,11 @@ pub async fn run(socket: &std::path::Path, out: Output, all: bool) -> Result<(),
     let mut client = crate::client::connect(socket).await?;
     let list = client.list(pb::ListRequest { include_ended: all }).await?.into_inner().experiments;
     match out {
-        Output::Json => output::print_json(&serde_json::Value::Array(list.iter().map(experiment::to_json).collect())),
+        Output::Json => output::print_json(&serde_json::Value::Array(list.iter().map(experiment::to_json).collect()))?,
         Output::Table if list.is_empty() => {
-            println!("no {}experiments", if all { "" } else { "active " });
+            output::line(format!("no {}experiments", if all { "" } else { "active " }))?
         }
-        Output::Table => output::print_rows(&experiment::table(&list)),
+        Output::Table => output::print_rows(&experiment::table(&list))?,
     }
     Ok(())
 }

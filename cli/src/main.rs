@@ -11,7 +11,7 @@ mod recover;
 mod status;
 mod watch;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use output::Output;
@@ -35,7 +35,7 @@ enum Command {
     Status,
     /// Start an experiment; prints its id.
     #[command(subcommand)]
-    Inject(inject::InjectCommand),
+    Inject(Box<inject::InjectCommand>),
     /// List active experiments (with --all, also ended ones).
     List {
         #[arg(long)]
@@ -66,14 +66,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("chaosctl: cannot start the async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "chaosctl: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Status => status::run(&cli.socket, cli.output).await,
-            Command::Inject(cmd) => inject::run(&cli.socket, cli.output, cmd).await,
+            Command::Inject(cmd) => inject::run(&cli.socket, cli.output, *cmd).await,
             Command::List { all } => list::run(&cli.socket, cli.output, all).await,
             Command::Get { id } => get::run(&cli.socket, cli.output, id).await,
             Command::Recover { id, all } => recover::run(&cli.socket, cli.output, id, all).await,
@@ -83,7 +83,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chaosctl: {}", e.message);
+            if !e.is_closed_pipe() {
+                // stderr may be closed or full too; nothing is left to tell then.
+                let _ = writeln!(std::io::stderr(), "chaosctl: {}", e.message);
+            }
             ExitCode::from(e.code)
         }
     }

@@ -1,6 +1,9 @@
 //! Output helpers shared by the verbs: aligned tables, JSON, durations.
 
-use std::time::Duration;
+use std::{
+    io::{self, Write},
+    time::Duration,
+};
 
 use serde_json::Value;
 
@@ -10,12 +13,21 @@ pub enum Output {
     Json,
 }
 
-pub fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+/// Writes one line to stdout now. Errors are returned, never a panic: a
+/// reader that closed the pipe (`chaosctl list | head -1`) and a full disk
+/// are the caller's to report (see `CliError: From<io::Error>`).
+pub fn line(text: impl std::fmt::Display) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+pub fn print_json(v: &Value) -> io::Result<()> {
+    line(serde_json::to_string_pretty(v).expect("JSON values serialize"))
 }
 
 /// Prints rows as columns separated by two spaces; the last column is not padded.
-pub fn print_rows(rows: &[Vec<String>]) {
+pub fn print_rows(rows: &[Vec<String>]) -> io::Result<()> {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> =
         (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
@@ -28,8 +40,9 @@ pub fn print_rows(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", line.trim_end());
+        self::line(line.trim_end())?;
     }
+    Ok(())
 }
 
 /// "1h2m", "5m", "30s", "1.5s", "250ms".
@@ -65,6 +78,18 @@ pub fn duration_json(d: &Option<prost_types::Duration>) -> Value {
     }
 }
 
+/// "512MiB", "1.5GiB", "812KiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b}B") } else { format!("{v:.1}{}", UNITS[u]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,16 +101,10 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(300)), "5m");
         assert_eq!(human_duration(Duration::from_secs(3720)), "1h2m");
     }
-}
 
-/// "512MiB", "1.5GiB", "812KiB".
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
+    #[test]
+    fn sizes_up_to_exbibytes() {
+        assert_eq!(human_bytes(1536 << 20), "1.5GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0EiB");
     }
-    if u == 0 { format!("{b}B") } else { format!("{v:.1}{}", UNITS[u]) }
 }

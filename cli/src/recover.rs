@@ -19,11 +19,11 @@ pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>, all:
     let mut client = crate::client::connect(socket).await?;
     let done = client.recover(pb::RecoverRequest { which: Some(which) }).await?.into_inner().recovered;
     match out {
-        Output::Json => output::print_json(&serde_json::Value::Array(done.iter().map(experiment::to_json).collect())),
-        Output::Table if done.is_empty() => println!("nothing to recover"),
+        Output::Json => output::print_json(&serde_json::Value::Array(done.iter().map(experiment::to_json).collect()))?,
+        Output::Table if done.is_empty() => output::line("nothing to recover")?,
         Output::Table => {
             for e in &done {
-                println!("{} {}: {}", e.id, experiment::state_name(e.state()), e.summary);
+                output::line(format!("{} {}: {}", e.id, experiment::state_name(e.state()), e.summary))?;
             }
         }
     }

@@ -12,8 +12,8 @@ pub async fn run(socket: &std::path::Path, out: Output) -> Result<(), CliError> 
     let mut client = crate::client::connect(socket).await?;
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
     match out {
-        Output::Json => output::print_json(&to_json(&status)),
-        Output::Table => print_table(&status),
+        Output::Json => output::print_json(&to_json(&status))?,
+        Output::Table => print_table(&status)?,
     }
     Ok(())
 }
@@ -54,13 +54,16 @@ pub fn to_json(s: &pb::StatusResponse) -> Value {
     })
 }
 
-fn print_table(s: &pb::StatusResponse) {
+fn print_table(s: &pb::StatusResponse) -> std::io::Result<()> {
     let caps = s.capabilities.clone().unwrap_or_default();
     let cg = caps.cgroup.clone().unwrap_or_default();
     let uptime = s.uptime.as_ref().and_then(chaos_proto::duration_from_proto).unwrap_or_default();
-    println!("chaosd {} (pid {}), up {}", s.version, s.pid, output::human_duration(uptime));
-    println!("kernel {}, state in {}, {} active experiment(s)", caps.kernel_release, s.state_dir, s.active_experiments);
-    println!();
+    output::line(format!("chaosd {} (pid {}), up {}", s.version, s.pid, output::human_duration(uptime)))?;
+    output::line(format!(
+        "kernel {}, state in {}, {} active experiment(s)",
+        caps.kernel_release, s.state_dir, s.active_experiments
+    ))?;
+    output::line("")?;
     let cgroup_version = match cg.version() {
         pb::CgroupVersion::V1 => "v1",
         pb::CgroupVersion::V2 => "v2",
@@ -81,13 +84,13 @@ fn print_table(s: &pb::StatusResponse) {
         rows.push(vec![name.into(), if p.available { "yes".into() } else { "NO".into() }, p.detail]);
     }
     rows.push(vec!["cgroup".into(), cgroup_version.into(), format!("{} [{}]", cg.detail, cg.controllers.join(" "))]);
-    output::print_rows(&rows);
-    println!();
+    output::print_rows(&rows)?;
+    output::line("")?;
     let mut rows = vec![vec!["FAULT".to_string(), "AVAILABLE".into(), "WHY NOT".into()]];
     for f in &s.faults {
         rows.push(vec![f.fault.clone(), if f.available { "yes".into() } else { "NO".into() }, f.reason.clone()]);
     }
-    output::print_rows(&rows);
-    println!();
-    println!("capabilities: {}", caps.effective_capabilities.join(" "));
+    output::print_rows(&rows)?;
+    output::line("")?;
+    output::line(format!("capabilities: {}", caps.effective_capabilities.join(" ")))
 }

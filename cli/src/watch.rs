@@ -21,7 +21,7 @@ pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> R
             Output::Json => {
                 let mut v = experiment::to_json(&exp);
                 v["event"] = serde_json::Value::String(kind.into());
-                println!("{}", serde_json::to_string(&v).expect("JSON values serialize"));
+                output::line(serde_json::to_string(&v).expect("JSON values serialize"))?;
             }
             Output::Table => {
                 let rows = experiment::table(std::slice::from_ref(&exp));
@@ -33,7 +33,7 @@ pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> R
                     row[2].clone(),
                     row[3].clone(),
                     row[4].clone(),
-                ]]);
+                ]])?;
             }
         }
     }
