@@ -1,4 +1,6 @@
-//! `chaosctl watch [ID]`: stream state changes and counters.
+//! `chaosctl watch [ID]`: stream state changes and counters. With an id,
+//! the experiment's state now, then its changes; it ends when the
+//! experiment does (an ended one prints its final state and ends at once).
 
 use chaos_proto::chaosd::v1 as pb;
 

@@ -8,12 +8,13 @@ use std::{
 };
 
 use chaos_proto::chaosd::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
     convert,
-    engine::{Engine, EventKind, InjectSpec},
+    engine::{Engine, Event, EventKind, InjectSpec},
     error::ApiError,
     probe::{CgroupVersion, HostProbe, Probe},
 };
@@ -151,25 +152,77 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
 
     type WatchStream = EventStream;
 
+    /// All events, or those of one experiment: its state now, then its
+    /// changes until it ends. An unknown id is NotFound.
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let only = req.into_inner().id;
+        // Subscribed before the experiment is looked up, so that an end in
+        // between is still seen.
         let rx = self.engine.subscribe();
-        let stream = BroadcastStream::new(rx).filter_map(move |ev| {
-            // A slow watcher that lagged just misses events; it is not an error.
-            let ev = ev.ok()?;
-            if !only.is_empty() && ev.experiment.id != only {
-                return None;
+        if only.is_empty() {
+            let stream = BroadcastStream::new(rx).filter_map(|ev| {
+                // A slow watcher that lagged just misses events; it is not an error.
+                Some(Ok(event_to_pb(&ev.ok()?)))
+            });
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let id = only.clone();
+        let now = self.blocking(move |e| e.get(&id)).await?;
+        let ended = now.state.is_terminal();
+        let (tx, out) = mpsc::channel(16);
+        let first = Event { at: SystemTime::now(), kind: EventKind::StateChanged, experiment: now };
+        let _ = tx.try_send(Ok(event_to_pb(&first)));
+        if !ended {
+            tokio::spawn(follow(self.engine.clone(), only, rx, tx));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+}
+
+fn event_to_pb(ev: &Event) -> pb::ExperimentEvent {
+    let kind = match ev.kind {
+        EventKind::StateChanged => pb::EventKind::StateChanged,
+        EventKind::Counters => pb::EventKind::Counters,
+    };
+    pb::ExperimentEvent {
+        at: Some(chaos_proto::timestamp_to_proto(ev.at)),
+        kind: kind as i32,
+        experiment: Some(convert::experiment_to_pb(&ev.experiment, ev.at)),
+    }
+}
+
+/// Forwards one experiment's events to a watcher until it ends (its final
+/// state is the last event), the watcher goes away or the daemon stops.
+async fn follow(
+    engine: Arc<Engine>,
+    id: String,
+    mut rx: broadcast::Receiver<Event>,
+    tx: mpsc::Sender<Result<pb::ExperimentEvent, Status>>,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = tx.closed() => return,
+            ev = rx.recv() => ev,
+        };
+        let ev = match ev {
+            Ok(ev) if ev.experiment.id == id => ev,
+            Ok(_) => continue,
+            // Events were dropped for this slow watcher, and the end may
+            // have been among them: ask the engine.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let (engine, id) = (engine.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || engine.get(&id)).await {
+                    Ok(Ok(exp)) if exp.state.is_terminal() => {
+                        Event { at: SystemTime::now(), kind: EventKind::StateChanged, experiment: exp }
+                    }
+                    _ => continue,
+                }
             }
-            let kind = match ev.kind {
-                EventKind::StateChanged => pb::EventKind::StateChanged,
-                EventKind::Counters => pb::EventKind::Counters,
-            };
-            Some(Ok(pb::ExperimentEvent {
-                at: Some(chaos_proto::timestamp_to_proto(ev.at)),
-                kind: kind as i32,
-                experiment: Some(convert::experiment_to_pb(&ev.experiment, ev.at)),
-            }))
-        });
-        Ok(Response::new(Box::pin(stream)))
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let end = ev.kind == EventKind::StateChanged && ev.experiment.state.is_terminal();
+        if tx.send(Ok(event_to_pb(&ev))).await.is_err() || end {
+            return;
+        }
     }
 }
