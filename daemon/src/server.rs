@@ -8,14 +8,20 @@ use std::{
     io::{Read, Seek, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    pin::Pin,
+    task::{Context, Poll},
 };
 
 use chaos_proto::chaosd::v1::chaosd_server::ChaosdServer;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{UnixListener, UnixStream},
+};
+use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
+use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::service::ChaosdService;
+use crate::{process::clients, service::ChaosdService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -47,14 +53,10 @@ impl ApiSocket {
     /// daemon holds `PATH.lock`. A stale socket file left by a killed daemon
     /// is replaced.
     pub fn bind(path: &Path) -> Result<Self, SocketError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(io_err("create directory", dir))?;
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err("create directory", dir))?;
         }
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
         let mut file = OpenOptions::new()
@@ -116,11 +118,67 @@ pub async fn run(
     service: ChaosdService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(ClientConn::new));
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
         .add_service(ChaosdServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// An accepted connection, registered as a client of chaosd (by its peer
+/// credentials) for as long as it is open, so that process faults leave
+/// the process at the other end alone.
+struct ClientConn {
+    stream: UnixStream,
+    _client: clients::Registration,
+}
+
+impl ClientConn {
+    fn new(stream: UnixStream) -> Self {
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        Self { _client: clients::register(pid), stream }
+    }
+}
+
+impl Connected for ClientConn {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for ClientConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 #[cfg(test)]

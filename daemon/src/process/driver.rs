@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
+    clients::{self, Spared},
     guardian::{self, Guardian},
     procfs::{self, ProcId},
     signal, targets,
@@ -136,11 +137,14 @@ impl ProcessDriver {
         Ok(out)
     }
 
-    /// The processes a fault acts on, after the refusals.
-    fn resolve(&self, target: &Target) -> Result<BTreeMap<u32, ProcId>, ApiError> {
-        let set = match target {
+    /// The processes a fault acts on, after the refusals, and the clients
+    /// of chaosd the target would have included (left out of the set).
+    fn resolve(&self, target: &Target) -> Result<(BTreeMap<u32, ProcId>, Vec<Spared>), ApiError> {
+        let clients = clients::connected();
+        let mut set = match target {
             Target::Pid(pid) => {
                 let (id, _) = targets::check_pid(*pid, "it would take the whole host down")?;
+                targets::refuse_client(id, &clients)?;
                 BTreeMap::from([(*pid, id)])
             }
             Target::ProcessName(name) => targets::by_name(name)?,
@@ -158,11 +162,20 @@ impl ProcessDriver {
             }
         };
         targets::refuse_protected(&set, &format!("{target}"))?;
-        Ok(set)
+        let spared = targets::leave_out_clients(&mut set, &clients);
+        if set.is_empty() {
+            let who: Vec<String> = spared.iter().map(ToString::to_string).collect();
+            return Err(ApiError::FailedPrecondition(format!(
+                "every process of {target} is connected to chaosd ({}), and chaosd never signals its own clients \
+                 (one of them may be what recovers the fault): nothing left to act on; target other processes",
+                who.join(", ")
+            )));
+        }
+        Ok((set, spared))
     }
 
     fn apply_kill(&self, exp: &Experiment, sig: i32, rec: &mut dyn Recorder) -> Result<(), ApiError> {
-        let procs = self.resolve(&exp.target)?;
+        let (procs, spared) = self.resolve(&exp.target)?;
         let mut sent = 0;
         let mut errors = Vec::new();
         for id in procs.values() {
@@ -184,11 +197,12 @@ impl ProcessDriver {
                 (false, _) => ApiError::Internal(errors.join("; ")),
             });
         }
+        report_spared(&exp.id, spared);
         Ok(())
     }
 
     fn apply_pause(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
-        let mut procs = self.resolve(&exp.target)?;
+        let (mut procs, spared) = self.resolve(&exp.target)?;
         {
             let paused = self.paused();
             let mine: HashSet<u32> = paused
@@ -212,6 +226,7 @@ impl ProcessDriver {
         let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, ctx.ends_at.map(|t| t + GUARDIAN_SLACK))
             .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
         let mut pause = Pause { procs: Vec::new(), guardian: None, target_pid };
+        let mut spared_late = Vec::new();
         let result = (|| -> Result<(), ApiError> {
             record(rec, KIND_GUARDIAN, g.id)?;
             // A cgroup's processes may fork while we stop them: go round
@@ -232,7 +247,14 @@ impl ProcessDriver {
                     }
                 }
                 let Target::Cgroup(path) = &exp.target else { break };
-                let now = self.cgroup_procs(path)?;
+                let mut now = self.cgroup_procs(path)?;
+                // A client that joined the cgroup meanwhile is spared too;
+                // those already spared are not listed twice.
+                for s in targets::leave_out_clients(&mut now, &clients::connected()) {
+                    if !spared_late.iter().chain(&spared).any(|x| x.pid == s.pid) {
+                        spared_late.push(s);
+                    }
+                }
                 let new: Vec<u32> = now.keys().filter(|p| !pause.procs.iter().any(|x| x.pid == **p)).copied().collect();
                 if new.is_empty() {
                     break;
@@ -278,8 +300,19 @@ impl ProcessDriver {
         }
         pause.guardian = Some(g);
         self.paused().insert(exp.id.clone(), pause);
+        report_spared(&exp.id, spared.into_iter().chain(spared_late).collect());
         Ok(())
     }
+}
+
+/// Logs the clients a fault left out and keeps them for the reply.
+fn report_spared(exp_id: &str, spared: Vec<Spared>) {
+    if spared.is_empty() {
+        return;
+    }
+    let who: Vec<String> = spared.iter().map(ToString::to_string).collect();
+    tracing::info!(id = %exp_id, spared = %who.join(", "), "left out processes connected to chaosd (its own clients)");
+    clients::note_spared(exp_id, spared);
 }
 
 /// Tells guardians left by an earlier chaosd for this experiment to exit

@@ -2,6 +2,7 @@
 //! SIGCONT), with a guardian process that resumes paused processes even when
 //! the daemon dies. See ../stress/architecture.md.
 
+pub mod clients;
 mod driver;
 pub mod guardian;
 pub mod procfs;

@@ -1,12 +1,16 @@
 //! Which processes a fault acts on, and the ones it must never act on:
-//! chaosd itself (it would stop the thing that undoes the fault) and PID 1
-//! (stopping or killing init takes the host down with it).
+//! chaosd itself (it would stop the thing that undoes the fault), its
+//! clients (see `clients`) and PID 1 (stopping or killing init takes the
+//! host down with it).
 
 use std::collections::BTreeMap;
 
 use crate::{
     error::ApiError,
-    process::procfs::{self, ProcId, Stat},
+    process::{
+        clients::Spared,
+        procfs::{self, ProcId, Stat},
+    },
 };
 
 /// A pid given with `--pid`: it must exist, not have exited, and be
@@ -75,4 +79,52 @@ pub fn refuse_protected(pids: &BTreeMap<u32, ProcId>, what: &str) -> Result<(), 
         return Err(ApiError::InvalidArgument(format!("{what} would include chaosd itself (pid {me}); refusing")));
     }
     Ok(())
+}
+
+/// Refuses a pid given with `--pid` that is connected to chaosd.
+pub fn refuse_client(id: ProcId, clients: &[ProcId]) -> Result<(), ApiError> {
+    if clients.contains(&id) {
+        let comm = procfs::stat(id.pid).map(|s| s.comm).unwrap_or_default();
+        return Err(ApiError::InvalidArgument(format!(
+            "pid {} ({comm}) is connected to chaosd, and chaosd never signals its own clients (one may be what \
+             recovers the fault); close its connection first or target another process",
+            id.pid
+        )));
+    }
+    Ok(())
+}
+
+/// Takes chaosd's clients out of a set of processes and returns them.
+pub fn leave_out_clients(set: &mut BTreeMap<u32, ProcId>, clients: &[ProcId]) -> Vec<Spared> {
+    let mut out = Vec::new();
+    for c in clients {
+        if set.get(&c.pid) == Some(c) {
+            set.remove(&c.pid);
+            let comm = procfs::stat(c.pid).map(|s| s.comm).unwrap_or_default();
+            out.push(Spared { pid: c.pid, comm });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_left_out_and_others_kept() {
+        let (me, st) = procfs::identify(std::process::id()).unwrap();
+        let other = ProcId { pid: 4_000_000, start_time: 1 };
+        let mut set = BTreeMap::from([(me.pid, me), (other.pid, other)]);
+        // A client with the same pid but another start time is another
+        // process (the pid was reused): not left out.
+        let stale = ProcId { start_time: me.start_time + 1, ..me };
+        assert!(leave_out_clients(&mut set, &[stale]).is_empty());
+        let spared = leave_out_clients(&mut set, &[me]);
+        assert_eq!(spared, [Spared { pid: me.pid, comm: st.comm }]);
+        assert_eq!(set.keys().copied().collect::<Vec<_>>(), [other.pid]);
+        let err = refuse_client(me, &[me]).unwrap_err().to_string();
+        assert!(err.contains("connected to chaosd"), "{err}");
+        assert!(refuse_client(me, &[other]).is_ok());
+    }
 }
