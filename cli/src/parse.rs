@@ -14,7 +14,7 @@ pub fn duration(s: &str) -> Result<prost_types::Duration, String> {
     if body.is_empty() {
         return Err("empty duration: write e.g. 500ms, 30s, 5m or 1h".into());
     }
-    let mut total_ns: i128 = 0;
+    let mut total_ns: f64 = 0.0;
     let mut rest = body;
     while !rest.is_empty() {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
@@ -33,14 +33,24 @@ pub fn duration(s: &str) -> Result<prost_types::Duration, String> {
             "d" => 86400e9,
             "" if value == 0.0 => 0.0,
             "" => return Err(format!("'{s}' has no unit: write e.g. {num}ms or {num}s")),
-            other => return Err(format!("unknown unit '{other}' in '{s}': use ms, s, m, h or d")),
+            other => return Err(format!("unknown unit '{other}' in '{s}': use ns, us, ms, s, m, h or d")),
         };
-        total_ns += (value * scale) as i128;
+        // Far beyond any limit of chaosd (a fault lasts at most 7 days) but
+        // still exact on the wire; more would wrap around in the conversion.
+        total_ns += value * scale;
+        if !total_ns.is_finite() || total_ns > MAX_WIRE_NS {
+            return Err(format!("'{s}' is too long: chaosd accepts at most 7d for --duration and 60s for a delay"));
+        }
         rest = tail;
     }
+    let total_ns = total_ns as i128;
     let total_ns = if neg { -total_ns } else { total_ns };
     Ok(prost_types::Duration { seconds: (total_ns / 1_000_000_000) as i64, nanos: (total_ns % 1_000_000_000) as i32 })
 }
+
+/// The longest duration passed on to the daemon, in nanoseconds (about
+/// 317 years).
+const MAX_WIRE_NS: f64 = 1e19;
 
 /// tc-style rates: "1mbit", "100kbit", "1gbit", "8000bit", "125kbps" (bytes).
 pub fn rate(s: &str) -> Result<u64, String> {
@@ -87,7 +97,15 @@ pub fn memory_size(s: &str) -> Result<pb::memory_stress::Size, String> {
         "GB" => 1e9,
         other => return Err(format!("unknown size unit '{other}' in '{s}': use KiB, MiB, GiB (or KB, MB, GB)")),
     };
-    Ok(pb::memory_stress::Size::Bytes((value * scale) as u64))
+    let bytes = value * scale;
+    // u64 bytes is 16 EiB: a cast would quietly make any larger size that.
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!(
+            "'{s}' is more memory than any machine has: give a size such as 512MiB or 4GiB, or a share of the \
+             target's memory limit such as 90%"
+        ));
+    }
+    Ok(pb::memory_stress::Size::Bytes(bytes as u64))
 }
 
 /// "7000" or "7000-7010".
@@ -117,6 +135,19 @@ mod tests {
         assert!(duration("-10ms").unwrap().nanos < 0);
         assert!(duration("10").unwrap_err().contains("no unit"));
         assert!(duration("10x").unwrap_err().contains("unknown unit"));
+        // Too long to carry is said so, not wrapped around into a negative.
+        let e = duration("99999999999999999999h").unwrap_err();
+        assert!(e.contains("too long") && e.contains("7d"), "{e}");
+        assert!(duration("1e400h").is_err());
+        assert_eq!(duration("-1ns").unwrap(), prost_types::Duration { seconds: 0, nanos: -1 });
+        assert_eq!(duration("3650d").unwrap().seconds, 3650 * 86_400);
+    }
+
+    #[test]
+    fn sizes_beyond_sixteen_exbibytes_are_refused() {
+        assert!(memory_size("99999999999999999999").unwrap_err().contains("more memory than any machine"));
+        assert!(memory_size("99999999999GiB").is_err());
+        assert_eq!(memory_size("1024GiB").unwrap(), pb::memory_stress::Size::Bytes(1 << 40));
     }
 
     #[test]

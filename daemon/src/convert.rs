@@ -64,15 +64,46 @@ pub fn target_from_pb(t: Option<pb::Target>) -> Result<Target, ApiError> {
     })
 }
 
+/// The smallest non-zero share of packets the datapath can apply: the BPF
+/// loss threshold and netem's probabilities are fractions of 2^32, so one
+/// packet in 2^32 (about 0.0000000233%). A smaller share would become 0 and
+/// do nothing while listed as a fault.
+pub const MIN_PACKET_PERCENT: f64 = 100.0 / 4_294_967_296.0;
+
+/// `MIN_PACKET_PERCENT` as written in messages: rounded up, so that the
+/// value shown is itself accepted.
+const MIN_PACKET_PERCENT_TEXT: &str = "0.0000000233";
+
+/// A share of packets that the datapath turns into a 32-bit probability.
+fn packet_percent(what: &str, v: f64, allow_zero: bool) -> Result<f64, ApiError> {
+    let v = percent(what, v, allow_zero)?;
+    if v != 0.0 && v < MIN_PACKET_PERCENT {
+        let zero = if allow_zero { "give 0 for none, or" } else { "give" };
+        return Err(bad(format!(
+            "{what} {} is below the smallest share chaosd can apply, {MIN_PACKET_PERCENT_TEXT}% \
+             (one packet in 2^32): {zero} at least {MIN_PACKET_PERCENT_TEXT}",
+            fmt_number(v)
+        )));
+    }
+    Ok(v)
+}
+
 fn percent(what: &str, v: f64, allow_zero: bool) -> Result<f64, ApiError> {
     let ok = v.is_finite() && v <= 100.0 && (if allow_zero { v >= 0.0 } else { v > 0.0 });
+    let v_text = fmt_number(v);
     if ok {
         Ok(v)
     } else if allow_zero {
-        Err(bad(format!("{what} {v} is outside 0..100")))
+        Err(bad(format!("{what} {v_text} is outside 0..100")))
     } else {
-        Err(bad(format!("{what} {v} must be above 0 and at most 100")))
+        Err(bad(format!("{what} {v_text} must be above 0 and at most 100")))
     }
+}
+
+/// A number as the user may have typed it: "25", "0.5", "1e-300" (plain
+/// decimals would print 300 zeros).
+fn fmt_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && (v.abs() < 1e-4 || v.abs() >= 1e15) { format!("{v:e}") } else { format!("{v}") }
 }
 
 fn latency(what: &str, d: Option<&prost_types::Duration>, required: bool) -> Result<Duration, ApiError> {
@@ -83,7 +114,7 @@ fn latency(what: &str, d: Option<&prost_types::Duration>, required: bool) -> Res
             Ok(Duration::ZERO)
         };
     };
-    let d = duration_from_proto(d).ok_or_else(|| bad(format!("{what} must not be negative")))?;
+    let d = wire_duration(what, d)?;
     if required && d.is_zero() {
         return Err(bad(format!("{what} must be above 0")));
     }
@@ -155,10 +186,10 @@ fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
     Ok(match kind {
         Kind::Delay(d) => {
             let jitter = latency("jitter", d.jitter.as_ref(), false)?;
-            if d.latency.is_none() || d.latency.as_ref().and_then(duration_from_proto).is_some_and(|l| l.is_zero()) {
-                if !jitter.is_zero() {
-                    return Err(bad("jitter without latency: give --latency too (jitter varies around it)"));
-                }
+            let no_latency =
+                d.latency.is_none() || d.latency.as_ref().and_then(duration_from_proto).is_some_and(|l| l.is_zero());
+            if no_latency && !jitter.is_zero() {
+                return Err(bad("jitter without latency: give --latency too (jitter varies around it)"));
             }
             let latency = latency("latency", d.latency.as_ref(), true)?;
             let distribution = match d.distribution() {
@@ -174,13 +205,13 @@ fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
             NetAction::Delay {
                 latency,
                 jitter,
-                correlation: percent("correlation", d.correlation_percent, true)?,
+                correlation: packet_percent("correlation", d.correlation_percent, true)?,
                 distribution,
             }
         }
         Kind::Loss(l) => NetAction::Loss {
-            percent: percent("loss percent", l.percent, false)?,
-            correlation: percent("correlation", l.correlation_percent, true)?,
+            percent: packet_percent("loss percent", l.percent, false)?,
+            correlation: packet_percent("correlation", l.correlation_percent, true)?,
         },
         Kind::Partition(_) => NetAction::Partition,
         Kind::Bandwidth(b) => {
@@ -193,16 +224,16 @@ fn action_from_pb(a: Option<pb::NetworkAction>) -> Result<NetAction, ApiError> {
             NetAction::Bandwidth { rate_bps: b.rate_bits_per_second, burst_bytes: b.burst_bytes }
         }
         Kind::Duplicate(d) => NetAction::Duplicate {
-            percent: percent("duplicate percent", d.percent, false)?,
-            correlation: percent("correlation", d.correlation_percent, true)?,
+            percent: packet_percent("duplicate percent", d.percent, false)?,
+            correlation: packet_percent("correlation", d.correlation_percent, true)?,
         },
         Kind::Corrupt(c) => NetAction::Corrupt {
-            percent: percent("corrupt percent", c.percent, false)?,
-            correlation: percent("correlation", c.correlation_percent, true)?,
+            percent: packet_percent("corrupt percent", c.percent, false)?,
+            correlation: packet_percent("correlation", c.correlation_percent, true)?,
         },
         Kind::Reorder(r) => NetAction::Reorder {
-            percent: percent("reorder percent", r.percent, false)?,
-            correlation: percent("correlation", r.correlation_percent, true)?,
+            percent: packet_percent("reorder percent", r.percent, false)?,
+            correlation: packet_percent("correlation", r.correlation_percent, true)?,
             latency: latency("reorder latency (the delay of the packets not sent at once)", r.latency.as_ref(), true)?,
         },
     })
@@ -276,12 +307,12 @@ pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, Api
             }
         }
     };
-    let fits = match (&fault, target) {
-        (Fault::Network(_), Target::Pid(_) | Target::NetnsName(_) | Target::NetnsPath(_) | Target::Host) => true,
-        (Fault::Stress(_), Target::Pid(_) | Target::Cgroup(_) | Target::Host) => true,
-        (Fault::Process(_), Target::Pid(_) | Target::Cgroup(_) | Target::ProcessName(_)) => true,
-        _ => false,
-    };
+    let fits = matches!(
+        (&fault, target),
+        (Fault::Network(_), Target::Pid(_) | Target::NetnsName(_) | Target::NetnsPath(_) | Target::Host)
+            | (Fault::Stress(_), Target::Pid(_) | Target::Cgroup(_) | Target::Host)
+            | (Fault::Process(_), Target::Pid(_) | Target::Cgroup(_) | Target::ProcessName(_))
+    );
     if !fits {
         let allowed = match fault {
             Fault::Network(_) => "--pid, --netns, --netns-path or --host",
@@ -293,16 +324,50 @@ pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, Api
     Ok(fault)
 }
 
+/// The shortest experiment: the engine ends experiments on a 100 ms tick
+/// and the kernel objects are set up in milliseconds, so a shorter fault
+/// would be over before it acted.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+
+/// A wire duration, refusing negative and malformed ones.
+fn wire_duration(what: &str, d: &prost_types::Duration) -> Result<Duration, ApiError> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(bad(format!("{what} must not be negative")));
+    }
+    duration_from_proto(d)
+        .ok_or_else(|| bad(format!("{what} is malformed: {} nanoseconds is not a fraction of a second", d.nanos)))
+}
+
 pub fn duration_from_pb(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, ApiError> {
     let Some(d) = d else { return Ok(None) };
-    let d = duration_from_proto(d).ok_or_else(|| bad("duration must not be negative"))?;
+    let d = wire_duration("duration", d)?;
     if d.is_zero() {
         return Err(bad("duration 0 would end the fault at once: omit --duration to keep it until recovered"));
     }
+    if d < MIN_DURATION {
+        return Err(bad(format!(
+            "duration {d:?} is too short: the smallest duration is 1ms (omit --duration to keep the fault until recovered)"
+        )));
+    }
     if d > MAX_DURATION {
-        return Err(bad(format!("duration {}s is longer than the maximum of 7 days", d.as_secs())));
+        return Err(bad(format!(
+            "duration {} is longer than the maximum of 7 days: give at most 7d, or omit --duration to keep the \
+             fault until recovered",
+            fmt_long_duration(d)
+        )));
     }
     Ok(Some(d))
+}
+
+/// "8d", "30d 12h", "1000000d": whole days and hours, for durations too
+/// long for `Debug`'s seconds to be read at a glance.
+fn fmt_long_duration(d: Duration) -> String {
+    let (days, hours) = (d.as_secs() / 86_400, d.as_secs() % 86_400 / 3600);
+    match (days, hours) {
+        (0, _) => format!("{}s", d.as_secs()),
+        (_, 0) => format!("{days}d"),
+        _ => format!("{days}d {hours}h"),
+    }
 }
 
 // ------------------------------------------------------------ back to the wire
@@ -438,8 +503,12 @@ pub fn counters_to_pb(c: &Counters) -> pb::Counters {
     }
 }
 
+/// "25%", "0.5%", "0.0001%": two decimals, or as many as a small share
+/// needs to show its first three significant digits (never "0%" for a
+/// share that is not 0).
 fn fmt_pct(p: f64) -> String {
-    let s = format!("{p:.2}");
+    let decimals = if p > 0.0 && p < 0.01 { (2 - p.log10().floor() as i32).clamp(2, 20) as usize } else { 2 };
+    let s = format!("{p:.decimals$}");
     s.trim_end_matches('0').trim_end_matches('.').to_string() + "%"
 }
 
@@ -622,6 +691,41 @@ mod tests {
         assert_eq!(duration_from_pb(None).unwrap(), None);
         let err = fault_from_pb(net(loss(5.0), Default::default()), &Target::Cgroup("/sys/fs/cgroup/x".into()));
         assert!(matches!(err, Err(ApiError::InvalidArgument(m)) if m.contains("cannot target")));
+    }
+
+    #[test]
+    fn shares_below_what_the_datapath_expresses_are_refused_with_the_smallest() {
+        let m = err_of(net(loss(1e-300), Default::default()));
+        assert!(m.contains("1e-300") && m.contains("0.0000000233"), "{m}");
+        assert!("0.0000000233".parse::<f64>().unwrap() >= MIN_PACKET_PERCENT, "the value shown is accepted");
+        assert!(fault_from_pb(net(loss(0.0000000233), Default::default()), &Target::Host).is_ok());
+        let corr = pb::network_action::Kind::Loss(pb::Loss { percent: 5.0, correlation_percent: 1e-12 });
+        assert!(err_of(net(corr, Default::default())).contains("give 0 for none"));
+        let dup = pb::network_action::Kind::Duplicate(pb::Duplicate { percent: 1e-9, correlation_percent: 0.0 });
+        assert!(err_of(net(dup, Default::default())).contains("smallest share"));
+    }
+
+    #[test]
+    fn durations_below_a_millisecond_or_beyond_a_week_say_the_limit() {
+        let d = |seconds, nanos| duration_from_pb(Some(&prost_types::Duration { seconds, nanos }));
+        for nanos in [1, 1_000, 999_999] {
+            assert!(
+                matches!(d(0, nanos), Err(ApiError::InvalidArgument(m)) if m.contains("the smallest duration is 1ms"))
+            );
+        }
+        assert_eq!(d(0, 1_000_000).unwrap(), Some(Duration::from_millis(1)));
+        assert!(matches!(d(8 * 86_400, 0), Err(ApiError::InvalidArgument(m)) if m.contains("duration 8d is longer")));
+        assert!(matches!(d(i64::MAX, 0), Err(ApiError::InvalidArgument(m)) if m.contains("at most 7d")));
+        assert!(matches!(d(-1, 0), Err(ApiError::InvalidArgument(m)) if m.contains("negative")));
+        assert!(matches!(d(1, 2_000_000_000), Err(ApiError::InvalidArgument(m)) if m.contains("malformed")));
+    }
+
+    #[test]
+    fn small_shares_are_shown_with_their_digits() {
+        assert_eq!(fmt_pct(25.0), "25%");
+        assert_eq!(fmt_pct(0.5), "0.5%");
+        assert_eq!(fmt_pct(0.005), "0.005%");
+        assert_eq!(fmt_pct(MIN_PACKET_PERCENT), "0.0000000233%");
     }
 
     #[test]
