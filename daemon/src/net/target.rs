@@ -58,9 +58,9 @@ pub fn resolve(target: &Target) -> Result<TargetNs, ApiError> {
             (std::io::ErrorKind::NotFound, Target::NetnsName(n)) => ApiError::NotFound(format!(
                 "network namespace '{n}' not found (no /run/netns/{n}): create it or check `ip netns list`"
             )),
-            (std::io::ErrorKind::NotFound, Target::Pid(p)) => {
-                ApiError::NotFound(format!("pid {p} exited before its network namespace could be opened: check the pid"))
-            }
+            (std::io::ErrorKind::NotFound, Target::Pid(p)) => ApiError::NotFound(format!(
+                "pid {p} exited before its network namespace could be opened: check the pid"
+            )),
             (std::io::ErrorKind::NotFound, _) => {
                 ApiError::NotFound(format!("{path} does not exist: give a network namespace file that does"))
             }

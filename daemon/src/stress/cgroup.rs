@@ -38,8 +38,14 @@ pub enum CgroupError {
     NoHierarchy(PathBuf),
     #[error("cgroup path {path} is outside {root}: give a path under {root}")]
     Outside { path: PathBuf, root: PathBuf },
+    #[error("cgroup path {path} leads to {resolved}, which is outside {root}: give a cgroup under {root}")]
+    LeadsOutside { path: PathBuf, resolved: PathBuf, root: PathBuf },
     #[error("cgroup {0} does not exist")]
     Missing(PathBuf),
+    #[error("cgroup path {path} {via} a symbolic link to {target}, which does not exist")]
+    DanglingLink { path: PathBuf, via: String, target: PathBuf },
+    #[error("{path} is not a cgroup: {what} no cgroup.procs")]
+    NotACgroup { path: PathBuf, what: String },
     #[error("{path} is not inside a cgroup v1 controller hierarchy; give e.g. {example}")]
     NotInHierarchy { path: PathBuf, example: PathBuf },
     #[error("pid {0} does not exist")]
@@ -203,7 +209,11 @@ impl Layout {
                 }
                 let dir = canonical_cgroup(&full)?;
                 if !dir.starts_with(mount) {
-                    return Err(CgroupError::Outside { path: path.to_path_buf(), root: mount.clone() });
+                    return Err(CgroupError::LeadsOutside {
+                        path: path.to_path_buf(),
+                        resolved: dir,
+                        root: mount.clone(),
+                    });
                 }
                 Ok(self.v2_set(dir.clone(), dir == *mount))
             }
@@ -262,11 +272,30 @@ impl Layout {
 }
 
 /// Resolves symlinks (v1 hosts link /sys/fs/cgroup/cpu to cpu,cpuacct) and
-/// checks that the path is a cgroup directory.
+/// checks that the path is a cgroup directory. A path that exists but is
+/// not a cgroup, or a link to nothing, is told apart from a missing one:
+/// "does not exist" would send the user looking for the wrong mistake.
 fn canonical_cgroup(path: &Path) -> Result<PathBuf, CgroupError> {
-    let dir = fs::canonicalize(path).map_err(|_| CgroupError::Missing(path.to_path_buf()))?;
+    let dir = match fs::canonicalize(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dangling = path
+                .ancestors()
+                .find(|a| a.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) && fs::metadata(a).is_err());
+            return Err(match dangling.and_then(|l| fs::read_link(l).ok().map(|t| (l, t))) {
+                Some((l, target)) => CgroupError::DanglingLink {
+                    path: path.to_path_buf(),
+                    via: if l == path { "is".into() } else { format!("goes through {},", l.display()) },
+                    target,
+                },
+                None => CgroupError::Missing(path.to_path_buf()),
+            });
+        }
+        Err(e) => return Err(CgroupError::Read { path: path.to_path_buf(), source: e }),
+    };
     if !dir.join("cgroup.procs").exists() {
-        return Err(CgroupError::Missing(path.to_path_buf()));
+        let what = if dir == path { "it has".to_string() } else { format!("it leads to {}, which has", dir.display()) };
+        return Err(CgroupError::NotACgroup { path: path.to_path_buf(), what });
     }
     Ok(dir)
 }
@@ -524,6 +553,26 @@ mod tests {
         assert_eq!(root.memory_limit(&cg, 1 << 34).unwrap(), 1 << 34);
         fs::write(f.roots.proc.join("vmstat"), "oom_kill 7\n").unwrap();
         assert_eq!(root.oom_kills(&f.roots.proc).unwrap(), 7);
+    }
+
+    #[test]
+    fn links_to_nothing_and_to_non_cgroups_say_so() {
+        let f = fake("cgroup2 ROOT cgroup2 rw 0 0\n");
+        let layout = Layout::detect(&f.roots).unwrap();
+        let cg = f.roots.cgroup.clone();
+        mkcg(&cg.join("real"));
+        fs::create_dir_all(cg.join("plain")).unwrap();
+        std::os::unix::fs::symlink(cg.join("real"), cg.join("good")).unwrap();
+        std::os::unix::fs::symlink(cg.join("plain"), cg.join("toplain")).unwrap();
+        std::os::unix::fs::symlink(cg.join("gone"), cg.join("dangling")).unwrap();
+        assert_eq!(layout.of_path(&f.roots, &cg.join("good")).unwrap().join, [cg.join("real")]);
+        let e = layout.of_path(&f.roots, &cg.join("dangling")).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link to") && e.contains("gone"), "{e}");
+        let e = layout.of_path(&f.roots, &cg.join("toplain")).unwrap_err().to_string();
+        assert!(e.contains("is not a cgroup: it leads to") && e.contains("plain"), "{e}");
+        let e = layout.of_path(&f.roots, &cg.join("plain")).unwrap_err().to_string();
+        assert!(e.contains("is not a cgroup: it has no cgroup.procs"), "{e}");
+        assert!(matches!(layout.of_path(&f.roots, &cg.join("nope")), Err(CgroupError::Missing(_))));
     }
 
     #[test]

@@ -19,8 +19,16 @@ impl From<cgroup::CgroupError> for ApiError {
     fn from(e: cgroup::CgroupError) -> Self {
         use cgroup::CgroupError as E;
         match &e {
-            E::Outside { .. } | E::NotInHierarchy { .. } => ApiError::InvalidArgument(e.to_string()),
+            E::Outside { .. } | E::LeadsOutside { .. } | E::NotInHierarchy { .. } => {
+                ApiError::InvalidArgument(e.to_string())
+            }
             E::Missing(_) => ApiError::NotFound(format!("{e}: create it first, or check the path")),
+            E::DanglingLink { .. } => {
+                ApiError::NotFound(format!("{e}: fix the link, or give the cgroup's own directory"))
+            }
+            E::NotACgroup { .. } => ApiError::InvalidArgument(format!(
+                "{e}: give a directory of a mounted cgroup hierarchy (e.g. under /sys/fs/cgroup/memory on cgroup v1)"
+            )),
             E::NoPid(_) => ApiError::NotFound(e.to_string()),
             E::NoHierarchy(_) => ApiError::Unavailable(e.to_string()),
             E::Write { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
@@ -36,7 +44,8 @@ impl From<cgroup::CgroupError> for ApiError {
 
 /// 512 MiB, 1.5 GiB: sizes in messages.
 pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    // Up to EiB: u64 bytes end at 16 EiB, and "16777216 TiB" reads as a bug.
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut v = b as f64;
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {
@@ -44,4 +53,13 @@ pub fn human_bytes(b: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]).replace(".0 ", " ") }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_up_to_exbibytes() {
+        assert_eq!(super::human_bytes(512 << 20), "512 MiB");
+        assert_eq!(super::human_bytes(u64::MAX), "16 EiB");
+    }
 }

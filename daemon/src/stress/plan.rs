@@ -90,7 +90,8 @@ pub(super) fn plan(
             }
             if bytes > host && !exp.forced {
                 return Err(ApiError::InvalidArgument(format!(
-                    "{} is more than this host's memory ({}); pass --force to allocate it anyway",
+                    "memory size {} is more than this host's memory ({}): give at most that (or a share of the \
+                     target's limit, e.g. --size 90%), or pass --force to allocate it anyway",
                     human_bytes(bytes),
                     human_bytes(host)
                 )));
