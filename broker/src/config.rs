@@ -22,8 +22,22 @@ pub enum ConfigError {
     },
     #[error("invalid fsync policy {0:?}: expected \"every-ack\" or \"group\"")]
     Fsync(String),
+    #[error("invalid cluster address {0:?}: expected IP:PORT or IP (port 7000)")]
+    ClusterListen(String),
+    #[error("invalid seed {0:?} in join: expected HOST:PORT")]
+    Seed(String),
     #[error("invalid listen backlog {0}: expected 1 to 2147483647 (listen(2) takes a C int)")]
     ListenBacklog(u32),
+}
+
+/// Port of the cluster listener when only an IP is given.
+pub const DEFAULT_CLUSTER_PORT: u16 = 7000;
+
+/// `IP:PORT`, or `IP` meaning port 7000.
+pub fn parse_cluster_addr(a: &str) -> Result<SocketAddr, ConfigError> {
+    a.parse::<SocketAddr>()
+        .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, DEFAULT_CLUSTER_PORT)))
+        .map_err(|_| ConfigError::ClusterListen(a.to_owned()))
 }
 
 /// The largest backlog `listen(2)` can be asked for.
@@ -89,6 +103,25 @@ pub struct Config {
     /// so that an incoming message preempts CPU-bound neighbours at once; 0
     /// keeps the kernel's default.
     pub sched_slice_us: u64,
+    /// Cluster API (gRPC) listener, `IP:PORT` or `IP` (port 7000). The node
+    /// is clustered when this or `join` is set; alone (no `join`) it waits
+    /// for others to join it.
+    pub cluster_listen: Option<String>,
+    /// Where peers reach this node when it is not `cluster_listen` (NAT, or
+    /// listening on 0.0.0.0 where peers would otherwise use the address
+    /// they see the node's requests come from).
+    pub cluster_advertise: Option<String>,
+    /// Static seeds, `HOST:PORT` of other nodes' cluster listeners.
+    pub join: Vec<String>,
+    /// Heartbeat interval towards each peer.
+    pub cluster_heartbeat_ms: u64,
+    /// A peer not heard from for this long is suspect ...
+    pub cluster_suspect_after_ms: u64,
+    /// ... and for this long down (its routes and queued forwards are kept).
+    pub cluster_down_after_ms: u64,
+    /// Forwards queued per peer beyond which new ones are dropped (counted,
+    /// logged once per episode).
+    pub cluster_forward_queue: usize,
 }
 
 impl Default for Config {
@@ -114,6 +147,13 @@ impl Default for Config {
             listen_backlog: None,
             worker_threads: 1,
             sched_slice_us: 100,
+            cluster_listen: None,
+            cluster_advertise: None,
+            join: Vec::new(),
+            cluster_heartbeat_ms: 500,
+            cluster_suspect_after_ms: 1500,
+            cluster_down_after_ms: 5000,
+            cluster_forward_queue: 100_000,
         }
     }
 }
@@ -130,6 +170,40 @@ impl Config {
             "group" => Ok(FsyncPolicy::Group(Duration::from_millis(self.group_commit_ms.max(1)))),
             other => Err(ConfigError::Fsync(other.into())),
         }
+    }
+
+    /// The cluster listener's address, when the node is clustered.
+    pub fn cluster_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match (&self.cluster_listen, self.join.is_empty()) {
+            (None, true) => Ok(None),
+            (None, false) => Ok(Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_CLUSTER_PORT)))),
+            (Some(a), _) => parse_cluster_addr(a).map(Some),
+        }
+    }
+
+    /// Cluster settings, when the node is clustered; `bound` is the cluster
+    /// listener's actual address (port 0 in tests).
+    pub fn cluster_settings(&self, bound: SocketAddr) -> Result<crate::cluster::Settings, ConfigError> {
+        for s in &self.join {
+            if s.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(ConfigError::Seed(s.clone()));
+            }
+        }
+        let advertise = match &self.cluster_advertise {
+            Some(a) => parse_cluster_addr(a)?,
+            None => bound,
+        };
+        let ms = Duration::from_millis;
+        Ok(crate::cluster::Settings {
+            node_name: self.node_name.clone(),
+            advertise,
+            mqtt_addr: self.mqtt_listen.to_string(),
+            seeds: self.join.clone(),
+            heartbeat: ms(self.cluster_heartbeat_ms.max(10)),
+            suspect_after: ms(self.cluster_suspect_after_ms.max(1)),
+            down_after: ms(self.cluster_down_after_ms.max(self.cluster_suspect_after_ms).max(1)),
+            forward_queue: self.cluster_forward_queue.max(1),
+        })
     }
 
     /// The backlog to ask `listen(2)` for, before the kernel's cap.

@@ -56,6 +56,26 @@ struct RunArgs {
     /// namespace): raise that too for a larger backlog.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(broker::config::MAX_LISTEN_BACKLOG)))]
     listen_backlog: Option<u32>,
+    /// Cluster API (gRPC) listener, IP:PORT or IP (port 7000). With this or
+    /// --join the node is part of a cluster.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    cluster_listen: Option<String>,
+    /// Address peers use to reach this node's cluster listener, when not
+    /// the listener's own (default: --cluster-listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_advertise: Option<String>,
+    /// Static seeds: other nodes' cluster listeners, comma separated.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    join: Vec<String>,
+    /// Heartbeat interval towards each peer (ms).
+    #[arg(long)]
+    cluster_heartbeat_ms: Option<u64>,
+    /// A peer silent for this long is suspect (ms).
+    #[arg(long)]
+    cluster_suspect_after_ms: Option<u64>,
+    /// A peer silent for this long is down (ms).
+    #[arg(long)]
+    cluster_down_after_ms: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,7 +119,7 @@ fn runtime(cfg: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
                 tracing::warn!(error = %e, slice_us = slice, "sched_setattr: keeping the default time slice");
             }
         })
-        .on_thread_unpark(broker::conn::outbox::new_round)
+        .on_thread_unpark(broker::outbox::new_round)
         .enable_all()
         .build()
         .context("starting tokio")
@@ -140,8 +160,27 @@ fn config(a: RunArgs) -> anyhow::Result<Config> {
     if let Some(v) = a.listen_backlog {
         cfg.listen_backlog = Some(v);
     }
+    if a.cluster_listen.is_some() {
+        cfg.cluster_listen = a.cluster_listen;
+    }
+    if a.cluster_advertise.is_some() {
+        cfg.cluster_advertise = a.cluster_advertise;
+    }
+    if !a.join.is_empty() {
+        cfg.join = a.join;
+    }
+    if let Some(v) = a.cluster_heartbeat_ms {
+        cfg.cluster_heartbeat_ms = v;
+    }
+    if let Some(v) = a.cluster_suspect_after_ms {
+        cfg.cluster_suspect_after_ms = v;
+    }
+    if let Some(v) = a.cluster_down_after_ms {
+        cfg.cluster_down_after_ms = v;
+    }
     cfg.fsync_policy()?;
     cfg.listen_backlog()?;
+    cfg.cluster_listen()?;
     Ok(cfg)
 }
 
@@ -152,11 +191,19 @@ async fn run_broker(cfg: Config) -> anyhow::Result<()> {
         let somaxconn = backlog.somaxconn.unwrap_or(backlog.granted);
         let raise = format!("sysctl -w net.core.somaxconn={}", backlog.asked);
         if cfg.listen_backlog.is_some() {
-            tracing::warn!(asked = backlog.asked, somaxconn, "listen backlog capped at net.core.somaxconn; {raise} lifts the cap");
+            tracing::warn!(
+                asked = backlog.asked,
+                somaxconn,
+                "listen backlog capped at net.core.somaxconn; {raise} lifts the cap"
+            );
         } else {
             // The default (max_connections) is capped on most hosts: worth
             // a line, not a warning on every start.
-            tracing::info!(max_connections = cfg.max_connections, somaxconn, "listen backlog capped at net.core.somaxconn; {raise} lifts the cap");
+            tracing::info!(
+                max_connections = cfg.max_connections,
+                somaxconn,
+                "listen backlog capped at net.core.somaxconn; {raise} lifts the cap"
+            );
         }
     }
     let http = match cfg.http_listen {
@@ -165,8 +212,15 @@ async fn run_broker(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let cluster = match cfg.cluster_listen()? {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding cluster listener {addr}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         node = %cfg.node_name,
+        cluster = ?cluster.as_ref().and_then(|c| c.local_addr().ok()),
         mqtt = %listener.local_addr()?,
         backlog = backlog.granted,
         http = ?http.as_ref().and_then(|h| h.local_addr().ok()),
@@ -186,6 +240,6 @@ async fn run_broker(cfg: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    broker::server::run(cfg, listener, http, shutdown).await?;
+    broker::server::run_node(cfg, listener, http, cluster, shutdown).await?;
     Ok(())
 }

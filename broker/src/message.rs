@@ -1,5 +1,5 @@
 //! What the router moves around: an application message, and what a
-//! connection is sent (`conn::outbox::Outbox::send`).
+//! connection is sent (`outbox::Outbox::send`).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

@@ -118,6 +118,9 @@ pub struct Metrics {
     latency_sum_ns: AtomicU64,
     pub store_commits: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Series of parts that own their counters (the cluster), appended to
+    /// the node's.
+    pub extra: std::sync::OnceLock<Box<dyn Fn(&mut String) + Send + Sync>>,
 }
 
 impl Metrics {
@@ -219,6 +222,9 @@ impl Metrics {
             let _ = writeln!(o, "process_cpu_seconds_total{{node=\"{n}\"}} {cpu}");
             g(&mut o, "process_resident_memory_bytes", "Resident set size.", "gauge");
             let _ = writeln!(o, "process_resident_memory_bytes{{node=\"{n}\"}} {rss}");
+        }
+        if let Some(extra) = self.extra.get() {
+            extra(&mut o);
         }
         o
     }

@@ -24,6 +24,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The MQTT listener's backlog: what was asked for and what the kernel
@@ -68,6 +70,19 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<Arc<Metrics>, ServerError> {
+    run_node(cfg, listener, http, None, shutdown).await
+}
+
+/// `run`, and a cluster node serving the Cluster API on `cluster` (the
+/// cluster's settings come from `cfg`). Returns an error if the cluster
+/// refused this node (its name is taken).
+pub async fn run_node(
+    cfg: Config,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    cluster_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<Arc<Metrics>, ServerError> {
     let policy = cfg.fsync_policy()?;
     let metrics = Arc::new(Metrics::default());
     let auth = cfg.password_file.as_deref().map(Auth::load).transpose()?;
@@ -89,8 +104,23 @@ pub async fn run(
         None => (None, Loaded::default()),
     };
     let cfg = Arc::new(cfg);
-    let (router_tx, router_rx) = crate::router::inbox::inbox();
-    let router = Router::new(cfg.clone(), metrics.clone(), store, loaded);
+    let (router_tx, router_rx) = crate::inbox::inbox();
+    // The cluster's state exists before the router, which reports the
+    // routes it restores from disk to it; it starts serving after.
+    let mut cluster = match &cluster_listener {
+        Some(l) => {
+            let bound = l.local_addr().map_err(|e| crate::config::ConfigError::ClusterListen(e.to_string()))?;
+            let settings = cfg.cluster_settings(bound)?;
+            Some(crate::cluster::Cluster::new(settings, router_tx.clone(), shutdown.clone()))
+        }
+        None => None,
+    };
+    if let Some(c) = &cluster {
+        // Before the HTTP listener answers: a scrape shows the cluster's
+        // series from the first one on.
+        let _ = metrics.extra.set(Box::new(c.metrics_renderer()));
+    }
+    let router = Router::new(cfg.clone(), metrics.clone(), store, loaded, cluster.as_ref().map(|c| c.outlet.clone()));
     let router_task = tokio::spawn(router.run(router_rx, router_tx.clone()));
     if let Some(h) = http {
         tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
@@ -102,6 +132,17 @@ pub async fn run(
         auth,
         next_id: AtomicU64::new(1),
     });
+    if let (Some(c), Some(l)) = (cluster.as_mut(), cluster_listener) {
+        c.start(l);
+    }
+    let fatal = async {
+        match &cluster {
+            Some(c) => c.fatal().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(fatal);
+    let mut failed = None;
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
@@ -122,6 +163,11 @@ pub async fn run(
                 tracker.spawn(conn::serve(stream, peer, shared.clone(), shutdown.clone()));
             }
             _ = shutdown.cancelled() => break,
+            e = &mut fatal => {
+                failed = Some(e);
+                shutdown.cancel();
+                break;
+            }
         }
     }
     tracker.close();
@@ -129,5 +175,8 @@ pub async fn run(
     shared.router.stop();
     drop(shared);
     let _ = router_task.await;
-    Ok(metrics)
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(metrics),
+    }
 }

@@ -2,10 +2,9 @@
 //! packets, enforces per-connection rules (keep alive, topic aliases, receive
 //! maximum, packet size) and forwards the rest to the router; what the
 //! router, the reader and the store send back goes through the connection's
-//! outbox (`outbox.rs`), written at once or by the connection's writer task.
+//! outbox (`crate::outbox`), written at once or by the connection's writer task.
 
 mod connect;
-pub mod outbox;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,16 +23,16 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Auth;
 use crate::codec::{self, DecodeError, Packet, QoS, Version, reason};
 use crate::config::Config;
+use crate::inbox::{ConnHandle, ToRouter};
 use crate::message::Outbound;
 use crate::metrics::{CloseReason, Metrics};
-use crate::router::{ConnHandle, ToRouter};
-use outbox::Outbox;
+use crate::outbox::{self, Outbox};
 
 /// What every connection task shares.
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub router: crate::router::inbox::Sender,
+    pub router: crate::inbox::Sender,
     pub auth: Option<Auth>,
     pub next_id: AtomicU64,
 }

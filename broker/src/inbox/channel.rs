@@ -122,7 +122,7 @@ mod tests {
     use std::time::Duration;
 
     use super::{CAPACITY, inbox};
-    use crate::router::ToRouter;
+    use crate::inbox::ToRouter;
 
     fn ack(pid: u16) -> ToRouter {
         ToRouter::PubAck { conn: 1, client: Arc::from("c"), pid }

@@ -111,9 +111,12 @@ impl Router {
         let Some(mut s) = self.sessions.remove(id) else {
             return;
         };
-        for filter in s.subs.keys() {
+        for (filter, sub) in &s.subs {
             let (share, f) = split_share(filter);
             self.subs.remove(id, share, f);
+            if let Some(c) = &self.cluster {
+                c.route_event(route_event(filter, sub, false));
+            }
         }
         if s.stored
             && let Some(st) = &self.store
@@ -140,7 +143,7 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        self.route(Arc::new(msg));
+        self.route(Arc::new(msg), false);
     }
 
     /// Sends an ack to a connection, behind the store when it must wait for
@@ -217,7 +220,7 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        let (matched, persisted) = self.route(Arc::new(msg));
+        let (matched, persisted) = self.route(Arc::new(msg), false);
         if atomic && let Some(st) = &self.store {
             st.release();
         }
@@ -311,7 +314,13 @@ impl Router {
             }
             let entry = Sub { opts, id: sub_id };
             let new = self.subs.insert(client, share, f, entry);
-            s.subs.insert(filter.clone(), entry);
+            let old = s.subs.insert(filter.clone(), entry);
+            if let Some(cl) = &self.cluster {
+                if let Some(old) = old {
+                    cl.route_event(route_event(&filter, &old, false));
+                }
+                cl.route_event(route_event(&filter, &entry, true));
+            }
             codes.push(opts.qos as u8);
             if share.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
                 retained_for.push((f.to_owned(), entry));
@@ -352,8 +361,12 @@ impl Router {
         let mut codes = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             let (share, f) = split_share(filter);
-            let removed = s.subs.remove(filter).is_some();
+            let removed = s.subs.remove(filter);
             self.subs.remove(client, share, f);
+            if let (Some(cl), Some(old)) = (&self.cluster, &removed) {
+                cl.route_event(route_event(filter, old, false));
+            }
+            let removed = removed.is_some();
             codes.push(if removed { 0 } else { reason::NO_SUBSCRIPTION_EXISTED });
         }
         let _ =
@@ -384,11 +397,16 @@ impl Router {
         false
     }
 
-    /// Delivers to every matching session. Returns the number of sessions
-    /// and whether any store write was issued.
-    pub(super) fn route(&mut self, msg: Arc<Message>) -> (usize, bool) {
+    /// Delivers to every matching session, and queues the message once for
+    /// every other node with a matching route unless `local_only` (a
+    /// publish forwarded by a peer, which went to every node already).
+    /// Returns the number of sessions and nodes, and whether any store
+    /// write was issued.
+    pub(super) fn route(&mut self, msg: Arc<Message>, local_only: bool) -> (usize, bool) {
         let mut persisted = false;
-        if msg.retain {
+        // Retained state is per node in this slice: a forwarded message
+        // does not become retained on the receiving node.
+        if msg.retain && !local_only {
             persisted |= self.set_retained(&msg) && msg.qos != QoS::AtMostOnce;
         }
         // Kept between publishes, so that routing one allocates no map.
@@ -411,6 +429,16 @@ impl Router {
         let n = targets.len();
         let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
         for (client, (qos, rap, sub_ids)) in targets.drain() {
+            if client.starts_with(crate::cluster::REMOTE_PREFIX) {
+                // $SYS topics describe this node only.
+                if !local_only
+                    && !msg.topic.starts_with("$SYS")
+                    && let Some(c) = &self.cluster
+                {
+                    c.forward(&client, &msg, qos != QoS::AtMostOnce);
+                }
+                continue;
+            }
             if let Some(s) = self.sessions.get_mut(&client) {
                 let retain = rap && msg.retain;
                 persisted |= s.deliver(&ctx, Entry { msg: msg.clone(), qos, retain, released: false, sub_ids });
@@ -418,6 +446,53 @@ impl Router {
         }
         self.targets = targets;
         (n, persisted)
+    }
+
+    /// A peer's routes: remote subscribers in the trie, keyed by the node.
+    pub(super) fn on_remote_routes(&mut self, r: crate::inbox::RemoteRoutes) {
+        let key: Arc<str> = Arc::from(format!("{}{}", crate::cluster::REMOTE_PREFIX, r.node));
+        let held = self.remote.entry(key.clone()).or_default();
+        let share = |g: &str| -> Option<String> { (!g.is_empty()).then(|| g.to_owned()) };
+        if r.full {
+            for (f, g) in held.drain() {
+                self.subs.remove(&key, share(&g).as_deref(), &f);
+            }
+        }
+        for (f, g) in r.removed {
+            self.subs.remove(&key, share(&g).as_deref(), &f);
+            held.remove(&(f, g));
+        }
+        for ((f, g), q) in r.upserts {
+            let qos = QoS::from_u8(q).unwrap_or(QoS::ExactlyOnce);
+            self.subs.insert(
+                &key,
+                share(&g).as_deref(),
+                &f,
+                Sub { opts: crate::codec::SubOptions::qos(qos), id: None },
+            );
+            held.insert((f, g));
+        }
+    }
+
+    /// Publishes from a peer, for local sessions; `done` answers the peer's
+    /// forward once they are there (behind the store's commit when a
+    /// persistent session got one).
+    pub(super) fn on_forwarded(&mut self, msgs: Vec<Message>, done: tokio::sync::oneshot::Sender<()>) {
+        let mut persisted = false;
+        for m in msgs {
+            self.metrics.received[m.qos as usize].fetch_add(1, Relaxed);
+            persisted |= self.route(Arc::new(m), true).1;
+        }
+        match &self.store {
+            Some(st) if persisted => st.send(Op::Then(Box::new(move |durable| {
+                if durable {
+                    let _ = done.send(());
+                }
+            }))),
+            _ => {
+                let _ = done.send(());
+            }
+        }
     }
 
     pub(super) fn publish_sys(&mut self) {
@@ -445,7 +520,23 @@ impl Router {
                 publisher: None,
                 received_at: Instant::now(),
             };
-            self.route(Arc::new(msg));
+            self.route(Arc::new(msg), false);
+        }
+    }
+}
+
+/// A local subscription as a route event for the cluster.
+fn route_event(filter: &str, sub: &Sub, added: bool) -> crate::cluster::RouteEvent {
+    let (share, f) = split_share(filter);
+    let key = (f.to_owned(), share.unwrap_or_default().to_owned());
+    let q = sub.opts.qos as u8;
+    if added { crate::cluster::RouteEvent::Added(key, q) } else { crate::cluster::RouteEvent::Removed(key, q) }
+}
+
+impl Router {
+    pub(super) fn route_event(&self, filter: &str, sub: &Sub, added: bool) {
+        if let Some(c) = &self.cluster {
+            c.route_event(route_event(filter, sub, added));
         }
     }
 }

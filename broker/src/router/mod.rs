@@ -1,7 +1,7 @@
 //! The router: single owner of sessions, subscriptions and retained messages.
 //!
 //! Connection tasks send it `ToRouter` messages through one inbox bounded at
-//! `inbox::CAPACITY` messages (backpressure on publishers, `inbox.rs`); it
+//! `inbox::CAPACITY` messages (backpressure on publishers, `crate::inbox`); it
 //! answers through each connection's outbox, which writes to the socket
 //! without waiting or queues behind a backlog bounded in practice by the
 //! inflight window and the QoS 0 pending limit.
@@ -14,7 +14,6 @@
 //! nothing but its inbox and, while gathering, the readers queued behind it.
 
 mod handlers;
-pub mod inbox;
 pub mod session;
 pub mod subs;
 
@@ -22,80 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use foldhash::{HashMap, HashMapExt};
-use tokio::sync::oneshot;
-
-use crate::codec::{ConnAck, Connect, Publish, Subscribe, Unsubscribe};
 use crate::config::Config;
+use crate::inbox;
+pub use crate::inbox::{ConnHandle, ToRouter};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::store::{Loaded, StoreHandle};
-pub use session::ConnHandle;
+use foldhash::{HashMap, HashMapExt};
 use session::Session;
 use subs::SubTable;
-
-/// Messages from connections. Every one names the connection, so requests
-/// from a connection that has been taken over are ignored. A cluster layer
-/// would add variants for publishes and routes from other nodes. Packets
-/// with properties are boxed: unboxed, every message (a PUBACK too) took the
-/// size of a v5 `Publish` (about 500 bytes), copied several times on its way
-/// through the channel (callgrind: about a tenth of the broker's instructions
-/// per message went to `memcpy`).
-pub enum ToRouter {
-    Connect {
-        conn: ConnHandle,
-        connect: Box<Connect>,
-        connack: Box<ConnAck>,
-        reply: oneshot::Sender<()>,
-    },
-    Publish {
-        conn: u64,
-        client: Arc<str>,
-        publish: Box<Publish>,
-    },
-    PubAck {
-        conn: u64,
-        client: Arc<str>,
-        pid: u16,
-    },
-    PubRec {
-        conn: u64,
-        client: Arc<str>,
-        pid: u16,
-        code: u8,
-    },
-    PubRel {
-        conn: u64,
-        client: Arc<str>,
-        pid: u16,
-    },
-    PubComp {
-        conn: u64,
-        client: Arc<str>,
-        pid: u16,
-    },
-    Subscribe {
-        conn: u64,
-        client: Arc<str>,
-        sub: Box<Subscribe>,
-    },
-    Unsubscribe {
-        conn: u64,
-        client: Arc<str>,
-        unsub: Box<Unsubscribe>,
-    },
-    /// Four times a second (`TICK`): expired sessions, delayed wills,
-    /// expired retained messages, gauges and `$SYS`.
-    Tick,
-    /// The connection ended. `publish_will` is false after a normal
-    /// DISCONNECT; `session_expiry` is the v5 DISCONNECT's new interval.
-    Disconnected {
-        conn: u64,
-        client: Arc<str>,
-        publish_will: bool,
-        session_expiry: Option<u32>,
-    },
-}
 
 /// How often the router looks at expiries, wills, gauges and `$SYS`.
 const TICK: Duration = Duration::from_millis(250);
@@ -117,10 +51,22 @@ pub struct Router {
     bursts: Bursts,
     /// `route`'s sessions to deliver to, empty between publishes.
     targets: HashMap<Arc<str>, (crate::codec::QoS, bool, Vec<u32>)>,
+    /// The cluster, when this node is part of one: told about local routes,
+    /// given the publishes for remote ones. Never awaited.
+    cluster: Option<crate::cluster::Outlet>,
+    /// Routes held for each peer, by its key in `subs`
+    /// (`cluster::REMOTE_PREFIX` + name), so a full resync can replace them.
+    remote: HashMap<Arc<str>, foldhash::HashSet<(String, String)>>,
 }
 
 impl Router {
-    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, store: Option<StoreHandle>, loaded: Loaded) -> Router {
+    pub fn new(
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        store: Option<StoreHandle>,
+        loaded: Loaded,
+        cluster: Option<crate::cluster::Outlet>,
+    ) -> Router {
         let mut r = Router {
             cfg,
             metrics,
@@ -133,6 +79,8 @@ impl Router {
             last_sys: Instant::now(),
             bursts: Bursts::default(),
             targets: HashMap::new(),
+            cluster,
+            remote: HashMap::new(),
         };
         for m in loaded.retained {
             r.retained.insert(m.topic.clone(), Arc::new(m));
@@ -144,6 +92,7 @@ impl Router {
             for (filter, sub) in &s.subs {
                 let (share, f) = split_share(filter);
                 r.subs.insert(&id, share, f, *sub);
+                r.route_event(filter, sub, true);
             }
             r.sessions.insert(id, s);
         }
@@ -166,7 +115,7 @@ impl Router {
             }
         });
         let mut buf = Vec::with_capacity(BATCH);
-        let held = Arc::new(crate::conn::outbox::Held::default());
+        let held = Arc::new(crate::outbox::Held::default());
         let releaser = tokio::spawn(release_behind_queued_tasks(held.clone()));
         let mut stop = false;
         while !stop {
@@ -201,12 +150,12 @@ impl Router {
                 }
             };
             if gather {
-                crate::conn::outbox::corked(batch);
+                crate::outbox::corked(batch);
             } else {
-                crate::conn::outbox::corked_holding_acks(&held, batch);
+                crate::outbox::corked_holding_acks(&held, batch);
             }
             if publishes {
-                self.bursts.after_batch(crate::conn::outbox::repeated());
+                self.bursts.after_batch(crate::outbox::repeated());
             }
         }
         releaser.abort();
@@ -236,6 +185,8 @@ impl Router {
             ToRouter::PubRel { conn, client, pid } => self.on_pubrel(conn, &client, pid),
             ToRouter::Subscribe { conn, client, sub } => self.on_subscribe(conn, &client, *sub),
             ToRouter::Unsubscribe { conn, client, unsub } => self.on_unsubscribe(conn, &client, *unsub),
+            ToRouter::RemoteRoutes(r) => self.on_remote_routes(*r),
+            ToRouter::Forwarded { msgs, done } => self.on_forwarded(*msgs, done),
             ToRouter::Tick => self.on_tick(),
             ToRouter::Disconnected { conn, client, publish_will, session_expiry } => {
                 self.on_disconnected(conn, &client, publish_will, session_expiry)
@@ -280,7 +231,8 @@ impl Router {
     fn update_gauges(&self) {
         let m = &self.metrics;
         m.sessions.store(self.sessions.len() as u64, Relaxed);
-        m.subscriptions.store(self.subs.len() as u64, Relaxed);
+        let remote: usize = self.remote.values().map(|r| r.len()).sum();
+        m.subscriptions.store(self.subs.len().saturating_sub(remote) as u64, Relaxed);
         m.retained.store(self.retained.len() as u64, Relaxed);
         m.inflight.store(self.sessions.values().map(|s| s.inflight_len() as u64).sum(), Relaxed);
         m.queued.store(self.sessions.values().map(|s| s.queued_len() as u64).sum(), Relaxed);
@@ -358,7 +310,7 @@ async fn behind_queued_tasks() {
 /// queued behind the batch that held them have run: the deliveries go out as
 /// each publish is read, the publishers' acks (each write wakes a client)
 /// after the whole burst.
-async fn release_behind_queued_tasks(held: Arc<crate::conn::outbox::Held>) {
+async fn release_behind_queued_tasks(held: Arc<crate::outbox::Held>) {
     loop {
         held.ready.notified().await;
         behind_queued_tasks().await;

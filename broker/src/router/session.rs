@@ -8,36 +8,19 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::subs::Sub;
-use crate::codec::{Ack, Packet, QoS, Version, Will, publish_size};
+use crate::codec::{Ack, Packet, QoS, Will, publish_size};
 use crate::config::Config;
-use crate::conn::outbox::Outbox;
+pub use crate::inbox::ConnHandle;
 use crate::message::{Delivery, Outbound};
 use crate::metrics::{DropReason, Metrics};
 use crate::store::record::{Entry, SessionMeta, encode_entry, encode_meta};
 use crate::store::{Op, StoreHandle};
-
-/// The router's handle on a live connection.
-#[derive(Clone)]
-pub struct ConnHandle {
-    pub id: u64,
-    pub tx: Arc<Outbox>,
-    pub version: Version,
-    /// Outgoing window: the client's receive maximum, capped by config.
-    pub receive_max: u16,
-    /// The client's maximum packet size.
-    pub max_packet: u32,
-    /// QoS 0 deliveries not yet written (decremented by the outbox).
-    pub qos0_pending: Arc<AtomicUsize>,
-    /// Acks waiting behind a store commit; while non-zero, later acks take
-    /// the same path so they stay in order (MQTT 4.6).
-    pub acks_in_store: Arc<AtomicU64>,
-}
 
 /// What a session needs from the router while delivering.
 pub struct Ctx<'a> {

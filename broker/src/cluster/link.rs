@@ -1,0 +1,290 @@
+//! One link task per peer: connects (with backoff), joins, then sends
+//! heartbeats, route syncs and forward batches, one request at a time.
+//!
+//! One request at a time keeps a peer's view in our order (routes before the
+//! forwards that need them, forwards in queue order, which is what lets the
+//! receiver deduplicate by the highest id). Any failure drops the
+//! connection and starts over with backoff; a peer that answers "unknown
+//! peer" (it restarted) is joined again at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use chaos_proto::broker::v1 as pb;
+use chaos_proto::broker::v1::cluster_client::ClusterClient;
+use tokio::time::{Instant, sleep, sleep_until};
+use tonic::transport::{Channel, Endpoint};
+
+use super::error::{ClusterError, is_unknown_peer};
+use super::members::{Peer, PeerState};
+use super::service::me;
+use super::{Node, convert};
+
+/// Forwards per request.
+const BATCH: usize = 512;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Starts the peer's link unless it runs.
+pub fn ensure(node: Arc<Node>, peer: Arc<Peer>) {
+    let mut link = peer.link.lock().expect("link lock");
+    if link.as_ref().is_some_and(|h| !h.is_finished()) {
+        return;
+    }
+    *link = Some(tokio::spawn(run(node, peer.clone())));
+}
+
+/// Learns members from a member list; starts links to the new ones.
+pub fn learn(node: &Arc<Node>, list: Vec<pb::Node>) {
+    for n in list {
+        if n.name == node.settings.node_name || n.name.is_empty() {
+            continue;
+        }
+        let (p, new) = node.members.get_or_insert(&n.name, &n.cluster_addr, n.incarnation, node.settings.forward_queue);
+        if new {
+            tracing::info!(peer = %n.name, addr = %n.cluster_addr, "member learned");
+        }
+        ensure(node.clone(), p);
+    }
+}
+
+async fn connect(addr: &str, node: &Node) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    let timeout = node.settings.down_after.max(Duration::from_secs(1));
+    let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(ClusterClient::new(ch))
+}
+
+/// Joins through a seed until one attempt is answered; a name collision
+/// stops the node.
+pub async fn join_seed(node: Arc<Node>, seed: String) {
+    let mut backoff = BACKOFF_MIN;
+    let mut warned = false;
+    loop {
+        let r = match connect(&seed, &node).await {
+            Ok(mut c) => {
+                c.join(pb::JoinRequest { node: Some(me(&node)) }).await.map_err(|s| (s.code(), s.message().to_owned()))
+            }
+            Err(e) => Err((tonic::Code::Unavailable, format!("connecting: {e}"))),
+        };
+        match r {
+            Ok(resp) => {
+                tracing::info!(%seed, "joined the cluster through seed");
+                learn(&node, resp.into_inner().members);
+                return;
+            }
+            Err((tonic::Code::AlreadyExists, e)) => return fatal_collision(&node, &seed, e),
+            Err((_, e)) => {
+                node.metrics.join_failures.fetch_add(1, Relaxed);
+                if !warned {
+                    tracing::warn!(%seed, error = %e, "seed does not answer: retrying with backoff");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = sleep(backoff) => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The cluster refused this node's name: the node stops (server::run_node
+/// returns the error, the binary exits with it).
+fn fatal_collision(node: &Node, seed: &str, reason: String) {
+    let e = ClusterError::JoinRefused { seed: seed.to_owned(), reason };
+    tracing::error!("{e}");
+    *node.fatal_error.lock().expect("fatal error lock") = Some(e);
+    node.fatal.cancel();
+}
+
+/// Why a session with the peer ended.
+enum End {
+    Failed(String),
+    /// The peer does not know us: join again at once.
+    Rejoin,
+    Stop,
+}
+
+async fn run(node: Arc<Node>, peer: Arc<Peer>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut last_state = peer.state(&node.settings);
+    let mut failing = false;
+    loop {
+        let end = tokio::select! {
+            e = session(&node, &peer, &mut last_state) => e,
+            _ = node.shutdown.cancelled() => End::Stop,
+            _ = node.fatal.cancelled() => End::Stop,
+        };
+        // The peer holds what it held; we learn it again from its answers.
+        peer.acked_version.store(u64::MAX, Relaxed);
+        match end {
+            End::Stop => return,
+            End::Rejoin => {
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            End::Failed(e) => {
+                node.metrics.link_failures.fetch_add(1, Relaxed);
+                if !failing {
+                    tracing::warn!(peer = %peer.name, error = %e, "link to peer failed: reconnecting with backoff");
+                    failing = true;
+                }
+            }
+        }
+        let state = peer.state(&node.settings);
+        if state != last_state {
+            tracing::warn!(peer = %peer.name, state = state.label(), "peer state changed");
+            last_state = state;
+        }
+        tokio::select! {
+            _ = sleep(backoff) => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if peer.state(&node.settings) == PeerState::Up {
+            failing = false;
+        }
+    }
+}
+
+/// One connection's worth of work: join, then serve the peer until an
+/// error.
+async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState) -> End {
+    let addr = peer.addr();
+    let mut c = match connect(&addr, node).await {
+        Ok(c) => c,
+        Err(e) => return End::Failed(format!("connecting to {addr}: {e}")),
+    };
+    match c.join(pb::JoinRequest { node: Some(me(node)) }).await {
+        Ok(r) => {
+            peer.heard();
+            learn(node, r.into_inner().members);
+        }
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            fatal_collision(node, &addr, s.message().to_owned());
+            return End::Stop;
+        }
+        Err(s) => return End::Failed(format!("join: {s}")),
+    }
+    let state = peer.state(&node.settings);
+    if state != *last_state {
+        tracing::info!(peer = %peer.name, state = state.label(), "peer state changed");
+        *last_state = state;
+    }
+    let mut next_hb = Instant::now();
+    loop {
+        if Instant::now() >= next_hb {
+            next_hb = Instant::now() + node.settings.heartbeat;
+            let req = pb::HeartbeatRequest {
+                from: node.settings.node_name.clone(),
+                incarnation: node.incarnation,
+                route_version: node.routes.version(),
+            };
+            match c.heartbeat(req).await {
+                Ok(r) => {
+                    peer.heard();
+                    let r = r.into_inner();
+                    peer.acked_version.store(r.held_route_version, Relaxed);
+                    learn(node, r.members);
+                }
+                Err(s) => return failed(s, "heartbeat"),
+            }
+        }
+        // Routes before forwards: a forward is sent because of a route.
+        if let Err(e) = sync_routes(node, peer, &mut c).await {
+            return e;
+        }
+        if let Err(e) = forward(node, peer, &mut c).await {
+            return e;
+        }
+        let state = peer.state(&node.settings);
+        if state != *last_state {
+            tracing::info!(peer = %peer.name, state = state.label(), "peer state changed");
+            *last_state = state;
+        }
+        tokio::select! {
+            _ = peer.queue.wake.notified() => {}
+            _ = sleep_until(next_hb) => {}
+        }
+    }
+}
+
+fn failed(s: tonic::Status, what: &str) -> End {
+    if is_unknown_peer(&s) { End::Rejoin } else { End::Failed(format!("{what}: {s}")) }
+}
+
+async fn sync_routes(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Result<(), End> {
+    // Twice at most: a delta the peer could not apply is followed by the
+    // full table.
+    for _ in 0..2 {
+        let held = peer.acked_version.load(Relaxed);
+        if held == node.routes.version() {
+            return Ok(());
+        }
+        let s = node.routes.sync_from(held);
+        if s.full {
+            node.metrics.resyncs_sent.fetch_add(1, Relaxed);
+        }
+        let route = |((filter, share_group), max_qos): ((String, String), u8)| pb::Route {
+            filter,
+            share_group,
+            max_qos: u32::from(max_qos),
+        };
+        let req = pb::SyncRoutesRequest {
+            from: node.settings.node_name.clone(),
+            incarnation: node.incarnation,
+            full: s.full,
+            base_version: s.base,
+            version: s.version,
+            upserts: s.upserts.into_iter().map(route).collect(),
+            removed: s.removed.into_iter().map(|k| route((k, 0))).collect(),
+        };
+        match c.sync_routes(req).await {
+            Ok(r) => {
+                peer.heard();
+                let held = r.into_inner().held_version;
+                // A delta that did not apply: unknown base, full next.
+                let held = if held != s.version && !s.full { u64::MAX } else { held };
+                peer.acked_version.store(held, Relaxed);
+            }
+            Err(s) => return Err(failed(s, "sync routes")),
+        }
+    }
+    Ok(())
+}
+
+async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Result<(), End> {
+    loop {
+        let batch = peer.queue.peek(BATCH);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len();
+        let req = pb::ForwardRequest {
+            from: node.settings.node_name.clone(),
+            incarnation: node.incarnation,
+            messages: batch
+                .iter()
+                .map(|(id, m)| pb::Forwarded { message_id: *id, publish: Some(convert::to_wire(m)) })
+                .collect(),
+        };
+        peer.queue.counters.sent.fetch_add(n as u64, Relaxed);
+        match c.forward(req).await {
+            Ok(_) => {
+                peer.heard();
+                peer.queue.acked(n);
+            }
+            Err(s) => {
+                peer.queue.failed(n);
+                return Err(failed(s, "forward"));
+            }
+        }
+    }
+}

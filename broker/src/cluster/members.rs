@@ -1,0 +1,122 @@
+//! Membership: the peers this node knows, and the failure detector.
+//!
+//! A peer's state is read from the monotonic time of the last answer or
+//! request it sent (`Instant`, never the wall clock, so a clock jump on
+//! either node changes nothing): up while heard within `suspect_after`,
+//! suspect until `down_after`, then down. A down peer keeps its routes and
+//! its forward queue: what is queued for it goes out when it is back.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::Settings;
+use super::forward::PeerQueue;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Up,
+    Suspect,
+    Down,
+}
+
+impl PeerState {
+    pub const ALL: [PeerState; 3] = [PeerState::Up, PeerState::Suspect, PeerState::Down];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PeerState::Up => "up",
+            PeerState::Suspect => "suspect",
+            PeerState::Down => "down",
+        }
+    }
+}
+
+/// What this node holds of a peer's routes: they belong to one incarnation
+/// of the peer, at one version of its table.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub incarnation: u64,
+    pub version: u64,
+    pub routes: usize,
+}
+
+pub struct Peer {
+    pub name: String,
+    /// Where its Cluster service is reached, and its incarnation, as it
+    /// last joined (or as a member list named it).
+    pub addr: Mutex<String>,
+    pub incarnation: AtomicU64,
+    heard: Mutex<Option<Instant>>,
+    /// Its routes held here (receiving side).
+    pub held: Mutex<Held>,
+    /// Our route version that the peer confirmed holding (sending side).
+    pub acked_version: AtomicU64,
+    /// Forwards waiting for it.
+    pub queue: PeerQueue,
+    pub link: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Peer {
+    pub fn new(name: &str, addr: &str, incarnation: u64, cap: usize) -> Peer {
+        Peer {
+            name: name.to_owned(),
+            addr: Mutex::new(addr.to_owned()),
+            incarnation: AtomicU64::new(incarnation),
+            heard: Mutex::new(None),
+            held: Mutex::new(Held::default()),
+            acked_version: AtomicU64::new(u64::MAX),
+            queue: PeerQueue::new(cap),
+            link: Mutex::new(None),
+        }
+    }
+
+    pub fn heard(&self) {
+        *self.heard.lock().expect("heard lock") = Some(Instant::now());
+    }
+
+    pub fn state(&self, s: &Settings) -> PeerState {
+        match *self.heard.lock().expect("heard lock") {
+            Some(t) if t.elapsed() < s.suspect_after => PeerState::Up,
+            Some(t) if t.elapsed() < s.down_after => PeerState::Suspect,
+            _ => PeerState::Down,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.lock().expect("addr lock").clone()
+    }
+}
+
+#[derive(Default)]
+pub struct Members {
+    peers: Mutex<HashMap<String, Arc<Peer>>>,
+}
+
+impl Members {
+    pub fn get(&self, name: &str) -> Option<Arc<Peer>> {
+        self.peers.lock().expect("members lock").get(name).cloned()
+    }
+
+    /// Returns the peer and whether it is new.
+    pub fn get_or_insert(&self, name: &str, addr: &str, incarnation: u64, cap: usize) -> (Arc<Peer>, bool) {
+        let mut m = self.peers.lock().expect("members lock");
+        if let Some(p) = m.get(name) {
+            return (p.clone(), false);
+        }
+        let p = Arc::new(Peer::new(name, addr, incarnation, cap));
+        m.insert(name.to_owned(), p.clone());
+        (p, true)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Peer>> {
+        let mut v: Vec<_> = self.peers.lock().expect("members lock").values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn states(&self, s: &Settings) -> Vec<(String, PeerState)> {
+        self.all().iter().map(|p| (p.name.clone(), p.state(s))).collect()
+    }
+}

@@ -1,0 +1,99 @@
+//! The cluster's Prometheus series, rendered after the node's.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::Node;
+use super::members::PeerState;
+
+/// Reasons a request from a peer was refused (fixed label set).
+const REJECTED: [&str; 4] = ["unknown_peer", "name_collision", "protocol", "invalid"];
+
+#[derive(Default)]
+pub struct ClusterMetrics {
+    rejected: [AtomicU64; 4],
+    pub resyncs_sent: AtomicU64,
+    pub resyncs_received: AtomicU64,
+    pub join_failures: AtomicU64,
+    pub link_failures: AtomicU64,
+    /// Forwards for a node that left the member list.
+    pub no_peer: AtomicU64,
+}
+
+impl ClusterMetrics {
+    pub fn rejected(&self, reason: &str) {
+        let i = REJECTED.iter().position(|r| *r == reason).unwrap_or(REJECTED.len() - 1);
+        self.rejected[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn forward_no_peer(&self) {
+        self.no_peer.fetch_add(1, Relaxed);
+    }
+}
+
+pub fn render(node: &Node, o: &mut String) {
+    let n = &node.settings.node_name;
+    let m = &node.metrics;
+    let g = |o: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let peers = node.members.all();
+    g(o, "broker_cluster_peers", "Known peers by failure-detector state.", "gauge");
+    for s in PeerState::ALL {
+        let c = peers.iter().filter(|p| p.state(&node.settings) == s).count();
+        let _ = writeln!(o, "broker_cluster_peers{{node=\"{n}\",state=\"{}\"}} {c}", s.label());
+    }
+    g(
+        o,
+        "broker_cluster_forwards_total",
+        "Forwarded publishes per peer: sent (attempts), acked, retried, dropped.",
+        "counter",
+    );
+    for p in &peers {
+        let c = &p.queue.counters;
+        for (r, v) in [("sent", &c.sent), ("acked", &c.acked), ("retried", &c.retried), ("dropped", &c.dropped)] {
+            let _ = writeln!(
+                o,
+                "broker_cluster_forwards_total{{node=\"{n}\",peer=\"{}\",result=\"{r}\"}} {}",
+                p.name,
+                v.load(Relaxed)
+            );
+        }
+    }
+    g(o, "broker_cluster_forward_queue", "Forwards waiting for a peer.", "gauge");
+    for p in &peers {
+        let _ = writeln!(o, "broker_cluster_forward_queue{{node=\"{n}\",peer=\"{}\"}} {}", p.name, p.queue.len());
+    }
+    g(o, "broker_cluster_routes", "Routes: this node's own (peer=\"\") and those held for each peer.", "gauge");
+    let _ = writeln!(o, "broker_cluster_routes{{node=\"{n}\",peer=\"\"}} {}", node.routes.len());
+    for p in &peers {
+        let held = p.held.lock().expect("held lock").routes;
+        let _ = writeln!(o, "broker_cluster_routes{{node=\"{n}\",peer=\"{}\"}} {held}", p.name);
+    }
+    g(o, "broker_cluster_route_version", "Version of this node's route table.", "gauge");
+    let _ = writeln!(o, "broker_cluster_route_version{{node=\"{n}\"}} {}", node.routes.version());
+    g(o, "broker_cluster_resyncs_total", "Full route tables sent to and received from peers.", "counter");
+    let _ =
+        writeln!(o, "broker_cluster_resyncs_total{{node=\"{n}\",direction=\"sent\"}} {}", m.resyncs_sent.load(Relaxed));
+    let _ = writeln!(
+        o,
+        "broker_cluster_resyncs_total{{node=\"{n}\",direction=\"received\"}} {}",
+        m.resyncs_received.load(Relaxed)
+    );
+    g(o, "broker_cluster_duplicates_dropped_total", "Forwarded publishes received again and dropped.", "counter");
+    let _ =
+        writeln!(o, "broker_cluster_duplicates_dropped_total{{node=\"{n}\"}} {}", node.dedup.duplicates.load(Relaxed));
+    g(o, "broker_cluster_rejected_total", "Requests from peers refused, by reason.", "counter");
+    for (i, r) in REJECTED.iter().enumerate() {
+        let _ =
+            writeln!(o, "broker_cluster_rejected_total{{node=\"{n}\",reason=\"{r}\"}} {}", m.rejected[i].load(Relaxed));
+    }
+    g(
+        o,
+        "broker_cluster_link_failures_total",
+        "Connections to peers that failed (joins through seeds included).",
+        "counter",
+    );
+    let failures = m.link_failures.load(Relaxed) + m.join_failures.load(Relaxed);
+    let _ = writeln!(o, "broker_cluster_link_failures_total{{node=\"{n}\"}} {failures}");
+}

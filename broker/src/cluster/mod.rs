@@ -1,0 +1,179 @@
+//! The cluster: nodes that join over gRPC (`broker.v1.Cluster`), replicate
+//! their subscription routes and forward publishes to each other.
+//!
+//! Actors (see architecture.md, "Cluster"):
+//! - the gRPC service (`service.rs`), answering peers;
+//! - one link task per peer (`link.rs`): join, heartbeats, route sync and
+//!   forwards, strictly one request at a time, so a peer sees our routes and
+//!   our forwards in the order we made them;
+//! - the route collector (`routes.rs`): turns the router's subscription
+//!   events into the node's versioned route table.
+//!
+//! The router talks to the cluster only through `Outlet`, whose methods
+//! never wait (an unbounded event channel, bounded per-peer forward queues):
+//! the router never awaits gRPC. The cluster talks to the router through the
+//! router's inbox, like connections do.
+
+mod convert;
+mod error;
+mod forward;
+mod link;
+mod members;
+mod metrics;
+mod routes;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ClusterError;
+pub use members::PeerState;
+pub use routes::{RouteEvent, RouteKey};
+
+use crate::inbox;
+use crate::message::Message;
+
+/// Revision of `broker.v1` this node speaks (cluster.proto's header).
+pub const PROTOCOL: u32 = 1;
+
+/// Prefix of a remote node's key in the router's subscription trie. MQTT
+/// forbids U+0000 in client ids (MQTT 5 1.5.4), so no session has it.
+pub const REMOTE_PREFIX: char = '\0';
+
+/// What the cluster needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    /// Where peers reach this node (the bound listener's address unless
+    /// configured; an unspecified host is replaced by what a peer sees).
+    pub advertise: SocketAddr,
+    pub mqtt_addr: String,
+    pub seeds: Vec<String>,
+    pub heartbeat: Duration,
+    pub suspect_after: Duration,
+    pub down_after: Duration,
+    /// Forwards queued per peer (QoS 1/2 waiting for the peer's ack, and
+    /// QoS 0 waiting to be sent) beyond which new ones are dropped.
+    pub forward_queue: usize,
+}
+
+/// State shared by the cluster's tasks.
+pub(crate) struct Node {
+    pub settings: Settings,
+    pub incarnation: u64,
+    pub members: members::Members,
+    pub routes: routes::LocalRoutes,
+    pub router: inbox::Sender,
+    pub dedup: forward::Dedup,
+    pub metrics: metrics::ClusterMetrics,
+    pub shutdown: CancellationToken,
+    /// Cancelled when this node must stop (its name is taken).
+    pub fatal: CancellationToken,
+    pub fatal_error: std::sync::Mutex<Option<ClusterError>>,
+}
+
+/// The router's side of the cluster. Nothing here waits.
+#[derive(Clone)]
+pub struct Outlet {
+    node: Arc<Node>,
+    events: mpsc::UnboundedSender<RouteEvent>,
+}
+
+impl Outlet {
+    /// A local subscription was added (or its QoS changed: remove, then add).
+    pub fn route_event(&self, e: RouteEvent) {
+        let _ = self.events.send(e);
+    }
+
+    /// Queues `msg` for the peer behind a remote key of the trie;
+    /// `reliable` when a subscriber there gets it at QoS 1 or 2.
+    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool) {
+        let name = remote_key.trim_start_matches(REMOTE_PREFIX);
+        match self.node.members.get(name) {
+            Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable),
+            None => self.node.metrics.forward_no_peer(),
+        }
+    }
+}
+
+/// A running cluster: `fatal` fires when the node must stop.
+pub struct Cluster {
+    node: Arc<Node>,
+    events: Option<mpsc::UnboundedReceiver<RouteEvent>>,
+    pub outlet: Outlet,
+}
+
+impl Cluster {
+    /// Builds the cluster's state; nothing runs until `start`, so the
+    /// router can be given its `outlet` first (and report the routes it
+    /// restored from disk).
+    pub fn new(settings: Settings, router: inbox::Sender, shutdown: CancellationToken) -> Cluster {
+        let incarnation = incarnation();
+        let node = Arc::new(Node {
+            settings,
+            incarnation,
+            members: members::Members::default(),
+            routes: routes::LocalRoutes::default(),
+            router,
+            dedup: forward::Dedup::default(),
+            metrics: metrics::ClusterMetrics::default(),
+            shutdown,
+            fatal: CancellationToken::new(),
+            fatal_error: std::sync::Mutex::new(None),
+        });
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let outlet = Outlet { node: node.clone(), events: events_tx };
+        Cluster { node, events: Some(events), outlet }
+    }
+
+    /// Serves the Cluster API on `listener`, starts the route collector and
+    /// joins the seeds (in the background: a seed that does not answer is
+    /// retried with backoff, it does not hold up the node).
+    pub fn start(&mut self, listener: TcpListener) {
+        let node = self.node.clone();
+        if let Some(events) = self.events.take() {
+            tokio::spawn(routes::collect(node.clone(), events));
+        }
+        tokio::spawn(service::serve(node.clone(), listener));
+        for seed in node.settings.seeds.clone() {
+            tokio::spawn(link::join_seed(node.clone(), seed));
+        }
+        tracing::info!(
+            node = %node.settings.node_name,
+            cluster = %node.settings.advertise,
+            seeds = ?node.settings.seeds,
+            incarnation = node.incarnation,
+            "cluster started"
+        );
+    }
+
+    /// Resolves when the node must stop; returns why.
+    pub async fn fatal(&self) -> ClusterError {
+        self.node.fatal.cancelled().await;
+        self.node.fatal_error.lock().expect("fatal error lock").take().unwrap_or(ClusterError::Stopped)
+    }
+
+    /// Renders the cluster's Prometheus lines (appended to /metrics).
+    pub fn metrics_renderer(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
+        let node = self.node.clone();
+        move |out| metrics::render(&node, out)
+    }
+
+    /// Name and state of every known peer.
+    pub fn peers(&self) -> Vec<(String, PeerState)> {
+        self.node.members.states(&self.node.settings)
+    }
+}
+
+/// A number that differs at every start: wall-clock nanoseconds mixed with
+/// the pid. Only compared for equality, so a clock jump does no harm
+/// unless it lands on exactly the same nanosecond.
+fn incarnation() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 48)
+}

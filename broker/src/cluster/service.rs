@@ -1,0 +1,258 @@
+//! The Cluster gRPC service: what this node answers its peers.
+//!
+//! Every refusal (unknown peer, name collision, invalid request) is one log
+//! line and one `broker_cluster_rejected_total{reason}` increment, and the
+//! node goes on serving everyone else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use chaos_proto::broker::v1 as pb;
+use chaos_proto::broker::v1::cluster_server::{Cluster, ClusterServer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::error::ClusterError;
+use super::members::{Peer, PeerState};
+use super::{Node, PROTOCOL, convert, link};
+use crate::inbox::{RemoteRoutes, ToRouter};
+
+pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop = node.shutdown.clone();
+    let r = tonic::transport::Server::builder()
+        .add_service(ClusterServer::new(Service { node: node.clone() }))
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "cluster service stopped");
+    }
+}
+
+struct Service {
+    node: Arc<Node>,
+}
+
+/// This node as a member list entry.
+pub fn me(node: &Node) -> pb::Node {
+    pb::Node {
+        name: node.settings.node_name.clone(),
+        cluster_addr: node.settings.advertise.to_string(),
+        mqtt_addr: node.settings.mqtt_addr.clone(),
+        incarnation: node.incarnation,
+        protocol: PROTOCOL,
+    }
+}
+
+pub fn members(node: &Node) -> Vec<pb::Node> {
+    let mut v = vec![me(node)];
+    for p in node.members.all() {
+        v.push(pb::Node {
+            name: p.name.clone(),
+            cluster_addr: p.addr(),
+            mqtt_addr: String::new(),
+            incarnation: p.incarnation.load(Relaxed),
+            protocol: PROTOCOL,
+        });
+    }
+    v
+}
+
+/// `addr` with an unspecified host replaced by the host the request came
+/// from (a node listening on 0.0.0.0 without --cluster-advertise).
+fn reachable(addr: &str, remote: Option<SocketAddr>) -> Option<String> {
+    let a: SocketAddr = addr.parse().ok()?;
+    if a.ip().is_unspecified() {
+        let r = remote?;
+        return Some(SocketAddr::new(r.ip(), a.port()).to_string());
+    }
+    Some(a.to_string())
+}
+
+impl Service {
+    fn reject(&self, reason: &'static str, e: ClusterError) -> Status {
+        self.node.metrics.rejected(reason);
+        tracing::warn!(node = %self.node.settings.node_name, reason, "cluster request refused: {e}");
+        e.into()
+    }
+
+    /// The peer named `from`, as the incarnation it says it is. A new
+    /// incarnation (the peer restarted) drops what we held of the old one.
+    fn peer(&self, from: &str, incarnation: u64) -> Result<Arc<Peer>, Status> {
+        let Some(p) = self.node.members.get(from) else {
+            return Err(self.reject("unknown_peer", ClusterError::UnknownPeer(from.to_owned())));
+        };
+        p.heard();
+        let mut held = p.held.lock().expect("held lock");
+        if held.incarnation != incarnation {
+            if held.incarnation != 0 {
+                tracing::info!(peer = from, "peer restarted: dropping the routes held for its previous run");
+            }
+            *held = super::members::Held { incarnation, version: 0, routes: 0 };
+            self.node.router.push(ToRouter::RemoteRoutes(Box::new(RemoteRoutes {
+                node: from.to_owned(),
+                full: true,
+                upserts: Vec::new(),
+                removed: Vec::new(),
+            })));
+        }
+        drop(held);
+        Ok(p)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Service {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let remote = req.remote_addr();
+        let Some(n) = req.into_inner().node else {
+            return Err(
+                self.reject("invalid", ClusterError::Invalid { from: "?".into(), what: "join without node".into() })
+            );
+        };
+        let node = &self.node;
+        if n.protocol != PROTOCOL {
+            return Err(
+                self.reject("protocol", ClusterError::Protocol { name: n.name, theirs: n.protocol, ours: PROTOCOL })
+            );
+        }
+        let Some(addr) = reachable(&n.cluster_addr, remote).filter(|_| !n.name.is_empty()) else {
+            return Err(self.reject(
+                "invalid",
+                ClusterError::Invalid { from: n.name, what: format!("cluster address {:?}", n.cluster_addr) },
+            ));
+        };
+        if n.name == node.settings.node_name {
+            // A seed list naming this node itself is fine; another node
+            // with our name is not.
+            if n.incarnation == node.incarnation {
+                return Ok(Response::new(pb::JoinResponse { members: members(node) }));
+            }
+            return Err(self.reject(
+                "name_collision",
+                ClusterError::NameTaken { name: n.name, existing_addr: node.settings.advertise.to_string(), addr },
+            ));
+        }
+        let (p, new) = node.members.get_or_insert(&n.name, &addr, n.incarnation, node.settings.forward_queue);
+        if !new {
+            let old_addr = p.addr();
+            // Same name from another address while the member we know
+            // still answers: a second node with that name, not a restart.
+            if old_addr != addr && p.state(&node.settings) != PeerState::Down {
+                return Err(self.reject(
+                    "name_collision",
+                    ClusterError::NameTaken { name: n.name, existing_addr: old_addr, addr },
+                ));
+            }
+            if old_addr != addr {
+                tracing::info!(peer = %n.name, from = %old_addr, to = %addr, "member moved");
+                *p.addr.lock().expect("addr lock") = addr.clone();
+            }
+        }
+        p.incarnation.store(n.incarnation, Relaxed);
+        // Whatever we told the previous run of this peer, it holds nothing now.
+        p.acked_version.store(u64::MAX, Relaxed);
+        p.heard();
+        if new {
+            tracing::info!(peer = %n.name, %addr, "member joined");
+        }
+        link::ensure(node.clone(), p.clone());
+        p.queue.wake.notify_one();
+        Ok(Response::new(pb::JoinResponse { members: members(node) }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let p = self.peer(&r.from, r.incarnation)?;
+        let held = p.held.lock().expect("held lock").version;
+        Ok(Response::new(pb::HeartbeatResponse { held_route_version: held, members: members(&self.node) }))
+    }
+
+    async fn sync_routes(
+        &self,
+        req: Request<pb::SyncRoutesRequest>,
+    ) -> Result<Response<pb::SyncRoutesResponse>, Status> {
+        let r = req.into_inner();
+        let p = self.peer(&r.from, r.incarnation)?;
+        let conv = |v: Vec<pb::Route>| -> Result<Vec<((String, String), u8)>, String> {
+            v.into_iter()
+                .map(|rt| {
+                    if !crate::topic::valid_filter(&rt.filter) || rt.max_qos > 2 {
+                        return Err(format!("route {:?} qos {}", rt.filter, rt.max_qos));
+                    }
+                    Ok(((rt.filter, rt.share_group), rt.max_qos as u8))
+                })
+                .collect()
+        };
+        let (upserts, removed) = match (conv(r.upserts), conv(r.removed)) {
+            (Ok(u), Ok(d)) => (u, d),
+            (Err(what), _) | (_, Err(what)) => {
+                return Err(self.reject("invalid", ClusterError::Invalid { from: r.from, what }));
+            }
+        };
+        // The lock is held while the change goes into the router's inbox,
+        // so two requests of one peer reach the router in the order their
+        // versions were checked.
+        let mut held = p.held.lock().expect("held lock");
+        if r.full || r.base_version == held.version {
+            if r.full {
+                self.node.metrics.resyncs_received.fetch_add(1, Relaxed);
+                held.routes = upserts.len();
+            } else {
+                held.routes = (held.routes + upserts.len()).saturating_sub(removed.len());
+            }
+            held.version = r.version;
+            self.node.router.push(ToRouter::RemoteRoutes(Box::new(RemoteRoutes {
+                node: r.from,
+                full: r.full,
+                upserts,
+                removed: removed.into_iter().map(|(k, _)| k).collect(),
+            })));
+        }
+        Ok(Response::new(pb::SyncRoutesResponse { held_version: held.version }))
+    }
+
+    async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
+        let r = req.into_inner();
+        self.peer(&r.from, r.incarnation)?;
+        let origin = self.node.dedup.origin(&r.from);
+        let mut seen = origin.lock().await;
+        if seen.0 != r.incarnation {
+            *seen = (r.incarnation, 0);
+        }
+        let mut fresh = Vec::with_capacity(r.messages.len());
+        let mut duplicates = 0u32;
+        let mut top = seen.1;
+        for f in r.messages {
+            if f.message_id <= seen.1 {
+                duplicates += 1;
+                continue;
+            }
+            top = top.max(f.message_id);
+            match f.publish.ok_or_else(|| "forward without publish".to_owned()).and_then(convert::from_wire) {
+                Ok(m) => fresh.push(m),
+                // Acknowledged anyway: a retry would be just as bad.
+                Err(what) => {
+                    let _ = self.reject("invalid", ClusterError::Invalid { from: r.from.clone(), what });
+                }
+            }
+        }
+        let accepted = fresh.len() as u32;
+        if !fresh.is_empty() {
+            let (done, routed) = oneshot::channel();
+            if self.node.router.send(ToRouter::Forwarded { msgs: Box::new(fresh), done }).await.is_err() {
+                return Err(ClusterError::Stopped.into());
+            }
+            // Dropped unanswered when the store failed to make the messages
+            // durable: the sender retries.
+            routed.await.map_err(|_| Status::from(ClusterError::Stopped))?;
+        }
+        seen.1 = top;
+        if duplicates > 0 {
+            self.node.dedup.duplicates.fetch_add(u64::from(duplicates), Relaxed);
+        }
+        Ok(Response::new(pb::ForwardResponse { accepted, duplicates }))
+    }
+}
