@@ -33,6 +33,9 @@ pub const FILTER_PRIORITY: u16 = 0xc4a0;
 pub const PROG_EGRESS: &str = "chaosd_tc";
 pub const PROG_INGRESS: &str = "chaosd_tc_ingress";
 pub const PROG_IFB_SEL: &str = "chaosd_ifb_sel";
+/// The classifiers' verdict for a packet they leave alone (TC_ACT_UNSPEC,
+/// which is TCX_NEXT), as BPF_PROG_TEST_RUN reports it.
+pub const VERDICT_PASS: u32 = -1i32 as u32;
 
 const MAP_NAMES: [&str; 7] = [
     "CHAOSD_CONTROL",

@@ -77,6 +77,11 @@ pub struct NetworkDriver {
     dp: Datapath,
     config: NetConfig,
     caps: Caps,
+    /// Users' root qdisc trees that forced faults replaced, by (namespace,
+    /// device), while chaosd's HTB is there: a later fault sharing that HTB
+    /// records the same tree, so whichever fault removes the HTB last puts
+    /// the user's tree back. Refilled from the journal at adopt.
+    saved_roots: std::sync::Mutex<std::collections::HashMap<(u32, String), super::qdisc_tree::SavedTree>>,
 }
 
 fn api_internal(e: impl std::fmt::Display) -> ApiError {
@@ -88,7 +93,7 @@ impl NetworkDriver {
         let dp = Datapath::open(&config.bpffs, config.grace, &config.protected_ports, probe.tcx.available)?;
         let avail = |p: &crate::probe::Probe| if p.available { Ok(()) } else { Err(p.detail.clone()) };
         let caps = Caps { netem: avail(&probe.netem), htb: avail(&probe.htb), ifb: avail(&probe.ifb) };
-        Ok(Self { dp, config, caps })
+        Ok(Self { dp, config, caps, saved_roots: Default::default() })
     }
 
     /// The datapath (benchmarks and tests read counters and pins from it).
@@ -340,9 +345,19 @@ impl NetworkDriver {
             classid,
         };
         // Everything known before the kernel is touched goes to the journal
-        // in one commit: the rule, the shaping objects, the programs.
+        // in one commit: the rule, the user's root trees a forced fault
+        // replaces, the shaping objects, the programs.
         let plan = shaping.then(|| shaping::Plan::new(id, &fault.action, sel.direction, &selected));
+        let saved = if shaping && sel.direction.egress() { self.save_roots(exp, &selected, ns.inode) } else { Ok(vec![]) };
+        let saved = match saved {
+            Ok(s) => s,
+            Err(e) => {
+                self.dp.lock().used_ids.remove(&id);
+                return Err(e);
+            }
+        };
         let mut upfront = vec![rule_obj];
+        upfront.extend(saved);
         upfront.extend(plan.iter().flat_map(|p| p.objects(ns.inode)));
         upfront.push(NetObject::Programs { netns: ns.inode });
         if let Err(e) = rec.record_all(upfront.iter().map(NetObject::to_value).collect()) {
@@ -426,7 +441,9 @@ impl NetworkDriver {
                     empty => empty.insert(bpf::open_pinned(&pins[c.dir as usize]).map_err(|e| e.to_string())?),
                 };
                 let (verdict, _) = bpf::test_run(prog, c.ifindex, &c.packet, 1).map_err(|e| e.to_string())?;
-                if verdict != 0 {
+                // Pass is "no verdict" (TC_ACT_UNSPEC, TCX_NEXT): chaosd
+                // leaves the packet to whatever comes after it.
+                if verdict != bpf::VERDICT_PASS {
                     return Err(format!(
                         "protected port {} would not pass on {} (verdict {verdict})",
                         c.port, c.ifname
@@ -436,6 +453,41 @@ impl NetworkDriver {
             Ok(())
         };
         kernel().map_err(|e| ApiError::Internal(format!("injecting into network namespace {}: {e}", ns.netns.label())))
+    }
+
+    /// The user's root qdisc trees this fault will replace (forced) or
+    /// already replaced by an earlier fault sharing chaosd's HTB. A tree
+    /// that could not be put back exactly is a refusal: chaosd never edits
+    /// what it cannot restore. Runs on the namespace thread.
+    fn save_roots(&self, exp: &Experiment, selected: &[Device], netns: u32) -> Result<Vec<NetObject>, ApiError> {
+        let mut out = Vec::new();
+        let mut known = self.saved_roots.lock().unwrap_or_else(|p| p.into_inner());
+        for d in selected {
+            let ours = matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR);
+            let key = (netns, d.name.clone());
+            let tree = if ours {
+                match known.get(&key) {
+                    Some(t) => t.clone(),
+                    None => continue,
+                }
+            } else if exp.forced && !d.root_is_default() {
+                let mut sock = crate::netlink::RouteSocket::open().map_err(api_internal)?;
+                let tree = super::qdisc_tree::save(&mut sock, d.ifindex).map_err(|e| {
+                    ApiError::FailedPrecondition(format!(
+                        "device {}'s own root qdisc tree cannot be saved to be restored exactly afterwards ({e}); \
+                         chaosd does not replace what it cannot put back: remove that tree yourself or use \
+                         loss/partition (no qdisc needed); nothing was changed",
+                        d.name
+                    ))
+                })?;
+                known.insert(key, tree.clone());
+                tree
+            } else {
+                continue;
+            };
+            out.push(NetObject::SavedRoot { netns, ifname: d.name.clone(), tree });
+        }
+        Ok(out)
     }
 
     /// Synthetic packets on protected ports that must pass after injection.
@@ -532,10 +584,28 @@ impl NetworkDriver {
                     NetObject::Programs { netns } => {
                         netns_ids.insert(*netns);
                     }
+                    // Only the experiment that attached a device's classifier
+                    // records the Attach, and it may be recovered while others
+                    // still use it: so the last rule out of a device and
+                    // direction detaches it, whoever attached it.
+                    NetObject::Rule { netns, devices, egress, ingress, .. } => {
+                        netns_ids.insert(*netns);
+                        let how = self.attach_kind();
+                        for (ifindex, ifname) in devices {
+                            for (on, dir) in [(*egress, DIR_EGRESS), (*ingress, DIR_INGRESS)] {
+                                let dk = DevKey { netns: *netns, ifindex: *ifindex, dir: dir as u32 };
+                                if on && !rulemaps::device_in_use(&maps, &dk) {
+                                    detach.push((ifname.clone(), dir, how, self.dp.link_pin(*netns, *ifindex, dir)));
+                                }
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
         }
+        detach.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        detach.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         // TCX links go with their pins, wherever the namespace is.
         for (_, _, how, pin) in &detach {
             if *how == AttachKind::Tcx {
@@ -546,7 +616,12 @@ impl NetworkDriver {
         }
         let shaping_objs: Vec<NetObject> = objects
             .iter()
-            .filter(|o| matches!(o, NetObject::Htb { .. } | NetObject::Class { .. } | NetObject::Ifb { .. }))
+            .filter(|o| {
+                matches!(
+                    o,
+                    NetObject::Htb { .. } | NetObject::Class { .. } | NetObject::Ifb { .. } | NetObject::SavedRoot { .. }
+                )
+            })
             .cloned()
             .collect();
         let needs_ns =
@@ -554,7 +629,10 @@ impl NetworkDriver {
         let ns_inode = objects.iter().find_map(|o| match o {
             NetObject::Rule { netns, .. } | NetObject::Programs { netns } => Some(*netns),
             NetObject::Attach { netns, .. } | NetObject::Clsact { netns, .. } => Some(*netns),
-            NetObject::Htb { netns, .. } | NetObject::Class { netns, .. } | NetObject::Ifb { netns, .. } => {
+            NetObject::Htb { netns, .. }
+            | NetObject::Class { netns, .. }
+            | NetObject::Ifb { netns, .. }
+            | NetObject::SavedRoot { netns, .. } => {
                 Some(*netns)
             }
         });
@@ -597,6 +675,35 @@ impl NetworkDriver {
     }
 }
 
+impl NetworkDriver {
+    /// Drops the saved trees of devices where chaosd's HTB is gone (the
+    /// tree was put back), so a later forced fault saves afresh.
+    fn forget_restored_roots(&self, exp: &Experiment, objs: &[NetObject]) {
+        let mut known = self.saved_roots.lock().unwrap_or_else(|p| p.into_inner());
+        for o in objs {
+            let NetObject::SavedRoot { netns, ifname, .. } = o else { continue };
+            let Some(t) = target::resolve(&exp.target).ok().filter(|t| t.inode == *netns) else {
+                known.remove(&(*netns, ifname.clone()));
+                continue;
+            };
+            let ifname2 = ifname.clone();
+            let still_ours = t
+                .netns
+                .run(move || {
+                    let Ok(devs) = target::inspect_here(true) else { return true };
+                    devs.iter().any(|d| {
+                        d.name == ifname2
+                            && matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR)
+                    })
+                })
+                .unwrap_or(false);
+            if !still_ours {
+                known.remove(&(*netns, ifname.clone()));
+            }
+        }
+    }
+}
+
 struct Check {
     ifindex: u32,
     ifname: String,
@@ -629,7 +736,9 @@ impl Driver for NetworkDriver {
     }
 
     fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
-        let errors = self.undo(exp, &parse_objects(objects));
+        let objs = parse_objects(objects);
+        let errors = self.undo(exp, &objs);
+        self.forget_restored_roots(exp, &objs);
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
@@ -667,6 +776,14 @@ impl Driver for NetworkDriver {
             )));
         }
         let objs = parse_objects(objects);
+        {
+            let mut known = self.saved_roots.lock().unwrap_or_else(|p| p.into_inner());
+            for o in &objs {
+                if let NetObject::SavedRoot { netns, ifname, tree } = o {
+                    known.entry((*netns, ifname.clone())).or_insert_with(|| tree.clone());
+                }
+            }
+        }
         let Some(NetObject::Rule { netns, rule, .. }) =
             objs.iter().find(|o| matches!(o, NetObject::Rule { .. })).cloned()
         else {

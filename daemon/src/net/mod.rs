@@ -8,6 +8,7 @@ pub mod driver;
 pub mod maps;
 pub mod netem_dist;
 pub mod objects;
+pub mod qdisc_tree;
 pub mod rules;
 pub mod shaping;
 mod shutdown;

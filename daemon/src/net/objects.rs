@@ -28,6 +28,10 @@ pub enum NetObject {
     Class { netns: u32, ifname: String, classid: u32 },
     /// An IFB device for ingress shaping of `for_ifname`.
     Ifb { netns: u32, name: String, for_ifname: String },
+    /// The user's root qdisc tree of `ifname`, saved before a forced fault
+    /// replaced it with chaosd's HTB; whoever removes that HTB puts it back.
+    /// Every experiment sharing the HTB records it.
+    SavedRoot { netns: u32, ifname: String, tree: super::qdisc_tree::SavedTree },
 }
 
 impl NetObject {

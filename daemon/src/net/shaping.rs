@@ -533,6 +533,10 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
     for o in objects {
         if let NetObject::Htb { ifname, .. } = o {
             let Ok(idx) = nix::net::if_::if_nametoindex(ifname.as_str()) else { continue };
+            let saved = objects.iter().find_map(|s| match s {
+                NetObject::SavedRoot { ifname: dev, tree, .. } if dev == ifname => Some(tree),
+                _ => None,
+            });
             let ours = qdiscs(&mut sock, idx)
                 .map(|q| q.iter().any(|(k, h, p)| k == "htb" && h.major == HTB_MAJOR && *p == TcHandle::ROOT))
                 .unwrap_or(false);
@@ -543,6 +547,20 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
                 .map(|c| c.iter().any(|h| h.major == HTB_MAJOR && h.minor != DEFAULT_MINOR && h.minor != 0))
                 .unwrap_or(true);
             if busy {
+                continue;
+            }
+            if let Some(tree) = saved {
+                // The user's tree goes back in place of ours, exactly.
+                let restored = super::qdisc_tree::restore(&mut sock, idx, tree)
+                    .and_then(|()| super::qdisc_tree::differences(&mut sock, idx, tree));
+                match restored {
+                    Ok(diff) if diff.is_empty() => {}
+                    Ok(diff) => errors.push(format!(
+                        "the root qdisc tree of {ifname} was restored but differs from the saved one: {}",
+                        diff.join("; ")
+                    )),
+                    Err(e) => errors.push(format!("restoring the user's root qdisc tree of {ifname}: {e}")),
+                }
                 continue;
             }
             match tc::qdisc_del(&mut sock, idx, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 }) {

@@ -180,7 +180,7 @@ fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned
                     }
                 }
             }
-            NetObject::Attach { .. } | NetObject::Programs { .. } => {}
+            NetObject::Attach { .. } | NetObject::Programs { .. } | NetObject::SavedRoot { .. } => {}
         }
     }
     out

@@ -8,7 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
@@ -37,6 +37,13 @@ static CHAOSD_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_
 static CHAOSD_PROTECTED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PROTECTED, 0);
 
 const ETH_HLEN: usize = 14;
+/// What a packet chaosd leaves alone gets: "no verdict, on to the next".
+/// Under TCX that is TCX_NEXT, so programs attached after ours (another
+/// chaosd's, a user's) still run; TCX_PASS would end the chain. Under
+/// clsact it is TC_ACT_UNSPEC, which goes on to the next filter and, after
+/// the last, passes the packet.
+const PASS: i32 = TC_ACT_UNSPEC;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -90,20 +97,20 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     // daemon replacing the whole value, which is atomic for 8 bytes.
     let dev = match unsafe { CHAOSD_DEVICES.get(&dev_key) } {
         Some(d) => *d,
-        None => return TC_ACT_OK,
+        None => return PASS,
     };
     let pkt = match parse(ctx, dir) {
         Some(p) => p,
-        None => return TC_ACT_OK,
+        None => return PASS,
     };
     let (id, rule) = match find_rule(ns, ifindex, dir, dev.mask, &pkt) {
         Some(r) => r,
-        None => return TC_ACT_OK,
+        None => return PASS,
     };
     // Checked only for a packet that matched: a stale heartbeat makes every
     // rule void, and the most packets match none (no clock read for them).
     if !heartbeat_fresh() || protected(pkt.sport) || protected(pkt.dport) {
-        return TC_ACT_OK;
+        return PASS;
     }
     act(ctx, dir, &dev, id, rule)
 }
@@ -352,7 +359,7 @@ fn act(ctx: &TcContext, dir: u8, dev: &DevConf, id: u32, rule: &Rule) -> i32 {
         // SAFETY: per-CPU slot of this rule; tc programs run with
         // preemption disabled, so nothing else touches it meanwhile.
         Some(s) => unsafe { &mut *s },
-        None => return TC_ACT_OK,
+        None => return PASS,
     };
     stats.matched += 1;
     match rule.action {
@@ -366,7 +373,7 @@ fn act(ctx: &TcContext, dir: u8, dev: &DevConf, id: u32, rule: &Rule) -> i32 {
                 stats.dropped += 1;
                 TC_ACT_SHOT
             } else {
-                TC_ACT_OK
+                PASS
             }
         }
         ACTION_CLASSIFY => {
@@ -377,9 +384,9 @@ fn act(ctx: &TcContext, dir: u8, dev: &DevConf, id: u32, rule: &Rule) -> i32 {
                 // On to the next filter: chaosd_ifb_sel + mirred to the IFB.
                 return TC_ACT_UNSPEC;
             }
-            TC_ACT_OK
+            PASS
         }
-        _ => TC_ACT_OK,
+        _ => PASS,
     }
 }
 
