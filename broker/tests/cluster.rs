@@ -146,7 +146,7 @@ async fn until_routed(via: SocketAddr, subs: &mut [&mut Client], topic: &str) ->
     t0.elapsed()
 }
 
-/// Receives QoS 1 messages numbered 0..n on `client` (acknowledging each)
+/// Receives QoS 1 or 2 messages numbered 0..n on `client` (acknowledging each)
 /// until every number arrived; returns how many duplicates came along.
 async fn receive_all(mut c: Client, topic: &'static str, n: u32) -> (HashSet<u32>, u32) {
     let mut seen = HashSet::new();
@@ -161,9 +161,15 @@ async fn receive_all(mut c: Client, topic: &'static str, n: u32) -> (HashSet<u32
                 return (seen, dups);
             }
         };
+        if let Packet::PubRel(a) = &pkt {
+            c.send(&Packet::PubComp(Ack::new(a.pid, 0))).await.expect("pubcomp");
+            continue;
+        }
         if let Packet::Publish(m) = pkt {
-            if m.qos != QoS::AtMostOnce {
-                c.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback");
+            match m.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => c.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback"),
+                QoS::ExactlyOnce => c.send(&Packet::PubRec(Ack::new(m.pid, 0))).await.expect("pubrec"),
             }
             if m.topic != topic {
                 continue;
@@ -199,6 +205,64 @@ async fn publish_all(c: &mut Client, topic: &str, n: u32) {
             }
         }
         i = end;
+    }
+}
+
+/// Publishes QoS 2 messages numbered 0..n in windows of 500: PUBLISH,
+/// PUBREC, PUBREL, PUBCOMP for the whole window before the next.
+async fn publish_all_qos2(c: &mut Client, topic: &str, n: u32) {
+    let mut i = 0;
+    while i < n {
+        let end = (i + 500).min(n);
+        for k in i..end {
+            let pid = (k % 65_000) as u16 + 1;
+            c.wr.queue(&publish(topic, QoS::ExactlyOnce, pid, k.to_be_bytes().to_vec()));
+        }
+        c.wr.flush().await.expect("publish");
+        for _ in i..end {
+            match c.recv(Duration::from_secs(10)).await.expect("pubrec") {
+                Packet::PubRec(a) => {
+                    assert!(a.code == 0, "pubrec {a:?}");
+                    c.wr.queue(&Packet::PubRel(Ack::new(a.pid, 0)));
+                }
+                other => panic!("expected PUBREC, got {other:?}"),
+            }
+        }
+        c.wr.flush().await.expect("pubrel");
+        for _ in i..end {
+            match c.recv(Duration::from_secs(10)).await.expect("pubcomp") {
+                Packet::PubComp(a) => assert!(a.code == 0, "pubcomp {a:?}"),
+                other => panic!("expected PUBCOMP, got {other:?}"),
+            }
+        }
+        i = end;
+    }
+}
+
+/// 1,000 QoS 2 messages published on node 2 reach the QoS 2 subscribers on
+/// nodes 1 and 3 exactly once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_qos2_exactly_once() {
+    const N: u32 = 1000;
+    let n1 = start("n1", &[], None).await;
+    let n2 = start("n2", &[n1.cluster], None).await;
+    let n3 = start("n3", &[n1.cluster], None).await;
+    converged(&[&n1, &n2, &n3], 2).await;
+    let mut s1 = connect(n1.mqtt, Version::V5, "sub1", true).await;
+    let mut s3 = connect(n3.mqtt, Version::V311, "sub3", true).await;
+    assert_eq!(subscribe(&mut s1, "two/#", QoS::ExactlyOnce).await, vec![2]);
+    assert_eq!(subscribe(&mut s3, "two/#", QoS::ExactlyOnce).await, vec![2]);
+    until_routed(n2.mqtt, &mut [&mut s1, &mut s3], "two/probe").await;
+    let r1 = tokio::spawn(receive_all(s1, "two/x", N));
+    let r3 = tokio::spawn(receive_all(s3, "two/x", N));
+    let mut p = connect(n2.mqtt, Version::V5, "pub2", true).await;
+    publish_all_qos2(&mut p, "two/x", N).await;
+    let ((seen1, d1), (seen3, d3)) = (r1.await.expect("join"), r3.await.expect("join"));
+    eprintln!("{N} QoS 2 on n2: n1's subscriber got {} (+{d1} duplicates), n3's {} (+{d3})", seen1.len(), seen3.len());
+    assert_eq!((seen1.len() as u32, d1), (N, 0), "subscriber on node 1");
+    assert_eq!((seen3.len() as u32, d3), (N, 0), "subscriber on node 3");
+    for n in [n1, n2, n3] {
+        n.stop().await;
     }
 }
 

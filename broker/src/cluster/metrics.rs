@@ -60,6 +60,8 @@ pub fn render(node: &Node, o: &mut String) {
             );
         }
     }
+    g(o, "broker_cluster_forwards_unroutable_total", "Forwards for a node no longer in the member list.", "counter");
+    let _ = writeln!(o, "broker_cluster_forwards_unroutable_total{{node=\"{n}\"}} {}", m.no_peer.load(Relaxed));
     g(o, "broker_cluster_forward_queue", "Forwards waiting for a peer.", "gauge");
     for p in &peers {
         let _ = writeln!(o, "broker_cluster_forward_queue{{node=\"{n}\",peer=\"{}\"}} {}", p.name, p.queue.len());
