@@ -260,7 +260,9 @@ fn snapshot(sock: &mut RouteSocket, ifindex: u32, strict: bool) -> Result<SavedT
     let mut blocks = Vec::new();
     for q in qdiscs.iter().filter(|q| q.handle != 0) {
         blocks.push(q.handle);
-        blocks.extend(classes.iter().filter(|c| c.handle >> 16 == q.handle >> 16 && c.handle & 0xffff != 0).map(|c| c.handle));
+        blocks.extend(
+            classes.iter().filter(|c| c.handle >> 16 == q.handle >> 16 && c.handle & 0xffff != 0).map(|c| c.handle),
+        );
     }
     let mut chains = Vec::new();
     let mut filters = Vec::new();
@@ -306,7 +308,9 @@ fn u32_root(ifindex: u32, instance: &SavedObject) -> Result<u32, NetlinkError> {
     let answers = get(&op, RouteNetlinkMessage::GetTrafficFilter(msg))?;
     Ok(answers
         .into_iter()
-        .find_map(|m| if let RouteNetlinkMessage::NewTrafficFilter(f) = m { Some(f.header.handle.into()) } else { None })
+        .find_map(
+            |m| if let RouteNetlinkMessage::NewTrafficFilter(f) = m { Some(f.header.handle.into()) } else { None },
+        )
         .unwrap_or(0))
 }
 
@@ -344,7 +348,9 @@ fn get(op: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, N
                 NetlinkPayload::Error(e) => {
                     return match e.code {
                         None => Ok(answers),
-                        Some(code) => Err(NetlinkError::Kernel { op: op.to_string(), errno: -code.get(), ext_ack: None }),
+                        Some(code) => {
+                            Err(NetlinkError::Kernel { op: op.to_string(), errno: -code.get(), ext_ack: None })
+                        }
                     };
                 }
                 NetlinkPayload::Done(_) => return Ok(answers),
@@ -884,7 +890,9 @@ fn instances(tree: &SavedTree) -> Vec<Instance> {
         match out.iter_mut().find(|t| t.parent == f.parent && t.chain == chain && t.info == f.info && t.kind == f.kind)
         {
             Some(t) => t.entries.push(i),
-            None => out.push(Instance { parent: f.parent, chain, info: f.info, kind: f.kind.clone(), entries: vec![i] }),
+            None => {
+                out.push(Instance { parent: f.parent, chain, info: f.info, kind: f.kind.clone(), entries: vec![i] })
+            }
         }
     }
     out
@@ -904,15 +912,21 @@ fn plan_filters(tree: &SavedTree, ops: &mut Vec<Op>) {
             blocks.push(p);
         }
     }
-    // Chains come into being in the order the kernel lists them (explicit
-    // ones by themselves, the others with their first filter); u32
-    // instances come after, in the order their hash-table ids demand.
+    // Chains come into being in the order the kernel lists them: explicit
+    // ones by themselves, the others with their first filter. u32
+    // instances come after, in the order their hash-table ids demand, so a
+    // chain holding only u32 filters is created by itself when the block
+    // has other chains to keep in order (it then outlives its last filter,
+    // which tc does not show).
     let mut done = vec![false; instances.len()];
     for &parent in &blocks {
+        let several = tree.chains.iter().filter(|c| c.parent == parent).count() > 1;
         for (ci, c) in tree.chains.iter().enumerate().filter(|(_, c)| c.parent == parent) {
             let chain = c.chain.unwrap_or(0);
-            let has_filters = instances.iter().any(|t| t.parent == parent && t.chain == chain);
-            if !c.kind.is_empty() || !has_filters {
+            let mut held = instances.iter().filter(|t| t.parent == parent && t.chain == chain).peekable();
+            let has_filters = held.peek().is_some();
+            let only_u32 = has_filters && held.all(|t| t.kind == "u32");
+            if !c.kind.is_empty() || !has_filters || (several && only_u32) {
                 ops.push(Op::Chain(ci));
             }
             for (ti, t) in instances.iter().enumerate() {
@@ -961,10 +975,12 @@ fn plan_instance(tree: &SavedTree, t: &Instance, ops: &mut Vec<Op>) {
 /// gaps; a priority's tables oldest first (the kernel lists them newest
 /// first); key nodes last, so the tables they link to exist.
 fn plan_u32(tree: &SavedTree, major: u32, ops: &mut Vec<Op>) {
-    let scope: Vec<usize> =
-        (0..tree.filters.len()).filter(|&i| tree.filters[i].kind == "u32" && tree.filters[i].parent >> 16 == major).collect();
+    let scope: Vec<usize> = (0..tree.filters.len())
+        .filter(|&i| tree.filters[i].kind == "u32" && tree.filters[i].parent >> 16 == major)
+        .collect();
     let f = |i: usize| &tree.filters[i];
-    let same_instance = |a: usize, b: usize| (f(a).parent, f(a).chain, f(a).info) == (f(b).parent, f(b).chain, f(b).info);
+    let same_instance =
+        |a: usize, b: usize| (f(a).parent, f(a).chain, f(a).info) == (f(b).parent, f(b).chain, f(b).info);
     let prio = |i: usize| f(i).info >> 16;
     // Instances, by their bare entry, whose handle is the instance's root.
     let mut instances: Vec<usize> = Vec::new();
@@ -1008,8 +1024,12 @@ fn plan_u32(tree: &SavedTree, major: u32, ops: &mut Vec<Op>) {
     let first = instances.iter().copied().filter(|&t| f(t).handle != 0).min_by_key(|&t| f(t).handle);
     let Some(first) = first.or(instances.first().copied()) else { return };
     let (fparent, fchain) = (f(first).parent, f(first).chain.unwrap_or(0));
-    let used: HashSet<u32> =
-        tree.filters.iter().filter(|x| x.parent == fparent && x.chain.unwrap_or(0) == fchain).map(|x| x.info >> 16).collect();
+    let used: HashSet<u32> = tree
+        .filters
+        .iter()
+        .filter(|x| x.parent == fparent && x.chain.unwrap_or(0) == fchain)
+        .map(|x| x.info >> 16)
+        .collect();
     let spare = (1..=0xffffu32).rev().find(|p| !used.contains(p)).unwrap_or(0xffff) as u16;
     let filler = |table| Filler { parent: fparent, chain: fchain, prio: spare, table };
 
@@ -1167,7 +1187,8 @@ fn topological(deps: &[Option<usize>], prefer: impl Fn(usize) -> usize) -> Vec<u
     let mut placed = vec![false; n];
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let ready = (0..n).filter(|&i| !placed[i] && deps[i].is_none_or(|d| placed[d] || d == i)).min_by_key(|&i| prefer(i));
+        let ready =
+            (0..n).filter(|&i| !placed[i] && deps[i].is_none_or(|d| placed[d] || d == i)).min_by_key(|&i| prefer(i));
         // A cycle cannot come from a kernel dump; take the rest as listed.
         let i = ready.unwrap_or_else(|| (0..n).find(|&i| !placed[i]).unwrap_or_default());
         placed[i] = true;
@@ -1448,10 +1469,8 @@ fn remap_taken_actions(sock: &mut RouteSocket, tree: &SavedTree) -> SavedTree {
         });
     }
     let shared: BTreeSet<(String, u32)> = tree.shared_actions.iter().map(|a| (a.kind.clone(), a.index)).collect();
-    let mut taken: Vec<&(String, u32)> = wanted
-        .iter()
-        .filter(|a| !shared.contains(*a) && a.1 != 0 && action_exists(sock, &a.0, a.1))
-        .collect();
+    let mut taken: Vec<&(String, u32)> =
+        wanted.iter().filter(|a| !shared.contains(*a) && a.1 != 0 && action_exists(sock, &a.0, a.1)).collect();
     // The kernel frees a removed filter's actions from a work queue: give
     // the tree's own actions, if the root was only just removed, time to go.
     for _ in 0..50 {
@@ -1717,7 +1736,14 @@ mod tests {
             chain: Some(0),
             attrs: u32_knode(0, mirred(1, 1, 1)),
         };
-        let q = SavedObject { kind: "htb".into(), parent: TC_H_ROOT, handle: 0x1_0000, info: 0, chain: None, attrs: vec![] };
+        let q = SavedObject {
+            kind: "htb".into(),
+            parent: TC_H_ROOT,
+            handle: 0x1_0000,
+            info: 0,
+            chain: None,
+            attrs: vec![],
+        };
         let tree = SavedTree {
             version: FORMAT_VERSION,
             qdiscs: vec![q],
@@ -1756,7 +1782,14 @@ mod tests {
         assert_eq!(u32_handle_text(0x8000_0000), "800:");
         assert_eq!(u32_handle_text(0x8000_0800), "800::800");
         assert_eq!(u32_handle_text(0x0020_a001), "2:a:1");
-        let q = SavedObject { kind: "tbf".into(), parent: 0x1_0010, handle: 0x10_0000, info: 0, chain: None, attrs: vec![] };
+        let q = SavedObject {
+            kind: "tbf".into(),
+            parent: 0x1_0010,
+            handle: 0x10_0000,
+            info: 0,
+            chain: None,
+            attrs: vec![],
+        };
         assert_eq!(describe(Role::Qdisc, &q), "qdisc tbf 10: parent 1:10");
         let f = SavedObject {
             kind: "u32".into(),
@@ -1768,7 +1801,10 @@ mod tests {
         };
         assert_eq!(describe(Role::Filter, &f), "filter u32 800::800 parent 1: chain 0 pref 1 protocol 0x0800");
         let instance = SavedObject { handle: 0x8010_0000, attrs: vec![], ..f };
-        assert_eq!(describe(Role::Filter, &instance), "filter u32 (root table 801:) parent 1: chain 0 pref 1 protocol 0x0800");
+        assert_eq!(
+            describe(Role::Filter, &instance),
+            "filter u32 (root table 801:) parent 1: chain 0 pref 1 protocol 0x0800"
+        );
     }
 
     /// A random insertion history, its listing, and whether an order found
@@ -1785,8 +1821,9 @@ mod tests {
             }
         }
         // Dependencies point to something inserted earlier.
-        let deps_by_key: Vec<Option<u32>> =
-            (0..n).map(|i| if i > 0 && rng.random_bool(0.6) { Some(keys[rng.random_range(0..i)]) } else { None }).collect();
+        let deps_by_key: Vec<Option<u32>> = (0..n)
+            .map(|i| if i > 0 && rng.random_bool(0.6) { Some(keys[rng.random_range(0..i)]) } else { None })
+            .collect();
         let listed = model.listing(&keys);
         let deps: Vec<Option<usize>> = listed
             .iter()
@@ -1915,7 +1952,14 @@ mod tests {
         filters.extend(prio1(0x1_0000, 3, 0x807));
         let class = filters.len();
         filters.extend(prio1(0x1_0001, 0, 0x806));
-        let root = SavedObject { kind: "htb".into(), parent: TC_H_ROOT, handle: 0x1_0000, info: 0, chain: None, attrs: vec![] };
+        let root = SavedObject {
+            kind: "htb".into(),
+            parent: TC_H_ROOT,
+            handle: 0x1_0000,
+            info: 0,
+            chain: None,
+            attrs: vec![],
+        };
         let tree = SavedTree {
             version: FORMAT_VERSION,
             qdiscs: vec![root],
@@ -1929,7 +1973,12 @@ mod tests {
         let bare: Vec<usize> = (0..tree.filters.len()).filter(|&i| is_bare(&tree.filters[i])).collect();
         assert_eq!(bare.len(), 5);
         for i in bare {
-            assert_eq!(got.get(&i), Some(&(tree.filters[i].handle >> 20)), "root of {}", describe(Role::Filter, &tree.filters[i]));
+            assert_eq!(
+                got.get(&i),
+                Some(&(tree.filters[i].handle >> 20)),
+                "root of {}",
+                describe(Role::Filter, &tree.filters[i])
+            );
         }
         let counted = tree.filters.iter().position(|f| f.handle == 0x8040_0000).unwrap();
         assert_eq!(got[&counted], 0x804);
@@ -1965,8 +2014,16 @@ mod tests {
             chain: Some(0),
             attrs: if handle == 0 { vec![] } else { nla(TCA_OPTIONS, &nla(3, &u32s(&[0x1_0020]))) },
         };
-        let root = SavedObject { kind: "htb".into(), parent: TC_H_ROOT, handle: 0x1_0000, info: 0, chain: None, attrs: vec![] };
-        let chain = SavedObject { kind: String::new(), parent: 0x1_0000, handle: 0, info: 0, chain: Some(0), attrs: vec![] };
+        let root = SavedObject {
+            kind: "htb".into(),
+            parent: TC_H_ROOT,
+            handle: 0x1_0000,
+            info: 0,
+            chain: None,
+            attrs: vec![],
+        };
+        let chain =
+            SavedObject { kind: String::new(), parent: 0x1_0000, handle: 0, info: 0, chain: Some(0), attrs: vec![] };
         let tree = SavedTree {
             version: FORMAT_VERSION,
             qdiscs: vec![root],
@@ -1983,7 +2040,14 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(14);
         let mut minors: Vec<u32> = (1..30).collect();
         minors.shuffle(&mut rng);
-        let root = SavedObject { kind: "htb".into(), parent: TC_H_ROOT, handle: 0x1_0000, info: 0, chain: None, attrs: vec![] };
+        let root = SavedObject {
+            kind: "htb".into(),
+            parent: TC_H_ROOT,
+            handle: 0x1_0000,
+            info: 0,
+            chain: None,
+            attrs: vec![],
+        };
         let classes: Vec<SavedObject> = minors
             .iter()
             .map(|&m| SavedObject {
