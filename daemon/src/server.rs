@@ -119,6 +119,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(ClientConn::new));
+    let closing = service.closing();
+    // The server drains open streams before it returns: `Watch` streams
+    // must end when the shutdown starts, or a watcher would hold it off.
+    let shutdown = async move {
+        shutdown.await;
+        closing.cancel();
+    };
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
         .add_service(ChaosdServer::new(service))

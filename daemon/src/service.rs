@@ -9,7 +9,8 @@ use std::{
 
 use chaos_proto::chaosd::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -30,11 +31,19 @@ pub struct ChaosdService {
     probe: Arc<HostProbe>,
     engine: Arc<Engine>,
     state_dir: String,
+    closing: CancellationToken,
 }
 
 impl ChaosdService {
     pub fn new(probe: Arc<HostProbe>, engine: Arc<Engine>, state_dir: String) -> Self {
-        Self { started: Instant::now(), probe, engine, state_dir }
+        Self { started: Instant::now(), probe, engine, state_dir, closing: CancellationToken::new() }
+    }
+
+    /// Cancelled when the server starts shutting down: `Watch` streams end
+    /// then, since the server waits for every open stream before it returns
+    /// and the experiments (which end the streams) are recovered only after.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 
     /// Runs engine work, which does syscalls and journal writes, without
@@ -176,23 +185,22 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
         // Subscribed before the experiment is looked up, so that an end in
         // between is still seen.
         let rx = self.engine.subscribe();
-        if only.is_empty() {
-            let stream = BroadcastStream::new(rx).filter_map(|ev| {
-                // A slow watcher that lagged just misses events; it is not an error.
-                Some(Ok(event_to_pb(&ev.ok()?)))
-            });
-            return Ok(Response::new(Box::pin(stream)));
-        }
-        let id = only.clone();
-        let now = self.blocking(move |e| e.get(&id)).await?;
-        let ended = now.state.is_terminal();
         let (tx, out) = mpsc::channel(16);
-        let first = Event { at: SystemTime::now(), kind: EventKind::StateChanged, experiment: now };
-        let _ = tx.try_send(Ok(event_to_pb(&first)));
-        if !ended {
-            tokio::spawn(follow(self.engine.clone(), only, rx, tx));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        let only = if only.is_empty() {
+            None
+        } else {
+            let id = only.clone();
+            let now = self.blocking(move |e| e.get(&id)).await?;
+            let ended = now.state.is_terminal();
+            let first = Event { at: SystemTime::now(), kind: EventKind::StateChanged, experiment: now };
+            let _ = tx.try_send(Ok(event_to_pb(&first)));
+            if ended {
+                return Ok(Response::new(Box::pin(ReceiverStream::new(out))));
+            }
+            Some(only)
+        };
+        tokio::spawn(follow(self.engine.clone(), only, rx, tx, self.closing.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 }
 
@@ -208,25 +216,38 @@ fn event_to_pb(ev: &Event) -> pb::ExperimentEvent {
     }
 }
 
-/// Forwards one experiment's events to a watcher until it ends (its final
-/// state is the last event), the watcher goes away or the daemon stops.
+/// Forwards events to a watcher: all of them, or one experiment's until it
+/// ends (its final state is the last event). Stops when the watcher goes
+/// away, and ends the stream with Unavailable when the daemon stops.
 async fn follow(
     engine: Arc<Engine>,
-    id: String,
+    only: Option<String>,
     mut rx: broadcast::Receiver<Event>,
     tx: mpsc::Sender<Result<pb::ExperimentEvent, Status>>,
+    closing: CancellationToken,
 ) {
     loop {
         let ev = tokio::select! {
             _ = tx.closed() => return,
+            _ = closing.cancelled() => {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "chaosd is shutting down (it recovers every active experiment before it stops)",
+                    )))
+                    .await;
+                return;
+            }
             ev = rx.recv() => ev,
         };
-        let ev = match ev {
-            Ok(ev) if ev.experiment.id == id => ev,
-            Ok(_) => continue,
-            // Events were dropped for this slow watcher, and the end may
-            // have been among them: ask the engine.
-            Err(broadcast::error::RecvError::Lagged(_)) => {
+        let ev = match (ev, &only) {
+            (Ok(ev), None) => ev,
+            (Ok(ev), Some(id)) if ev.experiment.id == *id => ev,
+            (Ok(_), Some(_)) => continue,
+            // A slow watcher of everything just misses events.
+            (Err(broadcast::error::RecvError::Lagged(_)), None) => continue,
+            // The end of the one watched may have been among the dropped
+            // events: ask the engine.
+            (Err(broadcast::error::RecvError::Lagged(_)), Some(id)) => {
                 let (engine, id) = (engine.clone(), id.clone());
                 match tokio::task::spawn_blocking(move || engine.get(&id)).await {
                     Ok(Ok(exp)) if exp.state.is_terminal() => {
@@ -235,9 +256,9 @@ async fn follow(
                     _ => continue,
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+            (Err(broadcast::error::RecvError::Closed), _) => return,
         };
-        let end = ev.kind == EventKind::StateChanged && ev.experiment.state.is_terminal();
+        let end = only.is_some() && ev.kind == EventKind::StateChanged && ev.experiment.state.is_terminal();
         if tx.send(Ok(event_to_pb(&ev))).await.is_err() || end {
             return;
         }

@@ -161,6 +161,45 @@ fn watch_of_an_active_id_ends_when_the_experiment_does() {
     assert!(events.iter().all(|e| e["id"] == id.as_str()), "{}", r.stdout);
 }
 
+#[test]
+fn open_watches_end_when_chaosd_stops_and_do_not_hold_it_off() {
+    require_root();
+    let mut d = Daemon::start();
+    let victim = sleeper();
+    let id = d.ctl_ok(&["inject", "process", "pause", "--pid", &victim.pid().to_string()]).trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let watch = |args: &[&str], tag: &str| {
+        Proc(Some(
+            Command::new(chaosctl())
+                .arg("--socket")
+                .arg(&d.socket)
+                .args(args)
+                .stdout(fs::File::create(dir.path().join(format!("{tag}.out"))).unwrap())
+                .stderr(fs::File::create(dir.path().join(format!("{tag}.err"))).unwrap())
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let mut one = watch(&["watch", &id], "one");
+    let mut all = watch(&["watch"], "all");
+    // The watch of one prints its state at once; the other prints counters
+    // every second.
+    wait_until(Duration::from_secs(10), "both watchers to print", || {
+        ["one", "all"].iter().all(|t| fs::metadata(dir.path().join(format!("{t}.out"))).is_ok_and(|m| m.len() > 0))
+    });
+    let t0 = Instant::now();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "stopping took {:?}", t0.elapsed());
+    for (tag, p) in [("one", &mut one), ("all", &mut all)] {
+        wait_until(Duration::from_secs(5), "the watcher to end", || p.exited().is_some());
+        let err = fs::read_to_string(dir.path().join(format!("{tag}.err"))).unwrap();
+        assert_eq!(p.exited().unwrap().code(), Some(1), "watch {tag}: {err}");
+        assert!(err.contains("chaosd is shutting down"), "watch {tag}: {err}");
+    }
+    assert_ne!(victim.state(), 'T', "the pause was recovered at the stop");
+}
+
 // ------------------------------------------------------------ 8: stdout
 
 #[test]
