@@ -129,7 +129,11 @@ fn a_guardian_resumes_the_processes_after_the_daemon_dies() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(helper_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(state(counter.pid()), 'T', "resumed before the grace period ended");
+    // On a loaded machine the sleep can outlast the grace period itself:
+    // what must hold is that the process is still stopped while less than
+    // the grace period has passed.
+    let (seen, at) = (state(counter.pid()), killed.elapsed());
+    assert!(seen == 'T' || at >= Duration::from_secs(1), "resumed {at:?} after the daemon died, before the 1 s grace");
     let n = counter.count();
     wait_until("the guardian to resume the counter", Duration::from_secs(3), || counter.count() > n);
     println!("counter resumed {:.2} s after its daemon was killed (grace 1 s)", killed.elapsed().as_secs_f64());
