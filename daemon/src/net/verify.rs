@@ -5,11 +5,7 @@
 //! device, another tool) took away.
 
 use chaosd_common::{ACTION_NONE, DIR_EGRESS, DIR_INGRESS, DevKey};
-use netlink_packet_route::{
-    RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
-    tc::TcHandle,
-};
+use netlink_packet_route::{RouteNetlinkMessage, tc::TcHandle};
 
 use super::{
     bpf::{self, Datapath},
@@ -56,10 +52,10 @@ pub(super) fn verify(dp: &Datapath, owner: &Owner, exp: &Experiment, objects: &[
         .flat_map(|(ifindex, name)| dirs.iter().map(move |&d| (name.clone(), d, dp.link_pin(*netns, *ifindex, d))))
         .collect();
     let here = || -> Result<(), String> {
+        let present = target::inspect_here(false).map_err(|e| e.to_string())?;
         let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
-        let present = link_names(&mut sock)?;
         for (ifindex, name) in devices {
-            if !present.iter().any(|(i, n)| i == ifindex && n == name) {
+            if !present.iter().any(|d| d.ifindex == *ifindex && d.name == *name) {
                 return Err(format!("device {name} is gone from the namespace"));
             }
         }
@@ -85,16 +81,6 @@ pub(super) fn verify(dp: &Datapath, owner: &Owner, exp: &Experiment, objects: &[
 
 fn side(dir: u8) -> &'static str {
     if dir == DIR_EGRESS { "egress" } else { "ingress" }
-}
-
-fn link_names(sock: &mut RouteSocket) -> Result<Vec<(u32, String)>, String> {
-    let mut out = Vec::new();
-    for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default())).map_err(|e| e.to_string())? {
-        let RouteNetlinkMessage::NewLink(l) = m else { continue };
-        let name = l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
-        out.push((l.header.index, name.unwrap_or_default()));
-    }
-    Ok(out)
 }
 
 fn classifier_filter_present(sock: &mut RouteSocket, ifname: &str, dir: u8, label: &str) -> Result<bool, String> {
