@@ -122,6 +122,11 @@ pub struct Config {
     /// Forwards queued per peer beyond which new ones are dropped (counted,
     /// logged once per episode).
     pub cluster_forward_queue: usize,
+    /// A peer down for longer than this (seconds) keeps at most
+    /// `cluster_down_peer_max_queued` forwards: what is beyond is dropped
+    /// (oldest kept), counted and logged once per episode.
+    pub cluster_down_peer_keep_secs: u64,
+    pub cluster_down_peer_max_queued: usize,
 }
 
 impl Default for Config {
@@ -154,6 +159,8 @@ impl Default for Config {
             cluster_suspect_after_ms: 1500,
             cluster_down_after_ms: 5000,
             cluster_forward_queue: 100_000,
+            cluster_down_peer_keep_secs: 300,
+            cluster_down_peer_max_queued: 10_000,
         }
     }
 }
@@ -203,6 +210,8 @@ impl Config {
             suspect_after: ms(self.cluster_suspect_after_ms.max(1)),
             down_after: ms(self.cluster_down_after_ms.max(self.cluster_suspect_after_ms).max(1)),
             forward_queue: self.cluster_forward_queue.max(1),
+            down_keep: Duration::from_secs(self.cluster_down_peer_keep_secs),
+            down_max_queued: self.cluster_down_peer_max_queued.min(self.cluster_forward_queue.max(1)),
         })
     }
 
@@ -238,6 +247,36 @@ mod tests {
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         let bad = Config { fsync: "sometimes".into(), ..Config::default() };
         assert!(bad.fsync_policy().is_err());
+    }
+
+    /// Every cluster option has a config-file key, and they reach the
+    /// cluster's settings.
+    #[test]
+    fn cluster_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("broker.toml");
+        std::fs::write(
+            &p,
+            "node_name = \"n2\"\ncluster_listen = \"127.0.0.1:7100\"\ncluster_advertise = \"10.0.0.2:7000\"\n\
+             join = [\"10.0.0.1:7000\", \"n3.local:7000\"]\ncluster_heartbeat_ms = 200\n\
+             cluster_suspect_after_ms = 700\ncluster_down_after_ms = 2000\ncluster_forward_queue = 500\n\
+             cluster_down_peer_keep_secs = 60\ncluster_down_peer_max_queued = 50\n",
+        )
+        .expect("write");
+        let c = Config::load(&p).expect("loads");
+        let bound = c.cluster_listen().expect("addr").expect("clustered");
+        assert_eq!(bound.to_string(), "127.0.0.1:7100");
+        let s = c.cluster_settings(bound).expect("settings");
+        assert_eq!(s.advertise.to_string(), "10.0.0.2:7000");
+        assert_eq!(s.seeds, ["10.0.0.1:7000", "n3.local:7000"]);
+        assert_eq!((s.heartbeat, s.suspect_after, s.down_after), (ms(200), ms(700), ms(2000)));
+        assert_eq!((s.forward_queue, s.down_keep, s.down_max_queued), (500, Duration::from_secs(60), 50));
+        let bad = Config { join: vec!["nohost".into()], ..c };
+        assert!(matches!(bad.cluster_settings(bound), Err(ConfigError::Seed(_))));
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     #[test]

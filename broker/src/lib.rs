@@ -4,6 +4,7 @@ pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod cluster_status;
 pub mod codec;
 pub mod config;
 pub mod conn;

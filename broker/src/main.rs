@@ -22,6 +22,18 @@ struct Cli {
 enum Cmd {
     /// Load client for any MQTT broker: throughput, latency, loss.
     Bench(broker::bench::BenchArgs),
+    /// Inspect a running cluster node.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, their state, route counts, forward queue depths and the
+    /// last resync, as a node sees them (its GET /cluster).
+    Status(broker::cluster_status::StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +88,15 @@ struct RunArgs {
     /// A peer silent for this long is down (ms).
     #[arg(long)]
     cluster_down_after_ms: Option<u64>,
+    /// Forwards queued per peer beyond which new ones are dropped.
+    #[arg(long, value_name = "N")]
+    cluster_forward_queue: Option<usize>,
+    /// A peer down longer than this (s) keeps at most
+    /// --cluster-down-peer-max-queued forwards; the rest is dropped.
+    #[arg(long, value_name = "SECS")]
+    cluster_down_peer_keep_secs: Option<u64>,
+    #[arg(long, value_name = "N")]
+    cluster_down_peer_max_queued: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting tokio")?;
             rt.block_on(broker::bench::run(args))
         }
+        Some(Cmd::Cluster { cmd: ClusterCmd::Status(args) }) => broker::cluster_status::run(&args),
         None => {
             let cfg = config(cli.run)?;
             runtime(&cfg)?.block_on(run_broker(cfg))
@@ -177,6 +199,15 @@ fn config(a: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = a.cluster_down_after_ms {
         cfg.cluster_down_after_ms = v;
+    }
+    if let Some(v) = a.cluster_forward_queue {
+        cfg.cluster_forward_queue = v;
+    }
+    if let Some(v) = a.cluster_down_peer_keep_secs {
+        cfg.cluster_down_peer_keep_secs = v;
+    }
+    if let Some(v) = a.cluster_down_peer_max_queued {
+        cfg.cluster_down_peer_max_queued = v;
     }
     cfg.fsync_policy()?;
     cfg.listen_backlog()?;

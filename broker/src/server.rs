@@ -123,7 +123,8 @@ pub async fn run_node(
     let router = Router::new(cfg.clone(), metrics.clone(), store, loaded, cluster.as_ref().map(|c| c.outlet.clone()));
     let router_task = tokio::spawn(router.run(router_rx, router_tx.clone()));
     if let Some(h) = http {
-        tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), shutdown.clone()));
+        let view = cluster.as_ref().map(crate::cluster::Cluster::view);
+        tokio::spawn(crate::http::serve(h, metrics.clone(), cfg.node_name.clone(), view, shutdown.clone()));
     }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),

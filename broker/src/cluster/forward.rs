@@ -64,6 +64,7 @@ impl PeerQueue {
                 drop(q);
                 self.counters.dropped.fetch_add(1, Relaxed);
                 if !self.dropping.swap(true, Relaxed) {
+                    node.metrics.drop_episode("queue_full");
                     tracing::warn!(
                         node = %node.settings.node_name,
                         %peer,

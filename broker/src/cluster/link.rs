@@ -42,6 +42,7 @@ pub fn learn(node: &Arc<Node>, list: Vec<pb::Node>) {
             continue;
         }
         let (p, new) = node.members.get_or_insert(&n.name, &n.cluster_addr, n.incarnation, node.settings.forward_queue);
+        p.set_mqtt_addr(&n.mqtt_addr);
         if new {
             tracing::info!(peer = %n.name, addr = %n.cluster_addr, "member learned");
         }
@@ -253,6 +254,7 @@ async fn sync_routes(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -
                 // A delta that did not apply: unknown base, full next.
                 let held = if held != s.version && !s.full { u64::MAX } else { held };
                 peer.acked_version.store(held, Relaxed);
+                peer.resynced();
             }
             Err(s) => return Err(failed(s, "sync routes")),
         }
@@ -279,6 +281,9 @@ async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Re
         match c.forward(req).await {
             Ok(_) => {
                 peer.heard();
+                for (_, m) in &batch {
+                    node.metrics.observe_forward(m.received_at.elapsed());
+                }
                 peer.queue.acked(n);
             }
             Err(s) => {

@@ -47,7 +47,11 @@ pub struct Peer {
     /// Where its Cluster service is reached, and its incarnation, as it
     /// last joined (or as a member list named it).
     pub addr: Mutex<String>,
+    /// Its MQTT listener as it announced it ("" until then).
+    pub mqtt_addr: Mutex<String>,
     pub incarnation: AtomicU64,
+    /// Wall-clock ms of the last route sync either way (for operators).
+    pub last_resync_ms: AtomicU64,
     heard: Mutex<Option<Instant>>,
     /// Its routes held here (receiving side).
     pub held: Mutex<Held>,
@@ -63,7 +67,9 @@ impl Peer {
         Peer {
             name: name.to_owned(),
             addr: Mutex::new(addr.to_owned()),
+            mqtt_addr: Mutex::new(String::new()),
             incarnation: AtomicU64::new(incarnation),
+            last_resync_ms: AtomicU64::new(0),
             heard: Mutex::new(None),
             held: Mutex::new(Held::default()),
             acked_version: AtomicU64::new(u64::MAX),
@@ -86,6 +92,21 @@ impl Peer {
 
     pub fn addr(&self) -> String {
         self.addr.lock().expect("addr lock").clone()
+    }
+
+    pub fn mqtt_addr(&self) -> String {
+        self.mqtt_addr.lock().expect("mqtt addr lock").clone()
+    }
+
+    /// Records the MQTT address a peer announced (an empty one says nothing).
+    pub fn set_mqtt_addr(&self, a: &str) {
+        if !a.is_empty() {
+            a.clone_into(&mut self.mqtt_addr.lock().expect("mqtt addr lock"));
+        }
+    }
+
+    pub fn resynced(&self) {
+        self.last_resync_ms.store(super::status::unix_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -9,8 +9,21 @@ use super::members::PeerState;
 /// Reasons a request from a peer was refused (fixed label set).
 const REJECTED: [&str; 4] = ["unknown_peer", "name_collision", "protocol", "invalid"];
 
+/// Upper bounds (seconds) of the forward latency histogram: a forward waits
+/// for the peer's routing (and its fsync for persistent sessions), and while
+/// a peer is away for as long as it is away.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0];
+
+/// Why forwards were dropped, one episode counted per start of dropping.
+pub const DROP_EPISODES: [&str; 2] = ["queue_full", "peer_down_too_long"];
+
 #[derive(Default)]
 pub struct ClusterMetrics {
+    latency_buckets: [AtomicU64; 14],
+    latency_count: AtomicU64,
+    latency_sum_ns: AtomicU64,
+    drop_episodes: [AtomicU64; 2],
     rejected: [AtomicU64; 4],
     pub resyncs_sent: AtomicU64,
     pub resyncs_received: AtomicU64,
@@ -24,6 +37,21 @@ impl ClusterMetrics {
     pub fn rejected(&self, reason: &str) {
         let i = REJECTED.iter().position(|r| *r == reason).unwrap_or(REJECTED.len() - 1);
         self.rejected[i].fetch_add(1, Relaxed);
+    }
+
+    /// Publish received (by this node's router) to the peer's ack.
+    pub fn observe_forward(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| s <= *b) {
+            self.latency_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    pub fn drop_episode(&self, reason: &str) {
+        let i = DROP_EPISODES.iter().position(|r| *r == reason).unwrap_or(0);
+        self.drop_episodes[i].fetch_add(1, Relaxed);
     }
 
     pub fn forward_no_peer(&self) {
@@ -59,6 +87,30 @@ pub fn render(node: &Node, o: &mut String) {
                 v.load(Relaxed)
             );
         }
+    }
+    let name = "broker_cluster_forward_latency_seconds";
+    g(o, name, "Publish received to the peer's acknowledgement of its forward.", "histogram");
+    let mut cum = 0;
+    for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+        cum += m.latency_buckets[i].load(Relaxed);
+        let _ = writeln!(o, "{name}_bucket{{node=\"{n}\",le=\"{b}\"}} {cum}");
+    }
+    let count = m.latency_count.load(Relaxed);
+    let _ = writeln!(o, "{name}_bucket{{node=\"{n}\",le=\"+Inf\"}} {count}");
+    let _ = writeln!(o, "{name}_sum{{node=\"{n}\"}} {}", m.latency_sum_ns.load(Relaxed) as f64 / 1e9);
+    let _ = writeln!(o, "{name}_count{{node=\"{n}\"}} {count}");
+    g(
+        o,
+        "broker_cluster_forward_drop_episodes_total",
+        "Times forwards for a peer started being dropped (each logged once), by reason.",
+        "counter",
+    );
+    for (i, r) in DROP_EPISODES.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "broker_cluster_forward_drop_episodes_total{{node=\"{n}\",reason=\"{r}\"}} {}",
+            m.drop_episodes[i].load(Relaxed)
+        );
     }
     g(o, "broker_cluster_forwards_unroutable_total", "Forwards for a node no longer in the member list.", "counter");
     let _ = writeln!(o, "broker_cluster_forwards_unroutable_total{{node=\"{n}\"}} {}", m.no_peer.load(Relaxed));

@@ -22,6 +22,7 @@ mod members;
 mod metrics;
 mod routes;
 mod service;
+mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ClusterError;
 pub use members::PeerState;
 pub use routes::{RouteEvent, RouteKey};
+pub use status::{Member, Status, View, unix_ms};
 
 use crate::inbox;
 use crate::message::Message;
@@ -60,6 +62,9 @@ pub struct Settings {
     /// Forwards queued per peer (QoS 1/2 waiting for the peer's ack, and
     /// QoS 0 waiting to be sent) beyond which new ones are dropped.
     pub forward_queue: usize,
+    /// A peer down longer than this keeps at most `down_max_queued`.
+    pub down_keep: Duration,
+    pub down_max_queued: usize,
 }
 
 /// State shared by the cluster's tasks.
@@ -162,6 +167,11 @@ impl Cluster {
     pub fn metrics_renderer(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
         let node = self.node.clone();
         move |out| metrics::render(&node, out)
+    }
+
+    /// The live state for `/cluster` and `/health`.
+    pub fn view(&self) -> View {
+        View { node: self.node.clone() }
     }
 
     /// Name and state of every known peer.

@@ -52,7 +52,7 @@ pub fn members(node: &Node) -> Vec<pb::Node> {
         v.push(pb::Node {
             name: p.name.clone(),
             cluster_addr: p.addr(),
-            mqtt_addr: String::new(),
+            mqtt_addr: p.mqtt_addr(),
             incarnation: p.incarnation.load(Relaxed),
             protocol: PROTOCOL,
         });
@@ -152,6 +152,7 @@ impl Cluster for Service {
             }
         }
         p.incarnation.store(n.incarnation, Relaxed);
+        p.set_mqtt_addr(&n.mqtt_addr);
         // Whatever we told the previous run of this peer, it holds nothing now.
         p.acked_version.store(u64::MAX, Relaxed);
         p.heard();
@@ -204,6 +205,7 @@ impl Cluster for Service {
                 held.routes = (held.routes + upserts.len()).saturating_sub(removed.len());
             }
             held.version = r.version;
+            p.resynced();
             self.node.router.push(ToRouter::RemoteRoutes(Box::new(RemoteRoutes {
                 node: r.from,
                 full: r.full,

@@ -3,6 +3,8 @@
 //! stopped by a guard's Drop, also when the test fails.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod nodes;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
