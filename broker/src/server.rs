@@ -86,7 +86,7 @@ pub async fn run_node(
     let policy = cfg.fsync_policy()?;
     let metrics = Arc::new(Metrics::default());
     let auth = cfg.password_file.as_deref().map(Auth::load).transpose()?;
-    let (store, loaded) = match &cfg.data_dir {
+    let (store, mut loaded) = match &cfg.data_dir {
         Some(dir) => {
             let store = Store::open(dir)?;
             let loaded = store.load()?;
@@ -111,7 +111,14 @@ pub async fn run_node(
         Some(l) => {
             let bound = l.local_addr().map_err(|e| crate::config::ConfigError::ClusterListen(e.to_string()))?;
             let settings = cfg.cluster_settings(bound)?;
-            Some(crate::cluster::Cluster::new(settings, router_tx.clone(), shutdown.clone()))
+            let c = crate::cluster::Cluster::new(
+                settings,
+                router_tx.clone(),
+                store.as_ref().map(crate::store::StoreHandle::sender),
+                shutdown.clone(),
+            );
+            c.restore(std::mem::take(&mut loaded.cluster));
+            Some(c)
         }
         None => None,
     };
@@ -176,6 +183,9 @@ pub async fn run_node(
     shared.router.stop();
     drop(shared);
     let _ = router_task.await;
+    if let Some(c) = &cluster {
+        c.close_store();
+    }
     match failed {
         Some(e) => Err(e.into()),
         None => Ok(metrics),

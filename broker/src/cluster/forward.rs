@@ -1,30 +1,68 @@
 //! Forwards: the per-peer outbound queue (sending side) and deduplication
 //! (receiving side).
 //!
-//! The queue is in memory: what the router queued for a peer stays until the
-//! peer acknowledged it (QoS 1/2) or it was sent once (QoS 0), across
-//! reconnects, up to `forward_queue` messages; beyond that new messages are
-//! dropped, counted and logged once per episode. Message ids grow per node
-//! incarnation, and a link sends one batch at a time in queue order, so the
-//! receiver can keep only the highest id it has routed per (origin,
-//! incarnation): a retried batch is recognised as what it is.
+//! What the router queued for a peer stays until the peer acknowledged it
+//! (QoS 1/2) or it was sent once (QoS 0), across reconnects, up to
+//! `forward_queue` messages; beyond that new messages are dropped, counted
+//! and logged once per episode. On a node with a data directory a QoS 1/2
+//! forward is also written to the store before its publisher's
+//! PUBACK/PUBREC goes out (the router waits for that commit as for a
+//! persistent session's), deleted when the peer acked it, and queued again
+//! when the node restarts, with the number it had.
+//!
+//! Message ids grow per node (across restarts too while forwards are on
+//! disk), and a link sends one batch at a time in queue order, so the
+//! receiver keeps only the highest id it has routed per (origin, origin's
+//! incarnation): a retried batch is recognised as what it is. The receiver
+//! keeps those marks in its store in the same commit as the messages it
+//! queued for persistent sessions, so its restart does not forget them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::sync::Notify;
 
 use super::Node;
 use crate::message::Message;
+use crate::store::Op;
 
-/// Next message id of this process (ids only need to grow per incarnation).
+/// Next message id of this process (raised above what the store holds).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Ids restored from disk are below every new one.
+pub fn ids_above(id: u64) {
+    NEXT_ID.fetch_max(id + 1, Relaxed);
+}
 
 pub struct Queued {
     pub id: u64,
+    /// The incarnation of this node that numbered it.
+    pub inc: u64,
     pub msg: Arc<Message>,
     pub reliable: bool,
+    /// In the store until acked.
+    pub durable: bool,
+}
+
+/// A forward's store record: origin incarnation, then the message.
+pub fn encode(inc: u64, msg: &Message) -> Vec<u8> {
+    let mut b = BytesMut::with_capacity(64 + msg.topic.len() + msg.payload.len());
+    b.put_u64(inc);
+    crate::store::record::encode_message(&mut b, msg);
+    b.to_vec()
+}
+
+pub fn decode(raw: &[u8]) -> Result<(u64, Message), crate::codec::DecodeError> {
+    let mut b = bytes::Bytes::copy_from_slice(raw);
+    if b.len() < 8 {
+        return Err(crate::codec::DecodeError::Malformed("stored forward too short"));
+    }
+    let inc = b.get_u64();
+    let m = crate::store::record::decode_message(&mut crate::codec::Rd::new(b))?;
+    Ok((inc, m))
 }
 
 #[derive(Default)]
@@ -40,6 +78,9 @@ pub struct PeerQueue {
     cap: usize,
     /// Set while dropping, so a full queue logs once per episode.
     dropping: AtomicBool,
+    /// Set while the peer has been down longer than `down_keep`: the queue
+    /// is held to `down_max_queued`.
+    limited: AtomicBool,
     /// Wakes the peer's link: forwards queued or routes changed.
     pub wake: Notify,
     pub counters: PeerCounters,
@@ -51,53 +92,76 @@ impl PeerQueue {
             q: Mutex::new(VecDeque::new()),
             cap,
             dropping: AtomicBool::new(false),
+            limited: AtomicBool::new(false),
             wake: Notify::new(),
             counters: PeerCounters::default(),
         }
     }
 
-    /// Called by the router: never waits.
-    pub fn push(&self, node: &Node, peer: &str, msg: Arc<Message>, reliable: bool) {
+    /// Called by the router: never waits. Returns whether a store write
+    /// was issued (the publisher's ack must wait for its commit).
+    pub fn push(&self, node: &Node, peer: &str, msg: Arc<Message>, reliable: bool) -> bool {
+        let limited = self.limited.load(Relaxed);
+        let cap = if limited { node.settings.down_max_queued } else { self.cap };
+        let durable = reliable && node.has_store();
+        let record = durable.then(|| encode(node.incarnation, &msg));
         {
             let mut q = self.q.lock().expect("forward queue lock");
-            if q.len() >= self.cap {
+            if q.len() >= cap {
                 drop(q);
                 self.counters.dropped.fetch_add(1, Relaxed);
-                if !self.dropping.swap(true, Relaxed) {
+                // The down-too-long episode was logged when it began.
+                if !limited && !self.dropping.swap(true, Relaxed) {
                     node.metrics.drop_episode("queue_full");
                     tracing::warn!(
                         node = %node.settings.node_name,
                         %peer,
-                        cap = self.cap,
-                        "forward queue full: dropping new messages for this peer until it drains"
+                        cap,
+                        "forward queue full: dropping new messages for this peer until it drains \
+                         (broker_cluster_forwards_total{{result=\"dropped\"}} counts them)"
                     );
                 }
-                return;
+                return false;
             }
-            q.push_back(Queued { id: NEXT_ID.fetch_add(1, Relaxed), msg, reliable });
+            let id = NEXT_ID.fetch_add(1, Relaxed);
+            // Under the lock: the link cannot ack (and delete) it before
+            // the write is in the store's queue.
+            if let Some(r) = record {
+                node.store_send(Op::PutForward(Arc::from(peer), id, r));
+            }
+            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable });
         }
         self.wake.notify_one();
+        durable
+    }
+
+    /// Queues forwards restored from the store (they were acknowledged to
+    /// their publishers: kept whatever the bound).
+    pub fn restore(&self, items: Vec<Queued>) {
+        self.q.lock().expect("forward queue lock").extend(items);
     }
 
     pub fn len(&self) -> usize {
         self.q.lock().expect("forward queue lock").len()
     }
 
-    /// The first `n` queued, still in the queue until `acked`.
-    pub fn peek(&self, n: usize) -> Vec<(u64, Arc<Message>)> {
+    /// The first `n` queued as (id, incarnation, message), still in the
+    /// queue until `acked`.
+    pub fn peek(&self, n: usize) -> Vec<(u64, u64, Arc<Message>)> {
         let q = self.q.lock().expect("forward queue lock");
-        q.iter().take(n).map(|e| (e.id, e.msg.clone())).collect()
+        q.iter().take(n).map(|e| (e.id, e.inc, e.msg.clone())).collect()
     }
 
-    /// The peer took the first `n`.
-    pub fn acked(&self, n: usize) {
+    /// The peer took the first `n`: returns the ids to delete from the store.
+    pub fn acked(&self, n: usize) -> Vec<u64> {
         let mut q = self.q.lock().expect("forward queue lock");
         let n = n.min(q.len());
-        q.drain(..n);
+        let gone: Vec<u64> = q.drain(..n).filter(|e| e.durable).map(|e| e.id).collect();
         self.counters.acked.fetch_add(n as u64, Relaxed);
         if q.len() < self.cap / 2 && self.dropping.swap(false, Relaxed) {
             tracing::info!(queued = q.len(), "forward queue drained below half: accepting new messages again");
         }
+        gone
     }
 
     /// Sending the first `n` failed: QoS 0 among them is gone (at most
@@ -115,20 +179,93 @@ impl PeerQueue {
         self.counters.retried.fetch_add(kept as u64, Relaxed);
         self.counters.dropped.fetch_add((n - kept) as u64, Relaxed);
     }
+
+    /// Applies the down-peer limit: once the peer has been down for longer
+    /// than `down_keep` the oldest `down_max_queued` forwards are kept and
+    /// the rest dropped (logged once for the episode); lifted when it is
+    /// back. Returns the store ids to delete.
+    pub fn limit(&self, node: &Node, peer: &str, down_for: Option<Duration>) -> Vec<u64> {
+        let s = &node.settings;
+        match down_for {
+            Some(d) if d > s.down_keep => {
+                let mut q = self.q.lock().expect("forward queue lock");
+                let first = !self.limited.swap(true, Relaxed);
+                let over = q.len().saturating_sub(s.down_max_queued);
+                let keep = q.len() - over;
+                let gone: Vec<Queued> = q.drain(keep..).collect();
+                drop(q);
+                self.counters.dropped.fetch_add(over as u64, Relaxed);
+                if first {
+                    node.metrics.drop_episode("peer_down_too_long");
+                    tracing::warn!(
+                        node = %s.node_name,
+                        %peer,
+                        down_secs = d.as_secs(),
+                        keep_secs = s.down_keep.as_secs(),
+                        kept = s.down_max_queued,
+                        dropped_now = over,
+                        "peer down longer than cluster_down_peer_keep_secs: keeping the oldest forwards up to \
+                         cluster_down_peer_max_queued, dropping the rest and new ones beyond it until it is back"
+                    );
+                }
+                gone.into_iter().filter(|e| e.durable).map(|e| e.id).collect()
+            }
+            None if self.limited.swap(false, Relaxed) => {
+                tracing::info!(node = %s.node_name, %peer, "peer back: its forward queue takes up to forward_queue again");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
-/// Highest message id routed per origin, for one incarnation of it. One lock
-/// per origin, held while its batch is routed, so that a retry racing the
-/// original (a stale connection) waits and is then recognised.
+/// Highest message id routed per origin incarnation, for one origin. One
+/// lock per origin, held while its batch is routed, so that a retry racing
+/// the original (a stale connection) waits and is then recognised.
+#[derive(Default)]
+pub struct Seen {
+    /// (incarnation, highest id), most recently used last.
+    marks: Vec<(u64, u64)>,
+}
+
+/// Incarnations remembered per origin (as in the store).
+const SEEN_KEEP: usize = 8;
+
+impl Seen {
+    pub fn top(&self, inc: u64) -> u64 {
+        self.marks.iter().find(|(i, _)| *i == inc).map_or(0, |(_, t)| *t)
+    }
+
+    pub fn set(&mut self, inc: u64, top: u64) {
+        self.marks.retain(|(i, _)| *i != inc);
+        self.marks.push((inc, top));
+        if self.marks.len() > SEEN_KEEP {
+            self.marks.remove(0);
+        }
+    }
+}
+
+type Origin = Arc<tokio::sync::Mutex<Seen>>;
+
 #[derive(Default)]
 pub struct Dedup {
-    origins: Mutex<HashMap<String, Arc<tokio::sync::Mutex<(u64, u64)>>>>,
+    origins: Mutex<HashMap<String, Origin>>,
     pub duplicates: AtomicU64,
 }
 
 impl Dedup {
-    pub fn origin(&self, name: &str) -> Arc<tokio::sync::Mutex<(u64, u64)>> {
+    pub fn origin(&self, name: &str) -> Origin {
         self.origins.lock().expect("dedup lock").entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Marks restored from the store, before the service answers anyone.
+    pub fn restore(&self, marks: Vec<(String, u64, u64)>) {
+        let mut o = self.origins.lock().expect("dedup lock");
+        for (origin, inc, top) in marks {
+            let e = o.entry(origin).or_default();
+            let mut seen = e.try_lock().expect("nobody holds a restored origin");
+            seen.set(inc, top);
+        }
     }
 }
 
@@ -157,13 +294,48 @@ mod tests {
         let q = PeerQueue::new(10);
         let mut ids = Vec::new();
         for (i, qos) in [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtMostOnce].iter().enumerate() {
-            q.q.lock().unwrap().push_back(Queued { id: i as u64, msg: msg(*qos), reliable: *qos != QoS::AtMostOnce });
+            let reliable = *qos != QoS::AtMostOnce;
+            q.q.lock().unwrap().push_back(Queued { id: i as u64, inc: 1, msg: msg(*qos), reliable, durable: false });
             ids.push(i as u64);
         }
         q.failed(3);
-        let left: Vec<u64> = q.peek(10).iter().map(|(id, _)| *id).collect();
+        let left: Vec<u64> = q.peek(10).iter().map(|(id, _, _)| *id).collect();
         assert_eq!(left, vec![0, 2, 3]);
         q.acked(2);
-        assert_eq!(q.peek(10).iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(q.peek(10).iter().map(|(id, _, _)| *id).collect::<Vec<_>>(), vec![3]);
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn forward_record_round_trips_with_its_incarnation() {
+        let m = Message {
+            topic: "a/b".into(),
+            payload: bytes::Bytes::from_static(b"xyz"),
+            qos: crate::codec::QoS::ExactlyOnce,
+            retain: false,
+            props: crate::codec::Properties::default(),
+            expires_at: None,
+            publisher: Some(Arc::from("pub")),
+            received_at: std::time::Instant::now(),
+        };
+        let (inc, back) = decode(&encode(42, &m)).expect("decodes");
+        assert_eq!((inc, back.topic.as_str(), &back.payload[..], back.qos), (42, "a/b", &b"xyz"[..], m.qos));
+        assert_eq!(back.publisher.as_deref(), Some("pub"));
+        assert!(decode(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn seen_keeps_the_latest_incarnations() {
+        let mut s = Seen::default();
+        for inc in 1..=10 {
+            s.set(inc, inc * 100);
+        }
+        assert_eq!((s.top(1), s.top(2), s.top(3), s.top(10)), (0, 0, 300, 1000));
+        s.set(3, 301);
+        assert_eq!(s.top(3), 301);
     }
 }

@@ -20,6 +20,7 @@ use super::error::{ClusterError, is_unknown_peer};
 use super::members::{Peer, PeerState};
 use super::service::me;
 use super::{Node, convert};
+use crate::store::Op;
 
 /// Forwards per request.
 const BATCH: usize = 512;
@@ -43,8 +44,14 @@ pub fn learn(node: &Arc<Node>, list: Vec<pb::Node>) {
         }
         let (p, new) = node.members.get_or_insert(&n.name, &n.cluster_addr, n.incarnation, node.settings.forward_queue);
         p.set_mqtt_addr(&n.mqtt_addr);
-        if new {
+        // A peer known only from restored forwards has no address yet.
+        let unknown = !new && p.addr().is_empty() && !n.cluster_addr.is_empty();
+        if unknown {
+            n.cluster_addr.clone_into(&mut p.addr.lock().expect("addr lock"));
+        }
+        if new || unknown {
             tracing::info!(peer = %n.name, addr = %n.cluster_addr, "member learned");
+            node.remember_peer(&n.name, &n.cluster_addr);
         }
         ensure(node.clone(), p);
     }
@@ -125,6 +132,7 @@ async fn run(node: Arc<Node>, peer: Arc<Peer>) {
         };
         // The peer holds what it held; we learn it again from its answers.
         peer.acked_version.store(u64::MAX, Relaxed);
+        apply_limit(&node, &peer);
         match end {
             End::Stop => return,
             End::Rejoin => {
@@ -217,6 +225,16 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
     }
 }
 
+/// The down-peer limit (forward.rs), checked whenever a session ends.
+fn apply_limit(node: &Node, peer: &Peer) {
+    let down_for = (peer.state(&node.settings) == PeerState::Down)
+        .then(|| peer.silent_for().saturating_sub(node.settings.down_after));
+    let gone = peer.queue.limit(node, &peer.name, down_for);
+    if !gone.is_empty() {
+        node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
+    }
+}
+
 fn failed(s: tonic::Status, what: &str) -> End {
     if is_unknown_peer(&s) { End::Rejoin } else { End::Failed(format!("{what}: {s}")) }
 }
@@ -274,17 +292,24 @@ async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Re
             incarnation: node.incarnation,
             messages: batch
                 .iter()
-                .map(|(id, m)| pb::Forwarded { message_id: *id, publish: Some(convert::to_wire(m)) })
+                .map(|(id, inc, m)| pb::Forwarded {
+                    message_id: *id,
+                    publish: Some(convert::to_wire(m)),
+                    origin_incarnation: if *inc == node.incarnation { 0 } else { *inc },
+                })
                 .collect(),
         };
         peer.queue.counters.sent.fetch_add(n as u64, Relaxed);
         match c.forward(req).await {
             Ok(_) => {
                 peer.heard();
-                for (_, m) in &batch {
+                for (_, _, m) in &batch {
                     node.metrics.observe_forward(m.received_at.elapsed());
                 }
-                peer.queue.acked(n);
+                let gone = peer.queue.acked(n);
+                if !gone.is_empty() {
+                    node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
+                }
             }
             Err(s) => {
                 peer.queue.failed(n);

@@ -53,6 +53,8 @@ pub struct Peer {
     /// Wall-clock ms of the last route sync either way (for operators).
     pub last_resync_ms: AtomicU64,
     heard: Mutex<Option<Instant>>,
+    /// When this node learned of it: "silent since" for a peer never heard.
+    known_since: Instant,
     /// Its routes held here (receiving side).
     pub held: Mutex<Held>,
     /// Our route version that the peer confirmed holding (sending side).
@@ -71,6 +73,7 @@ impl Peer {
             incarnation: AtomicU64::new(incarnation),
             last_resync_ms: AtomicU64::new(0),
             heard: Mutex::new(None),
+            known_since: Instant::now(),
             held: Mutex::new(Held::default()),
             acked_version: AtomicU64::new(u64::MAX),
             queue: PeerQueue::new(cap),
@@ -80,6 +83,11 @@ impl Peer {
 
     pub fn heard(&self) {
         *self.heard.lock().expect("heard lock") = Some(Instant::now());
+    }
+
+    /// Time since the peer was last heard (monotonic).
+    pub fn silent_for(&self) -> std::time::Duration {
+        self.heard.lock().expect("heard lock").unwrap_or(self.known_since).elapsed()
     }
 
     pub fn state(&self, s: &Settings) -> PeerState {

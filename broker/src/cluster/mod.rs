@@ -80,6 +80,26 @@ pub(crate) struct Node {
     /// Cancelled when this node must stop (its name is taken).
     pub fatal: CancellationToken,
     pub fatal_error: std::sync::Mutex<Option<ClusterError>>,
+    /// The store's queue, on a node with a data directory (taken away when
+    /// the node stops, so that the store can close).
+    pub store: std::sync::Mutex<Option<std::sync::mpsc::Sender<crate::store::Op>>>,
+}
+
+impl Node {
+    pub fn has_store(&self) -> bool {
+        self.store.lock().expect("store lock").is_some()
+    }
+
+    pub fn store_send(&self, op: crate::store::Op) {
+        if let Some(s) = self.store.lock().expect("store lock").as_ref() {
+            let _ = s.send(op);
+        }
+    }
+
+    /// Remembers where a peer is, for forwards restored after a restart.
+    pub fn remember_peer(&self, name: &str, addr: &str) {
+        self.store_send(crate::store::Op::PutPeer(name.to_owned(), addr.to_owned()));
+    }
 }
 
 /// The router's side of the cluster. Nothing here waits.
@@ -96,12 +116,17 @@ impl Outlet {
     }
 
     /// Queues `msg` for the peer behind a remote key of the trie;
-    /// `reliable` when a subscriber there gets it at QoS 1 or 2.
-    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool) {
+    /// `reliable` when a subscriber there gets it at QoS 1 or 2. Returns
+    /// whether it went to the store: then the publisher's ack waits for the
+    /// store's commit.
+    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool) -> bool {
         let name = remote_key.trim_start_matches(REMOTE_PREFIX);
         match self.node.members.get(name) {
             Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable),
-            None => self.node.metrics.forward_no_peer(),
+            None => {
+                self.node.metrics.forward_no_peer();
+                false
+            }
         }
     }
 }
@@ -117,7 +142,12 @@ impl Cluster {
     /// Builds the cluster's state; nothing runs until `start`, so the
     /// router can be given its `outlet` first (and report the routes it
     /// restored from disk).
-    pub fn new(settings: Settings, router: inbox::Sender, shutdown: CancellationToken) -> Cluster {
+    pub fn new(
+        settings: Settings,
+        router: inbox::Sender,
+        store: Option<std::sync::mpsc::Sender<crate::store::Op>>,
+        shutdown: CancellationToken,
+    ) -> Cluster {
         let incarnation = incarnation();
         let node = Arc::new(Node {
             settings,
@@ -130,10 +160,48 @@ impl Cluster {
             shutdown,
             fatal: CancellationToken::new(),
             fatal_error: std::sync::Mutex::new(None),
+            store: std::sync::Mutex::new(store),
         });
         let (events_tx, events) = mpsc::unbounded_channel();
         let outlet = Outlet { node: node.clone(), events: events_tx };
         Cluster { node, events: Some(events), outlet }
+    }
+
+    /// Takes back what the node left on disk: forwards not yet acked by
+    /// their peers (queued again, with their numbers), the peers' addresses
+    /// and the receiver's deduplication marks. Before `start`.
+    pub fn restore(&self, loaded: crate::store::LoadedCluster) {
+        let node = &self.node;
+        let addrs: std::collections::HashMap<String, String> = loaded.peers.into_iter().collect();
+        node.dedup.restore(loaded.dedup);
+        let mut per_peer: std::collections::BTreeMap<String, Vec<forward::Queued>> = Default::default();
+        for (peer, id, raw) in loaded.forwards {
+            forward::ids_above(id);
+            match forward::decode(&raw) {
+                Ok((inc, msg)) => per_peer.entry(peer).or_default().push(forward::Queued {
+                    id,
+                    inc,
+                    msg: Arc::new(msg),
+                    reliable: true,
+                    durable: true,
+                }),
+                Err(e) => {
+                    node.store_send(crate::store::Op::DelForwards(Arc::from(peer.as_str()), vec![id]));
+                    tracing::error!(%peer, id, error = %e, "stored forward unreadable: dropped");
+                }
+            }
+        }
+        for (name, items) in per_peer {
+            let addr = addrs.get(&name).cloned().unwrap_or_default();
+            let (p, _) = node.members.get_or_insert(&name, &addr, 0, node.settings.forward_queue);
+            tracing::info!(peer = %name, %addr, forwards = items.len(), "forwards restored from the store");
+            p.queue.restore(items);
+        }
+    }
+
+    /// Lets go of the store (the node stopped), so that it can close.
+    pub fn close_store(&self) {
+        self.node.store.lock().expect("store lock").take();
     }
 
     /// Serves the Cluster API on `listener`, starts the route collector and
@@ -145,6 +213,10 @@ impl Cluster {
             tokio::spawn(routes::collect(node.clone(), events));
         }
         tokio::spawn(service::serve(node.clone(), listener));
+        // Peers known from restored forwards: deliver them.
+        for p in node.members.all() {
+            link::ensure(node.clone(), p);
+        }
         for seed in node.settings.seeds.clone() {
             tokio::spawn(link::join_seed(node.clone(), seed));
         }

@@ -17,7 +17,11 @@ use tonic::{Request, Response, Status};
 use super::error::ClusterError;
 use super::members::{Peer, PeerState};
 use super::{Node, PROTOCOL, convert, link};
-use crate::inbox::{RemoteRoutes, ToRouter};
+use crate::inbox::{Forwarded, RemoteRoutes, ToRouter};
+
+/// Held version of a peer whose table must come whole (it restarted):
+/// no delta's base matches it, and a peer told it sends the full table.
+pub const UNKNOWN_VERSION: u64 = u64::MAX;
 
 pub async fn serve(node: Arc<Node>, listener: TcpListener) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -87,16 +91,15 @@ impl Service {
         p.heard();
         let mut held = p.held.lock().expect("held lock");
         if held.incarnation != incarnation {
+            // The previous run's routes stay in the router until the new
+            // run's full table replaces them: a publish meanwhile is still
+            // forwarded (its persistent sessions come back with the same
+            // subscriptions). An unknown version makes the peer send the
+            // full table, not a delta.
             if held.incarnation != 0 {
-                tracing::info!(peer = from, "peer restarted: dropping the routes held for its previous run");
+                tracing::info!(peer = from, "peer restarted: its routes are replaced by its next full table");
             }
-            *held = super::members::Held { incarnation, version: 0, routes: 0 };
-            self.node.router.push(ToRouter::RemoteRoutes(Box::new(RemoteRoutes {
-                node: from.to_owned(),
-                full: true,
-                upserts: Vec::new(),
-                removed: Vec::new(),
-            })));
+            *held = super::members::Held { incarnation, version: UNKNOWN_VERSION, routes: held.routes };
         }
         drop(held);
         Ok(p)
@@ -221,18 +224,21 @@ impl Cluster for Service {
         self.peer(&r.from, r.incarnation)?;
         let origin = self.node.dedup.origin(&r.from);
         let mut seen = origin.lock().await;
-        if seen.0 != r.incarnation {
-            *seen = (r.incarnation, 0);
-        }
         let mut fresh = Vec::with_capacity(r.messages.len());
         let mut duplicates = 0u32;
-        let mut top = seen.1;
+        // New highest id per origin incarnation in this batch.
+        let mut marks: Vec<(u64, u64)> = Vec::new();
         for f in r.messages {
-            if f.message_id <= seen.1 {
+            let inc = if f.origin_incarnation == 0 { r.incarnation } else { f.origin_incarnation };
+            let top = marks.iter().find(|(i, _)| *i == inc).map_or_else(|| seen.top(inc), |(_, t)| *t);
+            if f.message_id <= top {
                 duplicates += 1;
                 continue;
             }
-            top = top.max(f.message_id);
+            match marks.iter_mut().find(|(i, _)| *i == inc) {
+                Some(m) => m.1 = f.message_id,
+                None => marks.push((inc, f.message_id)),
+            }
             match f.publish.ok_or_else(|| "forward without publish".to_owned()).and_then(convert::from_wire) {
                 Ok(m) => fresh.push(m),
                 // Acknowledged anyway: a retry would be just as bad.
@@ -242,16 +248,19 @@ impl Cluster for Service {
             }
         }
         let accepted = fresh.len() as u32;
-        if !fresh.is_empty() {
+        if !marks.is_empty() {
             let (done, routed) = oneshot::channel();
-            if self.node.router.send(ToRouter::Forwarded { msgs: Box::new(fresh), done }).await.is_err() {
+            let f = Forwarded { origin: Arc::from(r.from.as_str()), msgs: fresh, marks: marks.clone(), done };
+            if self.node.router.send(ToRouter::Forwarded(Box::new(f))).await.is_err() {
                 return Err(ClusterError::Stopped.into());
             }
             // Dropped unanswered when the store failed to make the messages
-            // durable: the sender retries.
+            // (and the marks) durable: the sender retries.
             routed.await.map_err(|_| Status::from(ClusterError::Stopped))?;
         }
-        seen.1 = top;
+        for (inc, top) in marks {
+            seen.set(inc, top);
+        }
         if duplicates > 0 {
             self.node.dedup.duplicates.fetch_add(u64::from(duplicates), Relaxed);
         }

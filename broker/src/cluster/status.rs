@@ -64,7 +64,7 @@ impl View {
                     cluster_addr: p.addr(),
                     mqtt_addr: p.mqtt_addr(),
                     state: p.state(&node.settings).label().to_owned(),
-                    route_version: held.version,
+                    route_version: if held.version == super::service::UNKNOWN_VERSION { 0 } else { held.version },
                     routes: held.routes,
                     forward_queue: p.queue.len(),
                     forwards_dropped: p.queue.counters.dropped.load(Relaxed),

@@ -68,13 +68,8 @@ pub enum ToRouter {
     /// Routes of another node (`cluster::service`): a full table replaces
     /// what the router holds for that node, a delta amends it.
     RemoteRoutes(Box<RemoteRoutes>),
-    /// Publishes forwarded by another node, for the local sessions only;
-    /// `done` is answered once they are handed to them (and durable for
-    /// persistent sessions), and dropped if the store failed.
-    Forwarded {
-        msgs: Box<Vec<crate::message::Message>>,
-        done: oneshot::Sender<()>,
-    },
+    /// Publishes forwarded by another node, for the local sessions only.
+    Forwarded(Box<Forwarded>),
     /// Four times a second (`TICK`): expired sessions, delayed wills,
     /// expired retained messages, gauges and `$SYS`.
     Tick,
@@ -86,6 +81,18 @@ pub enum ToRouter {
         publish_will: bool,
         session_expiry: Option<u32>,
     },
+}
+
+/// Publishes forwarded by `origin`; `done` is answered once they are handed
+/// to the local sessions and, on a node with a store, once they (for
+/// persistent sessions) and the deduplication `marks` are durable, in one
+/// commit; dropped if the store failed.
+pub struct Forwarded {
+    pub origin: Arc<str>,
+    pub msgs: Vec<crate::message::Message>,
+    /// (origin incarnation, highest message id) routed by this batch.
+    pub marks: Vec<(u64, u64)>,
+    pub done: oneshot::Sender<()>,
 }
 
 /// A peer's routes: (filter, share group or "") with the highest QoS of its

@@ -435,7 +435,7 @@ impl Router {
                     && !msg.topic.starts_with("$SYS")
                     && let Some(c) = &self.cluster
                 {
-                    c.forward(&client, &msg, qos != QoS::AtMostOnce);
+                    persisted |= c.forward(&client, &msg, qos != QoS::AtMostOnce);
                 }
                 continue;
             }
@@ -477,19 +477,31 @@ impl Router {
     /// Publishes from a peer, for local sessions; `done` answers the peer's
     /// forward once they are there (behind the store's commit when a
     /// persistent session got one).
-    pub(super) fn on_forwarded(&mut self, msgs: Vec<Message>, done: tokio::sync::oneshot::Sender<()>) {
-        let mut persisted = false;
+    pub(super) fn on_forwarded(&mut self, f: crate::inbox::Forwarded) {
+        let crate::inbox::Forwarded { origin, msgs, marks, done } = f;
+        // The sessions' entries and the marks reach the disk together: a
+        // restart never keeps the one without the other (a duplicate, or a
+        // message taken for one).
+        if let Some(st) = &self.store {
+            st.hold();
+        }
         for m in msgs {
             self.metrics.received[m.qos as usize].fetch_add(1, Relaxed);
-            persisted |= self.route(Arc::new(m), true).1;
+            self.route(Arc::new(m), true);
         }
         match &self.store {
-            Some(st) if persisted => st.send(Op::Then(Box::new(move |durable| {
-                if durable {
-                    let _ = done.send(());
+            Some(st) => {
+                for (inc, top) in marks {
+                    st.send(Op::PutDedup(origin.clone(), inc, top));
                 }
-            }))),
-            _ => {
+                st.release();
+                st.send(Op::Then(Box::new(move |durable| {
+                    if durable {
+                        let _ = done.send(());
+                    }
+                })));
+            }
+            None => {
                 let _ = done.send(());
             }
         }

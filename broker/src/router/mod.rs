@@ -186,7 +186,7 @@ impl Router {
             ToRouter::Subscribe { conn, client, sub } => self.on_subscribe(conn, &client, *sub),
             ToRouter::Unsubscribe { conn, client, unsub } => self.on_unsubscribe(conn, &client, *unsub),
             ToRouter::RemoteRoutes(r) => self.on_remote_routes(*r),
-            ToRouter::Forwarded { msgs, done } => self.on_forwarded(*msgs, done),
+            ToRouter::Forwarded(f) => self.on_forwarded(*f),
             ToRouter::Tick => self.on_tick(),
             ToRouter::Disconnected { conn, client, publish_will, session_expiry } => {
                 self.on_disconnected(conn, &client, publish_will, session_expiry)

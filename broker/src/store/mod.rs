@@ -26,6 +26,17 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const INQOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("incoming_qos2");
+/// Cluster forwards acknowledged to their publisher and not yet to the peer:
+/// (peer, message id) -> origin incarnation (8 bytes) + message record.
+const FORWARDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("cluster_forwards");
+/// Receiver's deduplication: (origin node, its incarnation) -> (highest
+/// message id routed, wall-clock ms of the update, for pruning).
+const DEDUP: TableDefinition<(&str, u64), (u64, u64)> = TableDefinition::new("cluster_dedup");
+/// Peers' cluster addresses, so that restored forwards know where to go.
+const PEERS: TableDefinition<&str, &str> = TableDefinition::new("cluster_peers");
+/// Incarnations remembered per origin: a forward older than this many
+/// restarts of its origin is no longer on the origin's disk either.
+const DEDUP_KEEP: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,6 +76,13 @@ pub enum Op {
     DelInQos2(Arc<str>, u16),
     PutRetained(String, Vec<u8>),
     DelRetained(String),
+    /// A forward for `peer`, numbered `id` (the record: origin incarnation
+    /// and message, `cluster::forward::encode`).
+    PutForward(Arc<str>, u64, Vec<u8>),
+    DelForwards(Arc<str>, Vec<u64>),
+    /// Highest message id routed from (origin, incarnation).
+    PutDedup(Arc<str>, u64, u64),
+    PutPeer(String, String),
     /// Called once the ops before it are committed: with true after the
     /// commit (send the ack), with false when it failed (withhold it).
     Then(Box<dyn FnOnce(bool) + Send>),
@@ -84,6 +102,18 @@ pub struct LoadedSession {
 pub struct Loaded {
     pub sessions: HashMap<String, LoadedSession>,
     pub retained: Vec<Message>,
+    pub cluster: LoadedCluster,
+}
+
+/// What a clustered node left on disk.
+#[derive(Default)]
+pub struct LoadedCluster {
+    /// (peer, id, record), in id order per peer.
+    pub forwards: Vec<(String, u64, Vec<u8>)>,
+    /// (origin, incarnation, highest id routed).
+    pub dedup: Vec<(String, u64, u64)>,
+    /// (name, cluster address).
+    pub peers: Vec<(String, String)>,
 }
 
 impl Op {
@@ -110,6 +140,12 @@ impl Clone for StoreHandle {
 }
 
 impl StoreHandle {
+    /// A sender for another thread's writes (the cluster's), not subject
+    /// to this handle's `hold`. The writer thread lives while one exists.
+    pub fn sender(&self) -> mpsc::Sender<Op> {
+        self.tx.clone()
+    }
+
     pub fn send(&self, op: Op) {
         if let Some(held) = self.held.borrow_mut().as_mut() {
             held.push(op);
@@ -151,6 +187,9 @@ impl Store {
             txn.open_table(QUEUE).map_err(db_err)?;
             txn.open_table(RETAINED).map_err(db_err)?;
             txn.open_table(INQOS2).map_err(db_err)?;
+            txn.open_table(FORWARDS).map_err(db_err)?;
+            txn.open_table(DEDUP).map_err(db_err)?;
+            txn.open_table(PEERS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
@@ -182,6 +221,20 @@ impl Store {
             let m =
                 record::decode_message(&mut rd).map_err(|source| StoreError::Corrupt { table: "retained", source })?;
             out.retained.push(m);
+        }
+        for row in txn.open_table(FORWARDS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (peer, id) = k.value();
+            out.cluster.forwards.push((peer.to_owned(), id, v.value().to_vec()));
+        }
+        for row in txn.open_table(DEDUP).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let ((origin, inc), (top, _)) = (k.value(), v.value());
+            out.cluster.dedup.push((origin.to_owned(), inc, top));
+        }
+        for row in txn.open_table(PEERS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.cluster.peers.push((k.value().to_owned(), v.value().to_owned()));
         }
         // Sessions whose meta is gone were being deleted: drop their rest.
         out.sessions.retain(|_, s| s.meta.is_some());
@@ -253,6 +306,11 @@ impl Store {
             let mut queue = txn.open_table(QUEUE).map_err(db)?;
             let mut retained = txn.open_table(RETAINED).map_err(db)?;
             let mut inq = txn.open_table(INQOS2).map_err(db)?;
+            let mut cluster = ClusterTables {
+                forwards: txn.open_table(FORWARDS).map_err(db)?,
+                dedup: txn.open_table(DEDUP).map_err(db)?,
+                peers: txn.open_table(PEERS).map_err(db)?,
+            };
             let flat = batch.iter().flat_map(|op| match op {
                 Op::Atomic(ops) => ops.iter().collect::<Vec<_>>(),
                 op => vec![op],
@@ -299,11 +357,56 @@ impl Store {
                     Op::DelRetained(t) => {
                         retained.remove(t.as_str()).map_err(db)?;
                     }
+                    Op::PutForward(..) | Op::DelForwards(..) | Op::PutDedup(..) | Op::PutPeer(..) => {
+                        cluster.apply(op)?;
+                    }
                     Op::Then(..) | Op::Atomic(_) => {}
                 }
             }
         }
         txn.commit().map_err(db)?;
+        Ok(())
+    }
+}
+
+struct ClusterTables<'t> {
+    forwards: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    dedup: redb::Table<'t, (&'static str, u64), (u64, u64)>,
+    peers: redb::Table<'t, &'static str, &'static str>,
+}
+
+impl ClusterTables<'_> {
+    fn apply(&mut self, op: &Op) -> Result<(), StoreError> {
+        match op {
+            Op::PutForward(p, id, v) => {
+                self.forwards.insert((&**p, *id), v.as_slice()).map_err(db)?;
+            }
+            Op::DelForwards(p, ids) => {
+                for id in ids {
+                    self.forwards.remove((&**p, *id)).map_err(db)?;
+                }
+            }
+            Op::PutDedup(origin, inc, top) => {
+                let now = crate::cluster::unix_ms();
+                self.dedup.insert((&**origin, *inc), (*top, now)).map_err(db)?;
+                let mut all: Vec<(u64, u64)> = self
+                    .dedup
+                    .range((&**origin, 0u64)..=(&**origin, u64::MAX))
+                    .map_err(db)?
+                    .filter_map(|r| r.ok().map(|(k, v)| (v.value().1, k.value().1)))
+                    .collect();
+                if all.len() > DEDUP_KEEP {
+                    all.sort_unstable();
+                    for (_, old) in &all[..all.len() - DEDUP_KEEP] {
+                        self.dedup.remove((&**origin, *old)).map_err(db)?;
+                    }
+                }
+            }
+            Op::PutPeer(name, addr) => {
+                self.peers.insert(name.as_str(), addr.as_str()).map_err(db)?;
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
