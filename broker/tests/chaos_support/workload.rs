@@ -304,10 +304,11 @@ impl Receiver {
                         l.probes += 1;
                     } else if m.payload.len() >= 4 {
                         let seq = u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes"));
-                        if l.got_at.contains_key(&seq) {
-                            l.duplicates += 1;
-                        } else {
-                            l.got_at.insert(seq, Instant::now());
+                        match l.got_at.entry(seq) {
+                            std::collections::hash_map::Entry::Occupied(_) => l.duplicates += 1,
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(Instant::now());
+                            }
                         }
                     }
                 }
