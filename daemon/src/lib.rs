@@ -1,6 +1,6 @@
 //! chaosd: a node-level chaos daemon. A synchronous privileged core (netns,
 //! netlink, BPF, cgroups, signals) behind small interfaces, and a thin async
-//! gRPC shell that reaches it through dedicated threads or `spawn_blocking`.
+//! gRPC shell that reaches it through dedicated threads or `block_in_place`.
 //! See architecture.md.
 
 pub mod convert;
