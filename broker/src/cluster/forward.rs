@@ -26,6 +26,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::sync::Notify;
 
 use super::Node;
+use super::routes::RouteKey;
 use crate::message::Message;
 use crate::store::Op;
 
@@ -45,24 +46,50 @@ pub struct Queued {
     pub reliable: bool,
     /// In the store until acked.
     pub durable: bool,
+    /// The peer's shared groups (filter, group) this message is for.
+    pub shared: Vec<RouteKey>,
 }
 
-/// A forward's store record: origin incarnation, then the message.
-pub fn encode(inc: u64, msg: &Message) -> Vec<u8> {
+/// A forward's store record: origin incarnation, the message, then the
+/// shared groups it is for (count, then filter and group per group).
+pub fn encode(inc: u64, msg: &Message, shared: &[RouteKey]) -> Vec<u8> {
     let mut b = BytesMut::with_capacity(64 + msg.topic.len() + msg.payload.len());
     b.put_u64(inc);
     crate::store::record::encode_message(&mut b, msg);
+    b.put_u32(shared.len() as u32);
+    for (f, g) in shared {
+        for s in [f, g] {
+            b.put_u32(s.len() as u32);
+            b.put_slice(s.as_bytes());
+        }
+    }
     b.to_vec()
 }
 
-pub fn decode(raw: &[u8]) -> Result<(u64, Message), crate::codec::DecodeError> {
+/// A stored forward: (origin incarnation, message, shared groups).
+pub type Decoded = (u64, Message, Vec<RouteKey>);
+
+pub fn decode(raw: &[u8]) -> Result<Decoded, crate::codec::DecodeError> {
+    use crate::codec::DecodeError::Malformed;
     let mut b = bytes::Bytes::copy_from_slice(raw);
     if b.len() < 8 {
-        return Err(crate::codec::DecodeError::Malformed("stored forward too short"));
+        return Err(Malformed("stored forward too short"));
     }
     let inc = b.get_u64();
-    let m = crate::store::record::decode_message(&mut crate::codec::Rd::new(b))?;
-    Ok((inc, m))
+    let mut rd = crate::codec::Rd::new(b);
+    let m = crate::store::record::decode_message(&mut rd)?;
+    let mut shared = Vec::new();
+    if !rd.is_empty() {
+        let n = rd.u32()?;
+        let mut s = || -> Result<String, crate::codec::DecodeError> {
+            let len = rd.u32()? as usize;
+            String::from_utf8(rd.take_bytes(len)?.to_vec()).map_err(|_| Malformed("stored group is not UTF-8"))
+        };
+        for _ in 0..n {
+            shared.push((s()?, s()?));
+        }
+    }
+    Ok((inc, m, shared))
 }
 
 #[derive(Default)]
@@ -100,11 +127,11 @@ impl PeerQueue {
 
     /// Called by the router: never waits. Returns whether a store write
     /// was issued (the publisher's ack must wait for its commit).
-    pub fn push(&self, node: &Node, peer: &str, msg: Arc<Message>, reliable: bool) -> bool {
+    pub fn push(&self, node: &Node, peer: &str, msg: Arc<Message>, reliable: bool, shared: Vec<RouteKey>) -> bool {
         let limited = self.limited.load(Relaxed);
         let cap = if limited { node.settings.down_max_queued } else { self.cap };
         let durable = reliable && node.has_store();
-        let record = durable.then(|| encode(node.incarnation, &msg));
+        let record = durable.then(|| encode(node.incarnation, &msg, &shared));
         {
             let mut q = self.q.lock().expect("forward queue lock");
             if q.len() >= cap {
@@ -129,7 +156,7 @@ impl PeerQueue {
             if let Some(r) = record {
                 node.store_send(Op::PutForward(Arc::from(peer), id, r));
             }
-            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable });
+            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable, shared });
         }
         self.wake.notify_one();
         durable
@@ -145,11 +172,11 @@ impl PeerQueue {
         self.q.lock().expect("forward queue lock").len()
     }
 
-    /// The first `n` queued as (id, incarnation, message), still in the
-    /// queue until `acked`.
-    pub fn peek(&self, n: usize) -> Vec<(u64, u64, Arc<Message>)> {
+    /// The first `n` queued as (id, incarnation, message, shared groups),
+    /// still in the queue until `acked`.
+    pub fn peek(&self, n: usize) -> Vec<(u64, u64, Arc<Message>, Vec<RouteKey>)> {
         let q = self.q.lock().expect("forward queue lock");
-        q.iter().take(n).map(|e| (e.id, e.inc, e.msg.clone())).collect()
+        q.iter().take(n).map(|e| (e.id, e.inc, e.msg.clone(), e.shared.clone())).collect()
     }
 
     /// The peer took the first `n`: returns the ids to delete from the store.
@@ -295,14 +322,21 @@ mod tests {
         let mut ids = Vec::new();
         for (i, qos) in [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtMostOnce].iter().enumerate() {
             let reliable = *qos != QoS::AtMostOnce;
-            q.q.lock().unwrap().push_back(Queued { id: i as u64, inc: 1, msg: msg(*qos), reliable, durable: false });
+            q.q.lock().unwrap().push_back(Queued {
+                id: i as u64,
+                inc: 1,
+                msg: msg(*qos),
+                reliable,
+                durable: false,
+                shared: Vec::new(),
+            });
             ids.push(i as u64);
         }
         q.failed(3);
-        let left: Vec<u64> = q.peek(10).iter().map(|(id, _, _)| *id).collect();
+        let left: Vec<u64> = q.peek(10).iter().map(|(id, ..)| *id).collect();
         assert_eq!(left, vec![0, 2, 3]);
         q.acked(2);
-        assert_eq!(q.peek(10).iter().map(|(id, _, _)| *id).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(q.peek(10).iter().map(|(id, ..)| *id).collect::<Vec<_>>(), vec![3]);
     }
 }
 
@@ -322,7 +356,9 @@ mod record_tests {
             publisher: Some(Arc::from("pub")),
             received_at: std::time::Instant::now(),
         };
-        let (inc, back) = decode(&encode(42, &m)).expect("decodes");
+        let shared = vec![("s/#".to_owned(), "g".to_owned())];
+        let (inc, back, groups) = decode(&encode(42, &m, &shared)).expect("decodes");
+        assert_eq!(groups, shared);
         assert_eq!((inc, back.topic.as_str(), &back.payload[..], back.qos), (42, "a/b", &b"xyz"[..], m.qos));
         assert_eq!(back.publisher.as_deref(), Some("pub"));
         assert!(decode(&[1, 2]).is_err());

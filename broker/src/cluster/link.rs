@@ -292,10 +292,14 @@ async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Re
             incarnation: node.incarnation,
             messages: batch
                 .iter()
-                .map(|(id, inc, m)| pb::Forwarded {
+                .map(|(id, inc, m, shared)| pb::Forwarded {
                     message_id: *id,
                     publish: Some(convert::to_wire(m)),
                     origin_incarnation: if *inc == node.incarnation { 0 } else { *inc },
+                    shared: shared
+                        .iter()
+                        .map(|(f, g)| pb::Route { filter: f.clone(), share_group: g.clone(), max_qos: 0 })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -303,7 +307,7 @@ async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Re
         match c.forward(req).await {
             Ok(_) => {
                 peer.heard();
-                for (_, _, m) in &batch {
+                for (_, _, m, _) in &batch {
                     node.metrics.observe_forward(m.received_at.elapsed());
                 }
                 let gone = peer.queue.acked(n);

@@ -116,18 +116,26 @@ impl Outlet {
     }
 
     /// Queues `msg` for the peer behind a remote key of the trie;
-    /// `reliable` when a subscriber there gets it at QoS 1 or 2. Returns
+    /// `reliable` when a subscriber there gets it at QoS 1 or 2; `shared`:
+    /// the peer's shared groups (filter, group) chosen for it. Returns
     /// whether it went to the store: then the publisher's ack waits for the
     /// store's commit.
-    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool) -> bool {
+    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool, shared: Vec<RouteKey>) -> bool {
         let name = remote_key.trim_start_matches(REMOTE_PREFIX);
         match self.node.members.get(name) {
-            Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable),
+            Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable, shared),
             None => {
                 self.node.metrics.forward_no_peer();
                 false
             }
         }
+    }
+
+    /// Whether the peer behind a remote key of the trie is up (the failure
+    /// detector's state): shared groups prefer members on nodes that are.
+    pub fn peer_up(&self, remote_key: &str) -> bool {
+        let name = remote_key.trim_start_matches(REMOTE_PREFIX);
+        self.node.members.get(name).is_some_and(|p| p.state(&self.node.settings) == PeerState::Up)
     }
 }
 
@@ -178,12 +186,13 @@ impl Cluster {
         for (peer, id, raw) in loaded.forwards {
             forward::ids_above(id);
             match forward::decode(&raw) {
-                Ok((inc, msg)) => per_peer.entry(peer).or_default().push(forward::Queued {
+                Ok((inc, msg, shared)) => per_peer.entry(peer).or_default().push(forward::Queued {
                     id,
                     inc,
                     msg: Arc::new(msg),
                     reliable: true,
                     durable: true,
+                    shared,
                 }),
                 Err(e) => {
                     node.store_send(crate::store::Op::DelForwards(Arc::from(peer.as_str()), vec![id]));

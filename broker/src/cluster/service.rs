@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::error::ClusterError;
 use super::members::{Peer, PeerState};
 use super::{Node, PROTOCOL, convert, link};
-use crate::inbox::{Forwarded, RemoteRoutes, ToRouter};
+use crate::inbox::{Forwarded, FromPeer, RemoteRoutes, ToRouter};
 
 /// Held version of a peer whose table must come whole (it restarted):
 /// no delta's base matches it, and a peer told it sends the full table.
@@ -239,8 +239,9 @@ impl Cluster for Service {
                 Some(m) => m.1 = f.message_id,
                 None => marks.push((inc, f.message_id)),
             }
+            let shared = f.shared.into_iter().map(|r| (r.filter, r.share_group)).collect();
             match f.publish.ok_or_else(|| "forward without publish".to_owned()).and_then(convert::from_wire) {
-                Ok(m) => fresh.push(m),
+                Ok(msg) => fresh.push(FromPeer { msg, shared }),
                 // Acknowledged anyway: a retry would be just as bad.
                 Err(what) => {
                     let _ = self.reject("invalid", ClusterError::Invalid { from: r.from.clone(), what });

@@ -89,10 +89,18 @@ pub enum ToRouter {
 /// commit; dropped if the store failed.
 pub struct Forwarded {
     pub origin: Arc<str>,
-    pub msgs: Vec<crate::message::Message>,
+    pub msgs: Vec<FromPeer>,
     /// (origin incarnation, highest message id) routed by this batch.
     pub marks: Vec<(u64, u64)>,
     pub done: oneshot::Sender<()>,
+}
+
+/// A publish forwarded by its publishing node.
+#[derive(Debug)]
+pub struct FromPeer {
+    pub msg: crate::message::Message,
+    /// This node's shared groups (filter, group) the message is for.
+    pub shared: Vec<(String, String)>,
 }
 
 /// A peer's routes: (filter, share group or "") with the highest QoS of its

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::remote::{Origin, Place};
 use super::session::{ConnHandle, Session};
 use super::subs::Sub;
 use super::{Router, split_share};
@@ -143,7 +144,7 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        self.route(Arc::new(msg), false);
+        self.route(Arc::new(msg), Origin::Local);
     }
 
     /// Sends an ack to a connection, behind the store when it must wait for
@@ -220,7 +221,7 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        let (matched, persisted) = self.route(Arc::new(msg), false);
+        let (matched, persisted) = self.route(Arc::new(msg), Origin::Local);
         if atomic && let Some(st) = &self.store {
             st.release();
         }
@@ -397,13 +398,16 @@ impl Router {
         false
     }
 
-    /// Delivers to every matching session, and queues the message once for
-    /// every other node with a matching route unless `local_only` (a
-    /// publish forwarded by a peer, which went to every node already).
+    /// Delivers to every matching session and, for a publish made here
+    /// (`Origin::Local`), queues it once for every other node with a
+    /// matching route. A publish forwarded by a peer (`Origin::Peer`) went to
+    /// every node already: it is for local sessions only, and for the shared
+    /// groups the publishing node chose this node for.
     /// Returns the number of sessions and nodes, and whether any store
     /// write was issued.
-    pub(super) fn route(&mut self, msg: Arc<Message>, local_only: bool) -> (usize, bool) {
+    pub(super) fn route(&mut self, msg: Arc<Message>, origin: Origin) -> (usize, bool) {
         let mut persisted = false;
+        let local_only = matches!(origin, Origin::Peer { .. });
         // Retained state is per node in this slice: a forwarded message
         // does not become retained on the receiving node.
         if msg.retain && !local_only {
@@ -412,30 +416,34 @@ impl Router {
         // Kept between publishes, so that routing one allocates no map.
         let mut targets = std::mem::take(&mut self.targets);
         {
-            let sessions = &self.sessions;
-            let online = |c: &str| sessions.get(c).is_some_and(|s| s.conn.is_some());
-            self.subs.matches(&msg.topic, &online, &mut |c, sub| {
+            let place = Place { sessions: &self.sessions, cluster: self.cluster.as_ref(), origin };
+            self.subs.matches(&msg.topic, &place, &mut |c, sub, group| {
                 if sub.opts.no_local && msg.publisher.as_deref() == Some(&**c) {
                     return;
                 }
-                let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new()));
+                let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new(), Vec::new()));
                 e.0 = e.0.max(sub.opts.qos.min(msg.qos));
                 e.1 |= sub.opts.retain_as_published;
                 if let Some(id) = sub.id {
                     e.2.push(id);
                 }
+                if let Some((f, g)) = group
+                    && c.starts_with(crate::cluster::REMOTE_PREFIX)
+                {
+                    e.3.push((f.to_owned(), g.to_owned()));
+                }
             });
         }
         let n = targets.len();
         let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: self.store.as_ref() };
-        for (client, (qos, rap, sub_ids)) in targets.drain() {
+        for (client, (qos, rap, sub_ids, shared)) in targets.drain() {
             if client.starts_with(crate::cluster::REMOTE_PREFIX) {
                 // $SYS topics describe this node only.
                 if !local_only
                     && !msg.topic.starts_with("$SYS")
                     && let Some(c) = &self.cluster
                 {
-                    persisted |= c.forward(&client, &msg, qos != QoS::AtMostOnce);
+                    persisted |= c.forward(&client, &msg, qos != QoS::AtMostOnce, shared);
                 }
                 continue;
             }
@@ -446,65 +454,6 @@ impl Router {
         }
         self.targets = targets;
         (n, persisted)
-    }
-
-    /// A peer's routes: remote subscribers in the trie, keyed by the node.
-    pub(super) fn on_remote_routes(&mut self, r: crate::inbox::RemoteRoutes) {
-        let key: Arc<str> = Arc::from(format!("{}{}", crate::cluster::REMOTE_PREFIX, r.node));
-        let held = self.remote.entry(key.clone()).or_default();
-        let share = |g: &str| -> Option<String> { (!g.is_empty()).then(|| g.to_owned()) };
-        if r.full {
-            for (f, g) in held.drain() {
-                self.subs.remove(&key, share(&g).as_deref(), &f);
-            }
-        }
-        for (f, g) in r.removed {
-            self.subs.remove(&key, share(&g).as_deref(), &f);
-            held.remove(&(f, g));
-        }
-        for ((f, g), q) in r.upserts {
-            let qos = QoS::from_u8(q).unwrap_or(QoS::ExactlyOnce);
-            self.subs.insert(
-                &key,
-                share(&g).as_deref(),
-                &f,
-                Sub { opts: crate::codec::SubOptions::qos(qos), id: None },
-            );
-            held.insert((f, g));
-        }
-    }
-
-    /// Publishes from a peer, for local sessions; `done` answers the peer's
-    /// forward once they are there (behind the store's commit when a
-    /// persistent session got one).
-    pub(super) fn on_forwarded(&mut self, f: crate::inbox::Forwarded) {
-        let crate::inbox::Forwarded { origin, msgs, marks, done } = f;
-        // The sessions' entries and the marks reach the disk together: a
-        // restart never keeps the one without the other (a duplicate, or a
-        // message taken for one).
-        if let Some(st) = &self.store {
-            st.hold();
-        }
-        for m in msgs {
-            self.metrics.received[m.qos as usize].fetch_add(1, Relaxed);
-            self.route(Arc::new(m), true);
-        }
-        match &self.store {
-            Some(st) => {
-                for (inc, top) in marks {
-                    st.send(Op::PutDedup(origin.clone(), inc, top));
-                }
-                st.release();
-                st.send(Op::Then(Box::new(move |durable| {
-                    if durable {
-                        let _ = done.send(());
-                    }
-                })));
-            }
-            None => {
-                let _ = done.send(());
-            }
-        }
     }
 
     pub(super) fn publish_sys(&mut self) {
@@ -532,7 +481,7 @@ impl Router {
                 publisher: None,
                 received_at: Instant::now(),
             };
-            self.route(Arc::new(msg), false);
+            self.route(Arc::new(msg), Origin::Local);
         }
     }
 }

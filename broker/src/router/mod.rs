@@ -14,6 +14,7 @@
 //! nothing but its inbox and, while gathering, the readers queued behind it.
 
 mod handlers;
+mod remote;
 pub mod session;
 pub mod subs;
 
@@ -37,6 +38,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// Most inbox messages handled in one batch (one write per connection).
 const BATCH: usize = 256;
 
+/// What `route` gives one subscriber or node: QoS, retain as published,
+/// subscription ids, and for a node the shared groups it was chosen for.
+type Target = (crate::codec::QoS, bool, Vec<u32>, Vec<(String, String)>);
+
 pub struct Router {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -50,7 +55,7 @@ pub struct Router {
     last_sys: Instant,
     bursts: Bursts,
     /// `route`'s sessions to deliver to, empty between publishes.
-    targets: HashMap<Arc<str>, (crate::codec::QoS, bool, Vec<u32>)>,
+    targets: HashMap<Arc<str>, Target>,
     /// The cluster, when this node is part of one: told about local routes,
     /// given the publishes for remote ones. Never awaited.
     cluster: Option<crate::cluster::Outlet>,

@@ -1,7 +1,8 @@
 //! Subscription table: a trie over topic levels, owned by the router.
 //!
-//! Subscribers are named by session (client id). A later cluster layer adds
-//! remote routes next to these as another kind of subscriber.
+//! Subscribers are named by session (client id) or, for the routes of
+//! other nodes, by `cluster::REMOTE_PREFIX` + node name: a node is one
+//! member of a shared group however many members it has there.
 
 use std::sync::Arc;
 
@@ -15,11 +16,42 @@ pub struct Sub {
     pub id: Option<u32>,
 }
 
-#[derive(Default)]
 struct Shared {
+    /// The group's topic filter (without `$share/group/`), for `Placement`.
+    filter: Box<str>,
     members: Vec<(Arc<str>, Sub)>,
     next: usize,
 }
+
+/// How `SubTable::matches` places a message in the shared groups it matches.
+pub trait Placement {
+    /// Whether this message goes to a member of group `group` of `filter`
+    /// at all.
+    fn group(&self, filter: &str, group: &str) -> bool;
+    /// Whether `member` may be chosen.
+    fn eligible(&self, member: &str) -> bool;
+    /// Whether `member` is preferred (connected, or its node up).
+    fn online(&self, member: &str) -> bool;
+}
+
+/// Every group, every member, all online: a plain round robin.
+pub struct Everyone;
+
+impl Placement for Everyone {
+    fn group(&self, _: &str, _: &str) -> bool {
+        true
+    }
+    fn eligible(&self, _: &str) -> bool {
+        true
+    }
+    fn online(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// What `matches` reports: a subscriber, and for a shared group's chosen
+/// member the group's (filter, group).
+pub type Out<'a> = dyn FnMut(&Arc<str>, &Sub, Option<(&str, &str)>) + 'a;
 
 #[derive(Default)]
 struct Leaf {
@@ -110,7 +142,11 @@ impl SubTable {
         let new = match share {
             None => leaf.subs.insert(client.clone(), sub).is_none(),
             Some(g) => {
-                let group = leaf.shared.entry(g.to_owned()).or_default();
+                let group = leaf.shared.entry(g.to_owned()).or_insert_with(|| Shared {
+                    filter: filter.into(),
+                    members: Vec::new(),
+                    next: 0,
+                });
                 match group.members.iter_mut().find(|(c, _)| c == client) {
                     Some(m) => {
                         m.1 = sub;
@@ -153,9 +189,9 @@ impl SubTable {
     }
 
     /// Calls `out` for every subscription matching `topic`. For each shared
-    /// group one member is chosen, round robin, preferring members for which
-    /// `online` holds.
-    pub fn matches(&mut self, topic: &str, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
+    /// group that `place` takes, one eligible member is chosen, round robin,
+    /// preferring online ones.
+    pub fn matches(&mut self, topic: &str, place: &dyn Placement, out: &mut Out) {
         let dollar = topic.starts_with('$');
         // Topics of up to 16 levels are split on the stack: no allocation
         // per publish.
@@ -164,53 +200,49 @@ impl SubTable {
         for level in topic.split('/') {
             if n == on_stack.len() {
                 let levels: Vec<&str> = topic.split('/').collect();
-                return walk(&mut self.root, &levels, 0, dollar, online, out);
+                return walk(&mut self.root, &levels, 0, dollar, place, out);
             }
             on_stack[n] = level;
             n += 1;
         }
-        walk(&mut self.root, &on_stack[..n], 0, dollar, online, out);
+        walk(&mut self.root, &on_stack[..n], 0, dollar, place, out);
     }
 }
 
-fn visit(leaf: &mut Leaf, online: &dyn Fn(&str) -> bool, out: &mut dyn FnMut(&Arc<str>, &Sub)) {
+fn visit(leaf: &mut Leaf, place: &dyn Placement, out: &mut Out) {
     for (c, s) in &leaf.subs {
-        out(c, s);
+        out(c, s, None);
     }
-    for group in leaf.shared.values_mut() {
+    for (name, group) in leaf.shared.iter_mut() {
         let n = group.members.len();
-        if n == 0 {
+        if n == 0 || !place.group(&group.filter, name) {
             continue;
         }
         let start = group.next % n;
-        let pick = (0..n).map(|i| (start + i) % n).find(|&i| online(&group.members[i].0)).unwrap_or(start);
+        let order = || (0..n).map(|i| (start + i) % n).filter(|&i| place.eligible(&group.members[i].0));
+        let Some(pick) = order().find(|&i| place.online(&group.members[i].0)).or_else(|| order().next()) else {
+            continue;
+        };
         group.next = pick + 1;
         let (c, s) = &group.members[pick];
-        out(c, s);
+        out(c, s, Some((&group.filter, name)));
     }
 }
 
-fn walk(
-    node: &mut Node,
-    levels: &[&str],
-    idx: usize,
-    dollar: bool,
-    online: &dyn Fn(&str) -> bool,
-    out: &mut dyn FnMut(&Arc<str>, &Sub),
-) {
+fn walk(node: &mut Node, levels: &[&str], idx: usize, dollar: bool, place: &dyn Placement, out: &mut Out) {
     let wild_ok = !(idx == 0 && dollar);
     if wild_ok {
-        visit(&mut node.hash, online, out);
+        visit(&mut node.hash, place, out);
     }
     let Some(level) = levels.get(idx) else {
-        visit(&mut node.here, online, out);
+        visit(&mut node.here, place, out);
         return;
     };
     if let Some(child) = node.children.get_mut(*level) {
-        walk(child, levels, idx + 1, dollar, online, out);
+        walk(child, levels, idx + 1, dollar, place, out);
     }
     if wild_ok && let Some(child) = node.plus.as_mut() {
-        walk(child, levels, idx + 1, dollar, online, out);
+        walk(child, levels, idx + 1, dollar, place, out);
     }
 }
 
@@ -221,7 +253,7 @@ mod tests {
 
     fn collect(t: &mut SubTable, topic: &str) -> Vec<String> {
         let mut v = Vec::new();
-        t.matches(topic, &|_| true, &mut |c, _| v.push(c.to_string()));
+        t.matches(topic, &Everyone, &mut |c, _, _| v.push(c.to_string()));
         v.sort();
         v
     }

@@ -3,6 +3,7 @@
 //! stopped by a guard's Drop, also when the test fails.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod cluster;
 pub mod nodes;
 
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -1,0 +1,114 @@
+//! The router's side of the cluster: peers' routes, publishes forwarded by
+//! peers, and how shared groups are placed across nodes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Router;
+use super::session::Session;
+use super::subs::Sub;
+use crate::codec::QoS;
+use crate::store::Op;
+
+impl Router {
+    /// A peer's routes: remote subscribers in the trie, keyed by the node.
+    pub(super) fn on_remote_routes(&mut self, r: crate::inbox::RemoteRoutes) {
+        let key: Arc<str> = Arc::from(format!("{}{}", crate::cluster::REMOTE_PREFIX, r.node));
+        let held = self.remote.entry(key.clone()).or_default();
+        let share = |g: &str| -> Option<String> { (!g.is_empty()).then(|| g.to_owned()) };
+        if r.full {
+            for (f, g) in held.drain() {
+                self.subs.remove(&key, share(&g).as_deref(), &f);
+            }
+        }
+        for (f, g) in r.removed {
+            self.subs.remove(&key, share(&g).as_deref(), &f);
+            held.remove(&(f, g));
+        }
+        for ((f, g), q) in r.upserts {
+            let qos = QoS::from_u8(q).unwrap_or(QoS::ExactlyOnce);
+            self.subs.insert(
+                &key,
+                share(&g).as_deref(),
+                &f,
+                Sub { opts: crate::codec::SubOptions::qos(qos), id: None },
+            );
+            held.insert((f, g));
+        }
+    }
+
+    /// Publishes from a peer, for local sessions; `done` answers the peer's
+    /// forward once they are there (behind the store's commit when a
+    /// persistent session got one).
+    pub(super) fn on_forwarded(&mut self, f: crate::inbox::Forwarded) {
+        let crate::inbox::Forwarded { origin, msgs, marks, done } = f;
+        // The sessions' entries and the marks reach the disk together: a
+        // restart never keeps the one without the other (a duplicate, or a
+        // message taken for one).
+        if let Some(st) = &self.store {
+            st.hold();
+        }
+        for m in msgs {
+            self.metrics.received[m.msg.qos as usize].fetch_add(1, Relaxed);
+            self.route(Arc::new(m.msg), Origin::Peer { shared: &m.shared });
+        }
+        match &self.store {
+            Some(st) => {
+                for (inc, top) in marks {
+                    st.send(Op::PutDedup(origin.clone(), inc, top));
+                }
+                st.release();
+                st.send(Op::Then(Box::new(move |durable| {
+                    if durable {
+                        let _ = done.send(());
+                    }
+                })));
+            }
+            None => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Where a routed message comes from.
+#[derive(Clone, Copy)]
+pub enum Origin<'a> {
+    /// Published here (a client, a will, `$SYS`).
+    Local,
+    /// Forwarded by its publishing node, which chose this node for the
+    /// shared groups in `shared`.
+    Peer { shared: &'a [(String, String)] },
+}
+
+/// Shared subscriptions across the cluster: the publishing node chooses one
+/// member of each group among all it knows, its own sessions and the nodes
+/// with members (one entry per node), round robin, preferring connected
+/// sessions and nodes that are up. A node it chose gets the group in the
+/// forward and picks one of its local members; a forwarded message goes to
+/// no other group there. So each message reaches one member cluster-wide.
+pub(super) struct Place<'a> {
+    pub sessions: &'a foldhash::HashMap<Arc<str>, Session>,
+    pub cluster: Option<&'a crate::cluster::Outlet>,
+    pub origin: Origin<'a>,
+}
+
+impl super::subs::Placement for Place<'_> {
+    fn group(&self, filter: &str, group: &str) -> bool {
+        match self.origin {
+            Origin::Local => true,
+            Origin::Peer { shared } => shared.iter().any(|(f, g)| f == filter && g == group),
+        }
+    }
+
+    fn eligible(&self, member: &str) -> bool {
+        matches!(self.origin, Origin::Local) || !member.starts_with(crate::cluster::REMOTE_PREFIX)
+    }
+
+    fn online(&self, member: &str) -> bool {
+        if member.starts_with(crate::cluster::REMOTE_PREFIX) {
+            return self.cluster.is_some_and(|c| c.peer_up(member));
+        }
+        self.sessions.get(member).is_some_and(|s| s.conn.is_some())
+    }
+}

@@ -1,0 +1,180 @@
+//! Shared subscriptions and retained messages across cluster nodes, over
+//! real gRPC between in-process nodes and real MQTT clients over TCP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use broker::client::{Client, publish};
+use broker::codec::{Ack, Packet, QoS, Version};
+use common::cluster::{Node, converged, start, until_routed};
+use common::{connect, metric, subscribe};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A subscriber acknowledging everything and reporting the numbers of the
+/// messages on `topic` it got, until `stop`.
+fn member(mut c: Client, topic: &'static str, id: usize, got: mpsc::UnboundedSender<(usize, u32)>) -> Receiver {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let pkt = tokio::select! {
+                p = c.recv(Duration::from_secs(60)) => p,
+                _ = s.cancelled() => return,
+            };
+            let Ok(pkt) = pkt else { return };
+            if let Packet::Publish(m) = pkt {
+                if m.qos == QoS::AtLeastOnce {
+                    c.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback");
+                }
+                if m.topic == topic {
+                    let _ = got.send((id, u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes"))));
+                }
+            }
+        }
+    });
+    Receiver { stop, task }
+}
+
+struct Receiver {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
+    }
+}
+
+/// Collects until the numbers `from..to` all arrived, then 300 ms more for
+/// duplicates. Returns per member how many it got, and the duplicates.
+async fn tally(rx: &mut mpsc::UnboundedReceiver<(usize, u32)>, from: u32, to: u32) -> (HashMap<usize, u32>, u32) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut per, mut dups) = (HashMap::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut quiet_until = None;
+    loop {
+        let wait = match quiet_until {
+            Some(t) => t,
+            None if seen.len() as u32 == to - from => {
+                let t = Instant::now() + Duration::from_millis(300);
+                quiet_until = Some(t);
+                t
+            }
+            None => deadline,
+        };
+        let left = wait.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((who, n))) => {
+                assert!((from..to).contains(&n), "message {n} outside this round {from}..{to}");
+                *per.entry(who).or_insert(0) += 1;
+                if !seen.insert(n) {
+                    dups += 1;
+                }
+            }
+            Ok(None) => panic!("members stopped"),
+            Err(_) if quiet_until.is_some() => return (per, dups),
+            Err(_) => panic!("only {} of messages {from}..{to} arrived within 30 s: {per:?}", seen.len()),
+        }
+    }
+}
+
+async fn publish_range(c: &mut Client, topic: &str, from: u32, to: u32) {
+    for k in from..to {
+        c.send(&publish(topic, QoS::AtLeastOnce, (k % 65_000) as u16 + 1, k.to_be_bytes().to_vec()))
+            .await
+            .expect("publish");
+        match c.recv(Duration::from_secs(10)).await.expect("puback") {
+            Packet::PubAck(a) => assert!(a.code == 0, "puback {a:?}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+}
+
+async fn until_down(n: &Node, peers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let series = format!("broker_cluster_peers{{node=\"{}\",state=\"down\"}}", n.name);
+    while (metric(&n.metrics(), &series) as usize) < peers {
+        assert!(Instant::now() < deadline, "{} never saw a peer down", n.name);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A shared group with a member on node 1 (MQTT 5) and one on node 2
+/// (3.1.1), a plain subscriber on node 2 beside it, publishers on nodes 3
+/// and 1: each message goes to exactly one member. With node 2 stopped, the
+/// member on node 1 gets every message; once node 2 is back and its member
+/// subscribed again, both get messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_group_across_nodes_gets_each_message_once() {
+    const N: u32 = 600;
+    let n1 = start("n1", &[], None).await;
+    let n2 = start("n2", &[n1.cluster], None).await;
+    let n3 = start("n3", &[n1.cluster], None).await;
+    converged(&[&n1, &n2, &n3], 2).await;
+    let mut m1 = connect(n1.mqtt, Version::V5, "m1", true).await;
+    let mut m2 = connect(n2.mqtt, Version::V311, "m2", true).await;
+    let mut plain = connect(n2.mqtt, Version::V5, "plain", true).await;
+    assert_eq!(subscribe(&mut m1, "$share/g/work/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(subscribe(&mut m2, "$share/g/work/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(subscribe(&mut plain, "work/#", QoS::AtLeastOnce).await, vec![1]);
+    until_routed(n3.mqtt, &mut [&mut m1, &mut m2, &mut plain], "work/probe").await;
+    until_routed(n1.mqtt, &mut [&mut m1, &mut m2], "work/probe").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (ptx, mut prx) = mpsc::unbounded_channel();
+    let _r1 = member(m1, "work/x", 1, tx.clone());
+    let r2 = member(m2, "work/x", 2, tx.clone());
+    let _rp = member(plain, "work/x", 0, ptx);
+
+    // Round 1: published on n3 (no member there) and on n1 (one member there).
+    let mut p3 = connect(n3.mqtt, Version::V5, "pub3", true).await;
+    let mut p1 = connect(n1.mqtt, Version::V5, "pub1", true).await;
+    publish_range(&mut p3, "work/x", 0, N / 2).await;
+    publish_range(&mut p1, "work/x", N / 2, N).await;
+    let (per, dups) = tally(&mut rx, 0, N).await;
+    let (plain_got, plain_dups) = tally(&mut prx, 0, N).await;
+    eprintln!("{N} QoS 1 to the group: per member {per:?}, {dups} duplicates; plain subscriber {plain_got:?}");
+    assert_eq!(dups, 0, "a message reached more than one member");
+    assert_eq!(per.values().sum::<u32>(), N, "deliveries to the group: {per:?}");
+    assert!(per.get(&1).is_some_and(|n| *n > 0) && per.get(&2).is_some_and(|n| *n > 0), "{per:?}");
+    assert_eq!((plain_got.get(&0).copied(), plain_dups), (Some(N), 0), "the plain subscriber beside member 2");
+
+    // Round 2: n2 stopped, and seen down by the others.
+    drop(r2);
+    let at = n2.stop().await;
+    until_down(&n1, 1).await;
+    until_down(&n3, 1).await;
+    publish_range(&mut p3, "work/x", N, N + N / 2).await;
+    publish_range(&mut p1, "work/x", N + N / 2, 2 * N).await;
+    let (per, dups) = tally(&mut rx, N, 2 * N).await;
+    eprintln!("with n2 down: per member {per:?}, {dups} duplicates");
+    assert_eq!((per.get(&1).copied(), dups), (Some(N), 0), "member 1 gets every message while n2 is down");
+
+    // Round 3: n2 back, its member subscribes again.
+    let t0 = Instant::now();
+    let n2 = start("n2", &[n1.cluster], Some(at)).await;
+    converged(&[&n1, &n2, &n3], 2).await;
+    let mut m2 = connect(n2.mqtt, Version::V311, "m2", true).await;
+    assert_eq!(subscribe(&mut m2, "$share/g/work/#", QoS::AtLeastOnce).await, vec![1]);
+    // Probes go to one member each: both get some once n3 and n1 route to n2.
+    let (mut a, mut b) = (connect(n1.mqtt, Version::V5, "probe-a", true).await, m2);
+    subscribe(&mut a, "work/probe", QoS::AtMostOnce).await;
+    until_routed(n3.mqtt, &mut [&mut a, &mut b], "work/probe").await;
+    eprintln!("n2 rejoined and its member routed after {:?}", t0.elapsed());
+    let _r2 = member(b, "work/x", 2, tx.clone());
+    publish_range(&mut p3, "work/x", 2 * N, 2 * N + N / 2).await;
+    publish_range(&mut p1, "work/x", 2 * N + N / 2, 3 * N).await;
+    let (per, dups) = tally(&mut rx, 2 * N, 3 * N).await;
+    eprintln!("after n2 rejoined: per member {per:?}, {dups} duplicates");
+    assert_eq!(dups, 0, "a message reached more than one member after the rejoin");
+    assert_eq!(per.values().sum::<u32>(), N, "{per:?}");
+    assert!(per.get(&2).is_some_and(|n| *n > 0), "the member on the rejoined node gets nothing: {per:?}");
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
+}
