@@ -4,7 +4,7 @@
 
 // The codec only needs `bytes` and `thiserror`; compiling it on its own keeps
 // the fuzz build small (no tokio, redb, ...).
-#[path = "../../src/codec/mod.rs"]
+#[path = "../../workload/src/codec/mod.rs"]
 #[expect(dead_code, reason = "the fuzz target uses only part of the codec API")]
 mod codec;
 

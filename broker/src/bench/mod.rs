@@ -1,23 +1,17 @@
 //! `broker bench`: a load client for any MQTT broker. N publishers, M
 //! subscribers, a QoS mix; every payload carries publisher, QoS, sequence
 //! number and send time, so the report gives per QoS: sent, received, lost,
-//! duplicated, out of order, throughput and end-to-end latency.
-
-mod stats;
-mod worker;
+//! duplicated, out of order, throughput and end-to-end latency. The load
+//! itself is the mqtt-workload crate; this is its command line.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::codec::Version;
-pub use stats::{QosReport, SubStats};
-use worker::{Common, PubCfg, SubCfg};
+pub use mqtt_workload::stats::QosReport;
+use mqtt_workload::{Fanout, Group, Protocol, QosMix, Reconnect, Session, Spec, Workload};
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct BenchArgs {
@@ -83,138 +77,73 @@ pub struct Report {
     pub total: QosReport,
 }
 
-fn parse_mix(s: &str) -> anyhow::Result<[u32; 3]> {
+fn parse_mix(s: &str) -> anyhow::Result<QosMix> {
     let v: Vec<u32> = s.split('/').map(|x| x.trim().parse()).collect::<Result<_, _>>()?;
     anyhow::ensure!(
         v.len() == 3 && v.iter().sum::<u32>() == 100,
         "--qos-mix needs three percentages adding up to 100, got {s:?}"
     );
-    Ok([v[0], v[1], v[2]])
+    Ok(QosMix { qos0: v[0], qos1: v[1], qos2: v[2] })
+}
+
+/// The typed workload the flags describe.
+pub fn spec(a: &BenchArgs) -> anyhow::Result<Spec> {
+    let protocol = match a.protocol {
+        3 | 4 => Protocol::V3,
+        5 => Protocol::V5,
+        p => anyhow::bail!("--protocol {p}: expected 3 or 5"),
+    };
+    let fanout = match a.sub_mode.as_str() {
+        "split" => Fanout::Split,
+        "all" => Fanout::All,
+        _ => anyhow::bail!("--sub-mode is split or all"),
+    };
+    let spec = Spec {
+        protocol,
+        publishers: vec![Group { addr: a.addr, count: a.publishers }],
+        subscribers: vec![Group { addr: a.addr, count: a.subscribers }],
+        rate: a.rate,
+        qos_mix: parse_mix(&a.qos_mix)?,
+        topics: a.topics,
+        fanout,
+        payload: a.payload,
+        session: if a.persistent { Session::Persistent } else { Session::Clean },
+        reconnect: Reconnect::default(),
+        inflight: a.inflight.max(1),
+        prefix: a.prefix.clone(),
+        id_prefix: a.id_prefix.clone(),
+    };
+    spec.validate().map_err(anyhow::Error::msg)?;
+    Ok(spec)
 }
 
 /// Runs one benchmark and returns its report.
 pub async fn execute(a: &BenchArgs) -> anyhow::Result<Report> {
-    let mix = parse_mix(&a.qos_mix)?;
-    anyhow::ensure!(a.publishers > 0 && a.subscribers > 0, "need at least one publisher and one subscriber");
-    anyhow::ensure!(matches!(a.sub_mode.as_str(), "split" | "all"), "--sub-mode is split or all");
-    let version = match a.protocol {
-        3 | 4 => Version::V311,
-        5 => Version::V5,
-        p => anyhow::bail!("--protocol {p}: expected 3 or 5"),
-    };
-    let common = Common { addr: a.addr, version, persistent: a.persistent };
-    let topics = if a.topics == 0 { a.publishers } else { a.topics };
-    let all = a.sub_mode == "all";
-    let covers = move |s: usize, p: usize| all || s % topics == p % topics;
-
-    let stop = CancellationToken::new();
-    let ready = Arc::new(AtomicUsize::new(0));
-    let progress = Arc::new(AtomicU64::new(0));
-    let last_rx = Arc::new(AtomicU64::new(0));
-    let mut subs = Vec::new();
-    for j in 0..a.subscribers {
-        let filter = if all { format!("{}/#", a.prefix) } else { format!("{}/{}", a.prefix, j % topics) };
-        subs.push(tokio::spawn(worker::subscriber(SubCfg {
-            common: common.clone(),
-            id: format!("{}-sub-{j}", a.id_prefix),
-            filter,
-            stop: stop.clone(),
-            ready: ready.clone(),
-            progress: progress.clone(),
-            last_rx: last_rx.clone(),
-        })));
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while ready.load(Relaxed) < a.subscribers {
-        if Instant::now() > deadline {
-            stop.cancel();
-            anyhow::bail!("only {} of {} subscribers subscribed within 15 s", ready.load(Relaxed), a.subscribers);
+    let spec = spec(a)?;
+    let subscribers = spec.subscriber_count();
+    let w = Workload::start(spec, Duration::from_secs(15)).await.map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        w.subscribed() == subscribers,
+        "only {} of {subscribers} subscribers subscribed within 15 s",
+        w.subscribed()
+    );
+    tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
+    let s = w.stop(Duration::from_secs_f64(a.drain)).await;
+    if let Some(path) = &a.latency_samples {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for v in s.latency_us.iter().flatten() {
+            let _ = writeln!(text, "{v}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    let start = Instant::now();
-    let start_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let stop_at = start + Duration::from_secs_f64(a.duration);
-    let give_up_at = stop_at + Duration::from_secs_f64(a.drain);
-    let mut pubs = Vec::new();
-    for i in 0..a.publishers {
-        pubs.push(tokio::spawn(worker::publisher(PubCfg {
-            common: common.clone(),
-            id: format!("{}-pub-{i}", a.id_prefix),
-            index: i as u32,
-            topic: format!("{}/{}", a.prefix, i % topics),
-            rate: a.rate,
-            mix,
-            payload: a.payload,
-            inflight: a.inflight.max(1),
-            stop_at,
-            give_up_at,
-        })));
-    }
-    let mut sent = Vec::new();
-    let mut acked = Vec::new();
-    let mut pub_reconnects = 0;
-    for p in pubs {
-        let r = p.await?;
-        sent.push(r.sent);
-        acked.push(r.acked);
-        pub_reconnects += r.reconnects;
-    }
-    let expected: u64 = (0..a.subscribers)
-        .flat_map(|s| (0..a.publishers).filter(move |p| covers(s, *p)))
-        .map(|p| sent[p].iter().sum::<u64>())
-        .sum();
-    while progress.load(Relaxed) < expected && Instant::now() < give_up_at {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    let mut sub_stats = Vec::new();
-    let mut sub_reconnects = 0;
-    for s in subs {
-        let r = s.await?;
-        sub_stats.push(r.stats);
-        sub_reconnects += r.reconnects;
-    }
-    let last = last_rx.load(Relaxed);
-    let window_s = if last > start_ns { (last - start_ns) as f64 / 1e9 } else { start.elapsed().as_secs_f64() };
-    let qos = stats::report(&sub_stats, &sent, &acked, &covers, window_s);
-    let mut total = QosReport::default();
-    for q in &qos {
-        total.sent += q.sent;
-        total.acked += q.acked;
-        total.expected += q.expected;
-        total.received += q.received;
-        total.lost += q.lost;
-        total.duplicated += q.duplicated;
-        total.out_of_order += q.out_of_order;
-        total.throughput_msgs_per_s += q.throughput_msgs_per_s;
-    }
-    let all_lat: [QosReport; 1] = {
-        let mut s = SubStats::default();
-        for st in &sub_stats {
-            for q in 0..3 {
-                s.latency_us[0].extend_from_slice(&st.latency_us[q]);
-            }
-        }
-        if let Some(path) = &a.latency_samples {
-            use std::fmt::Write as _;
-            let mut text = String::with_capacity(s.latency_us[0].len() * 5);
-            for v in &s.latency_us[0] {
-                let _ = writeln!(text, "{v}");
-            }
-            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        let r = stats::report(&[s], &[[0, 0, 0]], &[[0, 0, 0]], &|_, _| true, 1.0);
-        [r[0].clone()]
-    };
-    total.latency_ms = all_lat[0].latency_ms.clone();
     Ok(Report {
         args: a.clone(),
-        window_s,
-        publisher_reconnects: pub_reconnects,
-        subscriber_reconnects: sub_reconnects,
-        qos,
-        total,
+        window_s: s.window_s,
+        publisher_reconnects: s.publisher_reconnects,
+        subscriber_reconnects: s.subscriber_reconnects,
+        qos: s.qos,
+        total: s.total,
     })
 }
 

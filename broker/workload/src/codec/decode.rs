@@ -43,41 +43,41 @@ impl DecodeError {
 }
 
 /// A bounds-checked reader over one packet.
-pub(crate) struct Rd {
+pub struct Rd {
     buf: Bytes,
 }
 
 impl Rd {
-    pub(crate) fn new(buf: Bytes) -> Rd {
+    pub fn new(buf: Bytes) -> Rd {
         Rd { buf }
     }
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.buf.len() < n { Err(DecodeError::Malformed("packet shorter than its fields")) } else { Ok(()) }
     }
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         self.need(1)?;
         Ok(self.buf.get_u8())
     }
-    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub fn u16(&mut self) -> Result<u16, DecodeError> {
         self.need(2)?;
         Ok(self.buf.get_u16())
     }
-    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
         self.need(4)?;
         Ok(self.buf.get_u32())
     }
-    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.buf.get_u64())
     }
-    pub(crate) fn take_bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+    pub fn take_bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         self.need(n)?;
         Ok(self.buf.split_to(n))
     }
-    pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
+    pub fn varint(&mut self) -> Result<u32, DecodeError> {
         let mut value: u32 = 0;
         for i in 0..4 {
             let b = self.u8()?;
@@ -88,16 +88,16 @@ impl Rd {
         }
         Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
     }
-    pub(crate) fn take(&mut self, n: usize) -> Result<Rd, DecodeError> {
+    pub fn take(&mut self, n: usize) -> Result<Rd, DecodeError> {
         self.need(n)?;
         Ok(Rd { buf: self.buf.split_to(n) })
     }
-    pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
+    pub fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u16()? as usize;
         self.need(n)?;
         Ok(self.buf.split_to(n))
     }
-    pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
+    pub fn string(&mut self) -> Result<String, DecodeError> {
         let b = self.binary()?;
         let s = std::str::from_utf8(&b).map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
         // MQTT 1.5.4: U+0000 is not allowed in any string.
@@ -106,7 +106,7 @@ impl Rd {
         }
         Ok(s.to_owned())
     }
-    pub(crate) fn rest(&mut self) -> Bytes {
+    pub fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)
     }
 }

@@ -10,7 +10,7 @@ mod props;
 
 use bytes::Bytes;
 
-pub(crate) use decode::Rd;
+pub use decode::Rd;
 pub use decode::{DecodeError, decode, decode_connect};
 pub use encode::{encode, encode_publish_parts, publish_size};
 pub use props::{Properties, PropertyValues};

@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Packet, Properties, QoS, Version, reason};
 
-pub(crate) fn varint_len(v: usize) -> usize {
+pub fn varint_len(v: usize) -> usize {
     match v {
         0..=127 => 1,
         128..=16_383 => 2,
@@ -13,7 +13,7 @@ pub(crate) fn varint_len(v: usize) -> usize {
     }
 }
 
-pub(crate) fn put_varint(buf: &mut BytesMut, mut v: usize) {
+pub fn put_varint(buf: &mut BytesMut, mut v: usize) {
     loop {
         let mut b = (v & 0x7f) as u8;
         v >>= 7;
@@ -27,11 +27,11 @@ pub(crate) fn put_varint(buf: &mut BytesMut, mut v: usize) {
     }
 }
 
-pub(crate) fn put_str(buf: &mut BytesMut, s: &str) {
+pub fn put_str(buf: &mut BytesMut, s: &str) {
     put_bin(buf, s.as_bytes());
 }
 
-pub(crate) fn put_bin(buf: &mut BytesMut, b: &[u8]) {
+pub fn put_bin(buf: &mut BytesMut, b: &[u8]) {
     // Callers keep strings under 64 KiB (decoded ones are by construction).
     let len = b.len().min(u16::MAX as usize);
     buf.put_u16(len as u16);

@@ -4,25 +4,25 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{self, SubStats};
 use crate::client::{Client, WriteHalf, connect_packet};
 use crate::codec::{Ack, Disconnect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version};
-
-fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
+use crate::record::{Recorder, now_ns};
+use crate::spec::Reconnect;
+use crate::stats::{self, SubStats};
 
 #[derive(Clone)]
 pub struct Common {
     pub addr: SocketAddr,
     pub version: Version,
     pub persistent: bool,
+    pub reconnect: Reconnect,
+    pub rec: Arc<Recorder>,
 }
 
 async fn open(c: &Common, id: &str) -> Option<(Client, bool)> {
@@ -33,19 +33,44 @@ async fn open(c: &Common, id: &str) -> Option<(Client, bool)> {
     }
     match tokio::time::timeout(Duration::from_secs(5), Client::connect(c.addr, cp)).await {
         Ok(Ok((cl, ack))) if ack.code == 0 => Some((cl, ack.session_present)),
-        _ => None,
+        _ => {
+            c.rec.connect_failures.fetch_add(1, Relaxed);
+            None
+        }
     }
 }
 
-struct Backoff(Duration);
+/// Counts a live connection while it is held.
+struct Connected<'a>(&'a AtomicI64);
+
+impl<'a> Connected<'a> {
+    fn new(c: &'a AtomicI64) -> Self {
+        c.fetch_add(1, Relaxed);
+        Connected(c)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+struct Backoff {
+    next: Duration,
+    policy: Reconnect,
+}
 
 impl Backoff {
+    fn new(policy: Reconnect) -> Self {
+        Backoff { next: policy.initial, policy }
+    }
     async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.policy.max);
     }
     fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
+        self.next = self.policy.initial;
     }
 }
 
@@ -59,8 +84,12 @@ pub struct PubCfg {
     pub mix: [u32; 3],
     pub payload: usize,
     pub inflight: usize,
-    pub stop_at: Instant,
-    pub give_up_at: Instant,
+    /// Subscribers that receive each message.
+    pub fanout: u64,
+    /// Stop publishing (what is in flight is still completed).
+    pub stop: CancellationToken,
+    /// Stop completing what is in flight.
+    pub give_up: CancellationToken,
 }
 
 #[derive(Default, Debug)]
@@ -92,20 +121,26 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
     let mut k: u64 = 0;
     let mut unacked: HashMap<u16, Unacked> = HashMap::new();
     let mut next_pid: u16 = 0;
-    let mut backoff = Backoff(Duration::from_millis(100));
+    let mut backoff = Backoff::new(cfg.common.reconnect);
     let interval = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate));
     let mut next_due = Instant::now();
     let mut first = true;
     'conn: loop {
-        let now = Instant::now();
-        if now >= cfg.give_up_at || (now >= cfg.stop_at && unacked.is_empty()) {
+        if cfg.give_up.is_cancelled() || (cfg.stop.is_cancelled() && unacked.is_empty()) {
             break;
         }
         let Some((cl, present)) = open(&cfg.common, &cfg.id).await else {
             res.reconnects += 1;
-            backoff.wait().await;
+            tokio::select! {
+                _ = backoff.wait() => {}
+                _ = cfg.give_up.cancelled() => break,
+            }
             continue;
         };
+        let _live = Connected::new(&cfg.common.rec.publishers_connected);
+        // The offered load is a rate: time spent disconnected is not made
+        // up for with a burst after the reconnect.
+        next_due = next_due.max(Instant::now());
         if !first {
             res.reconnects += 1;
         }
@@ -132,8 +167,8 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
         }
         loop {
             let now = Instant::now();
-            let publishing = now < cfg.stop_at;
-            if (!publishing && unacked.is_empty()) || now >= cfg.give_up_at {
+            let publishing = !cfg.stop.is_cancelled();
+            if (!publishing && unacked.is_empty()) || cfg.give_up.is_cancelled() {
                 let _ = wr.send(&Packet::Disconnect(Disconnect { code: 0, props: Properties::default() })).await;
                 break 'conn;
             }
@@ -147,9 +182,9 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
                 biased;
                 r = rd.recv() => {
                     let Ok(pkt) = r else { continue 'conn };
-                    handle_pub_ack(pkt, &mut unacked, &mut res, &mut wr);
+                    handle_pub_ack(pkt, &mut unacked, &mut res, &mut wr, &cfg.common.rec);
                     while let Ok(Some(pkt)) = rd.try_next() {
-                        handle_pub_ack(pkt, &mut unacked, &mut res, &mut wr);
+                        handle_pub_ack(pkt, &mut unacked, &mut res, &mut wr, &cfg.common.rec);
                     }
                     if wr.flush().await.is_err() {
                         continue 'conn;
@@ -160,7 +195,7 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
                         continue;
                     }
                     let mut n = 0;
-                    while n < 64 && unacked.len() < cfg.inflight && Instant::now() < cfg.stop_at {
+                    while n < 64 && unacked.len() < cfg.inflight && !cfg.stop.is_cancelled() {
                         if let Some(iv) = interval {
                             if next_due > Instant::now() {
                                 break;
@@ -171,7 +206,8 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
                         k += 1;
                         let q = qos as usize;
                         let mut payload = BytesMut::zeroed(cfg.payload.max(stats::HEADER));
-                        stats::encode_header(&mut payload, cfg.index, q as u8, seq[q], now_ns());
+                        let at = now_ns();
+                        stats::encode_header(&mut payload, cfg.index, q as u8, seq[q], at);
                         seq[q] += 1;
                         let pid = if qos == QoS::AtMostOnce {
                             0
@@ -193,8 +229,10 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
                             payload: payload.freeze(),
                         };
                         res.sent[q] += 1;
+                        cfg.common.rec.sent(q, at, cfg.fanout);
                         if qos == QoS::AtMostOnce {
                             res.acked[0] += 1;
+                            cfg.common.rec.acked(0);
                             wr.queue(&Packet::Publish(p));
                         } else {
                             wr.queue(&Packet::Publish(p.clone()));
@@ -212,9 +250,18 @@ pub async fn publisher(cfg: PubCfg) -> PubResult {
     res
 }
 
-fn handle_pub_ack(pkt: Packet, unacked: &mut HashMap<u16, Unacked>, res: &mut PubResult, wr: &mut WriteHalf) {
+fn handle_pub_ack(
+    pkt: Packet,
+    unacked: &mut HashMap<u16, Unacked>,
+    res: &mut PubResult,
+    wr: &mut WriteHalf,
+    rec: &Recorder,
+) {
     match pkt {
-        Packet::PubAck(a) if unacked.remove(&a.pid).is_some() => res.acked[1] += 1,
+        Packet::PubAck(a) if unacked.remove(&a.pid).is_some() => {
+            res.acked[1] += 1;
+            rec.acked(1);
+        }
         Packet::PubRec(a) => {
             if let Some(u) = unacked.get_mut(&a.pid) {
                 if a.code >= 0x80 {
@@ -225,7 +272,10 @@ fn handle_pub_ack(pkt: Packet, unacked: &mut HashMap<u16, Unacked>, res: &mut Pu
                 }
             }
         }
-        Packet::PubComp(a) if unacked.remove(&a.pid).is_some() => res.acked[2] += 1,
+        Packet::PubComp(a) if unacked.remove(&a.pid).is_some() => {
+            res.acked[2] += 1;
+            rec.acked(2);
+        }
         _ => {}
     }
 }
@@ -237,21 +287,16 @@ pub struct SubCfg {
     pub stop: CancellationToken,
     /// Incremented once this subscriber's first SUBACK arrived.
     pub ready: Arc<AtomicUsize>,
-    /// Unique messages received so far, for the driver's progress check.
-    pub progress: Arc<AtomicU64>,
-    /// Nanoseconds (Unix) of the last receipt.
-    pub last_rx: Arc<AtomicU64>,
 }
 
 pub struct SubResult {
-    pub stats: SubStats,
     pub reconnects: u64,
 }
 
 pub async fn subscriber(cfg: SubCfg) -> SubResult {
     let mut stats = SubStats::default();
     let mut reconnects = 0;
-    let mut backoff = Backoff(Duration::from_millis(100));
+    let mut backoff = Backoff::new(cfg.common.reconnect);
     let mut first = true;
     'conn: while !cfg.stop.is_cancelled() {
         let Some((cl, _)) = open(&cfg.common, &cfg.id).await else {
@@ -266,6 +311,7 @@ pub async fn subscriber(cfg: SubCfg) -> SubResult {
             reconnects += 1;
         }
         backoff.reset();
+        let _live = Connected::new(&cfg.common.rec.subscribers_connected);
         let Client { mut rd, mut wr } = cl;
         let sub = Subscribe {
             pid: 1,
@@ -302,7 +348,7 @@ pub async fn subscriber(cfg: SubCfg) -> SubResult {
             }
         }
     }
-    SubResult { stats, reconnects }
+    SubResult { reconnects }
 }
 
 fn on_sub_packet(pkt: Packet, stats: &mut SubStats, pending: &mut HashSet<u16>, wr: &mut WriteHalf, cfg: &SubCfg) {
@@ -320,14 +366,8 @@ fn on_sub_packet(pkt: Packet, stats: &mut SubStats, pending: &mut HashSet<u16>, 
                 }
             };
             if fresh && let Some((publisher, q, seq, ts)) = stats::decode_header(&p.payload) {
-                let now = now_ns();
-                let lat_us = (now.saturating_sub(ts) / 1000).min(u64::from(u32::MAX)) as u32;
-                let before = stats.unique;
-                stats.record(publisher, q, seq, lat_us);
-                if stats.unique > before {
-                    cfg.progress.fetch_add(1, Relaxed);
-                }
-                cfg.last_rx.store(now, Relaxed);
+                let r = stats.record(publisher, q, seq);
+                cfg.common.rec.received(usize::from(q), ts, now_ns(), r);
             }
         }
         Packet::PubRel(a) => {

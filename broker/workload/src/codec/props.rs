@@ -136,14 +136,14 @@ impl Properties {
         self.0.as_deref().map_or(1, PropertyValues::encoded_len)
     }
 
-    pub(crate) fn encode(&self, buf: &mut BytesMut) {
+    pub fn encode(&self, buf: &mut BytesMut) {
         match self.0.as_deref() {
             Some(v) => v.encode(buf),
             None => buf.put_u8(0),
         }
     }
 
-    pub(crate) fn decode(rd: &mut Rd) -> Result<Properties, DecodeError> {
+    pub fn decode(rd: &mut Rd) -> Result<Properties, DecodeError> {
         let len = rd.varint()? as usize;
         if len == 0 {
             return Ok(Properties(None));
@@ -250,7 +250,7 @@ impl PropertyValues {
         varint_len(l) + l
     }
 
-    pub(crate) fn encode(&self, buf: &mut BytesMut) {
+    pub fn encode(&self, buf: &mut BytesMut) {
         put_varint(buf, self.body_len());
         let u8p = |buf: &mut BytesMut, id: u8, v: Option<u8>| {
             if let Some(v) = v {
