@@ -78,7 +78,7 @@ pub async fn join_seed(node: Arc<Node>, seed: String) {
             Ok(mut c) => {
                 c.join(pb::JoinRequest { node: Some(me(&node)) }).await.map_err(|s| (s.code(), s.message().to_owned()))
             }
-            Err(e) => Err((tonic::Code::Unavailable, format!("connecting: {e}"))),
+            Err(e) => Err((tonic::Code::Unavailable, format!("connecting: {}", chain(&e)))),
         };
         match r {
             Ok(resp) => {
@@ -169,7 +169,7 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
     let addr = peer.addr();
     let mut c = match connect(&addr, node).await {
         Ok(c) => c,
-        Err(e) => return End::Failed(format!("connecting to {addr}: {e}")),
+        Err(e) => return End::Failed(format!("connecting to {addr}: {}", chain(&e))),
     };
     match c.join(pb::JoinRequest { node: Some(me(node)) }).await {
         Ok(r) => {
@@ -199,6 +199,8 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
             match c.heartbeat(req).await {
                 Ok(r) => {
                     peer.heard();
+                    // Back: a limit of its down time is lifted.
+                    apply_limit(node, peer);
                     let r = r.into_inner();
                     peer.acked_version.store(r.held_route_version, Relaxed);
                     learn(node, r.members);
@@ -223,6 +225,19 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
             _ = sleep_until(next_hb) => {}
         }
     }
+}
+
+/// An error with its causes ("transport error: tcp connect error:
+/// Connection refused"), where tonic's own says only "transport error".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// The down-peer limit (forward.rs), checked whenever a session ends.

@@ -7,7 +7,7 @@ use super::Node;
 use super::members::PeerState;
 
 /// Reasons a request from a peer was refused (fixed label set).
-const REJECTED: [&str; 4] = ["unknown_peer", "name_collision", "protocol", "invalid"];
+const REJECTED: [&str; 5] = ["unknown_peer", "name_collision", "protocol", "invalid", "malformed"];
 
 /// Upper bounds (seconds) of the forward latency histogram: a forward waits
 /// for the peer's routing (and its fsync for persistent sessions), and while
@@ -24,7 +24,7 @@ pub struct ClusterMetrics {
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
     drop_episodes: [AtomicU64; 2],
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; 5],
     pub resyncs_sent: AtomicU64,
     pub resyncs_received: AtomicU64,
     pub join_failures: AtomicU64,

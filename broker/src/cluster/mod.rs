@@ -17,6 +17,7 @@
 mod convert;
 mod error;
 mod forward;
+mod guard;
 mod link;
 mod members;
 mod metrics;

@@ -27,7 +27,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = node.shutdown.clone();
     let r = tonic::transport::Server::builder()
-        .add_service(ClusterServer::new(Service { node: node.clone() }))
+        .add_service(super::guard::Guarded {
+            inner: ClusterServer::new(Service { node: node.clone() }),
+            node: node.clone(),
+        })
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await;
     if let Err(e) = r {
