@@ -8,6 +8,7 @@ mod list;
 mod output;
 mod parse;
 mod recover;
+mod run;
 mod status;
 mod watch;
 
@@ -52,6 +53,10 @@ enum Command {
     },
     /// Stream experiment events (all, or one id).
     Watch { id: Option<String> },
+    /// Run a chaos plan (TOML) against a broker cluster with an MQTT
+    /// workload and write a verdict report. Exit 0 all pass, 1 a case
+    /// failed, 2 a case unknown / not run or the run could not start.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +68,10 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    if let Command::Run(args) = cli.command {
+        // Before any runtime: the runner may enter another network namespace.
+        return ExitCode::from(run::main(&cli.socket, args));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -78,6 +87,7 @@ fn main() -> ExitCode {
             Command::Get { id } => get::run(&cli.socket, cli.output, id).await,
             Command::Recover { id, all } => recover::run(&cli.socket, cli.output, id, all).await,
             Command::Watch { id } => watch::run(&cli.socket, cli.output, id).await,
+            Command::Run(_) => unreachable!("handled above"),
         }
     });
     match result {

@@ -36,7 +36,9 @@ struct Stream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Receipt {
     /// First copy; `out_of_order` when a later sequence number came first.
-    Fresh { out_of_order: bool },
+    Fresh {
+        out_of_order: bool,
+    },
     Duplicate,
 }
 
