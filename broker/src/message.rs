@@ -46,6 +46,15 @@ impl Message {
     }
 }
 
+/// When a retained message was set or cleared, for last-writer-wins across
+/// cluster nodes: ordered by `millis` (a hybrid logical clock: wall-clock
+/// milliseconds, but past every stamp seen), then by node name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Stamp {
+    pub millis: u64,
+    pub node: Arc<str>,
+}
+
 /// A PUBLISH for one subscriber.
 #[derive(Debug)]
 pub struct Delivery {

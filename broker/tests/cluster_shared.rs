@@ -178,3 +178,88 @@ async fn shared_group_across_nodes_gets_each_message_once() {
         n.stop().await;
     }
 }
+
+/// The retained messages a new subscriber to `filter` on `node` gets, as
+/// (topic, payload), sorted.
+async fn retained_on(node: &Node, filter: &str) -> Vec<(String, String)> {
+    let mut c = connect(node.mqtt, Version::V5, "retained-reader", true).await;
+    subscribe(&mut c, filter, QoS::AtLeastOnce).await;
+    let mut out = Vec::new();
+    while let Ok(pkt) = c.recv(Duration::from_millis(300)).await {
+        if let Packet::Publish(m) = pkt {
+            if m.qos == QoS::AtLeastOnce {
+                c.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback");
+            }
+            if m.retain {
+                out.push((m.topic.clone(), String::from_utf8_lossy(&m.payload).into_owned()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Polls `retained_on` until it returns `want` (replication is
+/// asynchronous), failing after 10 s with what it saw.
+async fn until_retained(node: &Node, filter: &str, want: &[(&str, &str)]) -> Duration {
+    let t0 = Instant::now();
+    let want: Vec<(String, String)> = want.iter().map(|(t, p)| (t.to_string(), p.to_string())).collect();
+    loop {
+        let got = retained_on(node, filter).await;
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "retained on {}: {got:?}, expected {want:?}", node.name);
+    }
+}
+
+async fn retain(node: &Node, topic: &str, payload: &str) {
+    let mut c = connect(node.mqtt, Version::V311, "retainer", true).await;
+    let mut p = publish(topic, QoS::AtLeastOnce, 1, payload.as_bytes().to_vec());
+    if let Packet::Publish(m) = &mut p {
+        m.retain = true;
+    }
+    c.send(&p).await.expect("publish");
+    assert!(matches!(c.recv(Duration::from_secs(5)).await, Ok(Packet::PubAck(_))), "retained publish acknowledged");
+}
+
+/// A retained message set on node 1 is what a new subscriber on node 2 gets;
+/// a clear on node 2 clears it on node 1; a node that joins later gets the
+/// set; a node restarted from its data directory drops what was cleared
+/// while it was away and gets what was set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_visible_from_every_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n1 = start("n1", &[], None).await;
+    let n2 = common::cluster::start_with("n2", &[n1.cluster], None, Some(dir.path())).await;
+    converged(&[&n1, &n2], 1).await;
+    retain(&n1, "r/a", "one").await;
+    retain(&n1, "r/b", "two").await;
+    let took = until_retained(&n2, "r/#", &[("r/a", "one"), ("r/b", "two")]).await;
+    eprintln!("retained set on n1 visible on n2 after {took:?}");
+    retain(&n2, "r/a", "").await;
+    let took = until_retained(&n1, "r/#", &[("r/b", "two")]).await;
+    eprintln!("clear on n2 seen on n1 after {took:?}");
+    // A node that joins now gets the set.
+    let n3 = start("n3", &[n1.cluster], None).await;
+    converged(&[&n1, &n2, &n3], 2).await;
+    until_retained(&n3, "r/#", &[("r/b", "two")]).await;
+    // n2 away: r/b cleared and r/c set meanwhile; n2 restarts with r/b on disk.
+    let at = n2.stop().await;
+    retain(&n3, "r/b", "").await;
+    retain(&n1, "r/c", "three").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = broker::store::Store::open(dir.path()) {
+        assert!(Instant::now() < deadline, "the stopped node's store stays open: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n2 = common::cluster::start_with("n2", &[n1.cluster], Some(at), Some(dir.path())).await;
+    let took = until_retained(&n2, "r/#", &[("r/c", "three")]).await;
+    eprintln!("restarted n2 dropped the cleared r/b and got r/c after {took:?}");
+    // And n2's restored store did not bring r/b back anywhere.
+    until_retained(&n1, "r/#", &[("r/c", "three")]).await;
+    until_retained(&n3, "r/#", &[("r/c", "three")]).await;
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Instant;
 use chaos_proto::broker::v1 as pb;
 
 use crate::codec::{Properties, QoS};
-use crate::message::{Message, unix_now};
+use crate::message::{Message, Stamp, unix_now};
 
 pub fn to_wire(m: &Message) -> pb::Publish {
     let p = &m.props;
@@ -23,6 +23,29 @@ pub fn to_wire(m: &Message) -> pb::Publish {
         payload_format: p.payload_format.map_or(0, |f| u32::from(f) + 1),
         publisher: m.publisher.as_deref().unwrap_or_default().to_owned(),
     }
+}
+
+/// A retained write as sent to a peer; a clear is a publish with the topic
+/// and nothing else.
+pub fn retained_to_wire((topic, stamp, msg): &super::retained::Write) -> pb::RetainedEntry {
+    let publish = match msg {
+        Some(m) => to_wire(m),
+        None => pb::Publish { topic: topic.clone(), retain: true, ..Default::default() },
+    };
+    pb::RetainedEntry {
+        publish: Some(publish),
+        stamp: Some(pb::RetainStamp { millis: stamp.millis, node: stamp.node.to_string() }),
+    }
+}
+
+/// A retained write from a peer: (topic, stamp, message or None when
+/// cleared); `Err` says what is wrong with it.
+pub fn retained_from_wire(e: pb::RetainedEntry) -> Result<(String, Stamp, Option<Message>), String> {
+    let stamp = e.stamp.ok_or("retained entry without stamp")?;
+    let m = from_wire(e.publish.ok_or("retained entry without publish")?)?;
+    let stamp = Stamp { millis: stamp.millis, node: Arc::from(stamp.node.as_str()) };
+    let topic = m.topic.clone();
+    Ok((topic, stamp, (!m.payload.is_empty()).then_some(Message { retain: true, ..m })))
 }
 
 /// A forwarded publish as a local message; `Err` says what is wrong with it.

@@ -132,6 +132,7 @@ async fn run(node: Arc<Node>, peer: Arc<Peer>) {
         };
         // The peer holds what it held; we learn it again from its answers.
         peer.acked_version.store(u64::MAX, Relaxed);
+        peer.retained_acked.store(u64::MAX, Relaxed);
         apply_limit(&node, &peer);
         match end {
             End::Stop => return,
@@ -210,6 +211,9 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
         }
         // Routes before forwards: a forward is sent because of a route.
         if let Err(e) = sync_routes(node, peer, &mut c).await {
+            return e;
+        }
+        if let Err(e) = sync_retained(node, peer, &mut c).await {
             return e;
         }
         if let Err(e) = forward(node, peer, &mut c).await {
@@ -292,6 +296,40 @@ async fn sync_routes(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -
             Err(s) => return Err(failed(s, "sync routes")),
         }
     }
+    Ok(())
+}
+
+/// Retained writes per request.
+const RETAINED_BATCH: usize = 256;
+
+/// The whole retained set at the start of a link session (the peer may
+/// have missed anything before), then what changed since.
+async fn sync_retained(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Result<(), End> {
+    let held = peer.retained_acked.load(Relaxed);
+    if held == node.retained.version() {
+        return Ok(());
+    }
+    let full = held == u64::MAX;
+    let (version, writes) = node.retained.since(if full { 0 } else { held });
+    let mut chunks = writes.chunks(RETAINED_BATCH).peekable();
+    if chunks.peek().is_none() {
+        peer.retained_acked.store(version, Relaxed);
+        return Ok(());
+    }
+    for chunk in chunks {
+        let req = pb::SyncRetainedRequest {
+            from: node.settings.node_name.clone(),
+            incarnation: node.incarnation,
+            full,
+            version,
+            entries: chunk.iter().map(convert::retained_to_wire).collect(),
+        };
+        match c.sync_retained(req).await {
+            Ok(_) => peer.heard(),
+            Err(s) => return Err(failed(s, "sync retained")),
+        }
+    }
+    peer.retained_acked.store(version, Relaxed);
     Ok(())
 }
 

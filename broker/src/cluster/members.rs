@@ -59,6 +59,9 @@ pub struct Peer {
     pub held: Mutex<Held>,
     /// Our route version that the peer confirmed holding (sending side).
     pub acked_version: AtomicU64,
+    /// Version of our retained table the peer holds (sending side;
+    /// u64::MAX: unknown, it gets the whole set).
+    pub retained_acked: AtomicU64,
     /// Forwards waiting for it.
     pub queue: PeerQueue,
     pub link: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -76,6 +79,7 @@ impl Peer {
             known_since: Instant::now(),
             held: Mutex::new(Held::default()),
             acked_version: AtomicU64::new(u64::MAX),
+            retained_acked: AtomicU64::new(u64::MAX),
             queue: PeerQueue::new(cap),
             link: Mutex::new(None),
         }

@@ -21,6 +21,7 @@ mod guard;
 mod link;
 mod members;
 mod metrics;
+mod retained;
 mod routes;
 mod service;
 mod status;
@@ -74,6 +75,7 @@ pub(crate) struct Node {
     pub incarnation: u64,
     pub members: members::Members,
     pub routes: routes::LocalRoutes,
+    pub retained: retained::RetainedTable,
     pub router: inbox::Sender,
     pub dedup: forward::Dedup,
     pub metrics: metrics::ClusterMetrics,
@@ -112,6 +114,15 @@ pub struct Outlet {
 
 impl Outlet {
     /// A local subscription was added (or its QoS changed: remove, then add).
+    /// A retained write this node keeps (its own or a peer's): replicated
+    /// to every peer by its link.
+    pub fn retained(&self, topic: String, stamp: crate::message::Stamp, msg: Option<Arc<Message>>) {
+        self.node.retained.update(topic, stamp, msg);
+        for p in self.node.members.all() {
+            p.queue.wake.notify_one();
+        }
+    }
+
     pub fn route_event(&self, e: RouteEvent) {
         let _ = self.events.send(e);
     }
@@ -163,6 +174,7 @@ impl Cluster {
             incarnation,
             members: members::Members::default(),
             routes: routes::LocalRoutes::default(),
+            retained: retained::RetainedTable::default(),
             router,
             dedup: forward::Dedup::default(),
             metrics: metrics::ClusterMetrics::default(),

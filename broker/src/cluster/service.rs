@@ -161,6 +161,7 @@ impl Cluster for Service {
         p.set_mqtt_addr(&n.mqtt_addr);
         // Whatever we told the previous run of this peer, it holds nothing now.
         p.acked_version.store(u64::MAX, Relaxed);
+        p.retained_acked.store(u64::MAX, Relaxed);
         p.heard();
         if new {
             tracing::info!(peer = %n.name, %addr, "member joined");
@@ -220,6 +221,29 @@ impl Cluster for Service {
             })));
         }
         Ok(Response::new(pb::SyncRoutesResponse { held_version: held.version }))
+    }
+
+    async fn sync_retained(
+        &self,
+        req: Request<pb::SyncRetainedRequest>,
+    ) -> Result<Response<pb::SyncRetainedResponse>, Status> {
+        let r = req.into_inner();
+        self.peer(&r.from, r.incarnation)?;
+        let mut writes = Vec::with_capacity(r.entries.len());
+        for e in r.entries {
+            match convert::retained_from_wire(e) {
+                Ok(w) => writes.push(w),
+                // Skipped: a retry would be just as bad.
+                Err(what) => {
+                    let _ = self.reject("invalid", ClusterError::Invalid { from: r.from.clone(), what });
+                }
+            }
+        }
+        let applied = writes.len() as u32;
+        if self.node.router.send(ToRouter::RetainedSync(Box::new(writes))).await.is_err() {
+            return Err(ClusterError::Stopped.into());
+        }
+        Ok(Response::new(pb::SyncRetainedResponse { applied }))
     }
 
     async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {

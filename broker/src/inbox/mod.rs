@@ -70,6 +70,9 @@ pub enum ToRouter {
     RemoteRoutes(Box<RemoteRoutes>),
     /// Publishes forwarded by another node, for the local sessions only.
     Forwarded(Box<Forwarded>),
+    /// Retained writes replicated from a peer: (topic, stamp, message or
+    /// None when cleared).
+    RetainedSync(Box<Vec<(String, crate::message::Stamp, Option<crate::message::Message>)>>),
     /// Four times a second (`TICK`): expired sessions, delayed wills,
     /// expired retained messages, gauges and `$SYS`.
     Tick,

@@ -16,7 +16,7 @@ use crate::codec::{
 };
 use crate::message::{Message, Outbound, unix_now};
 use crate::store::Op;
-use crate::store::record::{Entry, encode_message};
+use crate::store::record::Entry;
 
 impl Router {
     pub(super) fn on_connect(&mut self, conn: ConnHandle, c: Connect, mut connack: ConnAck) {
@@ -376,28 +376,6 @@ impl Router {
         s.save(&ctx);
     }
 
-    /// Retained store update; returns whether a store write was issued.
-    fn set_retained(&mut self, msg: &Arc<Message>) -> bool {
-        let persist = !msg.topic.starts_with("$SYS");
-        let store = self.store.as_ref().filter(|_| persist);
-        if msg.payload.is_empty() {
-            let had = self.retained.remove(&msg.topic).is_some();
-            if had && let Some(st) = store {
-                st.send(Op::DelRetained(msg.topic.clone()));
-                return true;
-            }
-            return false;
-        }
-        self.retained.insert(msg.topic.clone(), msg.clone());
-        if let Some(st) = store {
-            let mut b = bytes::BytesMut::new();
-            encode_message(&mut b, msg);
-            st.send(Op::PutRetained(msg.topic.clone(), b.to_vec()));
-            return true;
-        }
-        false
-    }
-
     /// Delivers to every matching session and, for a publish made here
     /// (`Origin::Local`), queues it once for every other node with a
     /// matching route. A publish forwarded by a peer (`Origin::Peer`) went to
@@ -408,8 +386,8 @@ impl Router {
     pub(super) fn route(&mut self, msg: Arc<Message>, origin: Origin) -> (usize, bool) {
         let mut persisted = false;
         let local_only = matches!(origin, Origin::Peer { .. });
-        // Retained state is per node in this slice: a forwarded message
-        // does not become retained on the receiving node.
+        // A forwarded message's retained write reaches this node through
+        // the retained replication (`on_retained_sync`), not here.
         if msg.retain && !local_only {
             persisted |= self.set_retained(&msg) && msg.qos != QoS::AtMostOnce;
         }

@@ -15,6 +15,7 @@
 
 mod handlers;
 mod remote;
+mod retained;
 pub mod session;
 pub mod subs;
 
@@ -49,6 +50,11 @@ pub struct Router {
     sessions: HashMap<Arc<str>, Session>,
     subs: SubTable,
     retained: HashMap<String, Arc<Message>>,
+    /// Stamp of the last write of each retained topic, cleared ones too
+    /// (`retained.rs`).
+    retained_stamps: HashMap<String, crate::message::Stamp>,
+    /// Highest retained stamp (milliseconds) made or seen.
+    hlc: u64,
     /// Wills waiting for their delay: (due, client, connection that left it).
     pending_wills: Vec<(Instant, Arc<str>, crate::codec::Will)>,
     started: Instant,
@@ -79,6 +85,8 @@ impl Router {
             sessions: HashMap::new(),
             subs: SubTable::default(),
             retained: HashMap::new(),
+            retained_stamps: HashMap::new(),
+            hlc: 0,
             pending_wills: Vec::new(),
             started: Instant::now(),
             last_sys: Instant::now(),
@@ -87,9 +95,7 @@ impl Router {
             cluster,
             remote: HashMap::new(),
         };
-        for m in loaded.retained {
-            r.retained.insert(m.topic.clone(), Arc::new(m));
-        }
+        r.restore_retained(loaded.retained);
         for (client, ls) in loaded.sessions {
             let Some(meta) = ls.meta else { continue };
             let id: Arc<str> = Arc::from(client);
@@ -192,6 +198,7 @@ impl Router {
             ToRouter::Unsubscribe { conn, client, unsub } => self.on_unsubscribe(conn, &client, *unsub),
             ToRouter::RemoteRoutes(r) => self.on_remote_routes(*r),
             ToRouter::Forwarded(f) => self.on_forwarded(*f),
+            ToRouter::RetainedSync(entries) => self.on_retained_sync(*entries),
             ToRouter::Tick => self.on_tick(),
             ToRouter::Disconnected { conn, client, publish_will, session_expiry } => {
                 self.on_disconnected(conn, &client, publish_will, session_expiry)

@@ -101,7 +101,9 @@ pub struct LoadedSession {
 #[derive(Default)]
 pub struct Loaded {
     pub sessions: HashMap<String, LoadedSession>,
-    pub retained: Vec<Message>,
+    /// With the stamp of their last write (default for records older than
+    /// stamps).
+    pub retained: Vec<(Message, crate::message::Stamp)>,
     pub cluster: LoadedCluster,
 }
 
@@ -218,9 +220,10 @@ impl Store {
         for row in txn.open_table(RETAINED).map_err(db_err)?.iter().map_err(db_err)? {
             let (_, v) = row.map_err(db_err)?;
             let mut rd = crate::codec::Rd::new(bytes::Bytes::copy_from_slice(v.value()));
-            let m =
-                record::decode_message(&mut rd).map_err(|source| StoreError::Corrupt { table: "retained", source })?;
-            out.retained.push(m);
+            let corrupt = |source| StoreError::Corrupt { table: "retained", source };
+            let m = record::decode_message(&mut rd).map_err(corrupt)?;
+            let stamp = record::decode_stamp(&mut rd).map_err(corrupt)?;
+            out.retained.push((m, stamp));
         }
         for row in txn.open_table(FORWARDS).map_err(db_err)?.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;

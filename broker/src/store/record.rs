@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::Rd;
 use crate::codec::{DecodeError, Properties, QoS, SubOptions};
-use crate::message::Message;
+use crate::message::{Message, Stamp};
 use crate::router::subs::Sub;
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -63,6 +63,26 @@ pub(crate) fn decode_message(rd: &mut Rd) -> Result<Message, DecodeError> {
         publisher: (!publisher.is_empty()).then(|| Arc::from(publisher)),
         received_at: Instant::now(),
     })
+}
+
+/// A retained record: the message, then the stamp of the write.
+pub fn encode_retained(m: &Message, stamp: &Stamp) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_message(&mut b, m);
+    b.put_u64(stamp.millis);
+    put_str(&mut b, &stamp.node);
+    b.to_vec()
+}
+
+/// The stamp after a retained record's message; records written before
+/// stamps end with the message (the oldest stamp).
+pub(crate) fn decode_stamp(rd: &mut Rd) -> Result<Stamp, DecodeError> {
+    if rd.is_empty() {
+        return Ok(Stamp::default());
+    }
+    let millis = rd.u64()?;
+    let node = get_str(rd)?;
+    Ok(Stamp { millis, node: Arc::from(node) })
 }
 
 pub fn encode_entry(e: &Entry) -> Vec<u8> {
