@@ -12,6 +12,7 @@ use common::*;
 fn args(addr: std::net::SocketAddr) -> BenchArgs {
     BenchArgs {
         addr,
+        sub_addr: None,
         protocol: 5,
         publishers: 2,
         subscribers: 3,
@@ -131,4 +132,38 @@ async fn bench_survives_broker_kill9_and_keeps_qos1_with_persistent_sessions() {
     assert!(q1["sent"].as_u64().expect("n") > 500, "{q1}");
     assert_eq!(q1["lost"].as_u64(), Some(0), "QoS 1 lost across kill -9: {q1}");
     assert_eq!(q1["received"], q1["expected"], "{q1}");
+}
+
+/// Publishers on one cluster node, subscribers on another: every message
+/// crosses the cluster, and none is counted lost because publishing began
+/// before the subscriptions' routes reached the publishers' node (the load
+/// client waits for a probe to come through first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_bench_waits_for_routes_and_loses_nothing() {
+    let n1 = common::cluster::start("b1", &[], None).await;
+    let n2 = common::cluster::start("b2", &[n1.cluster], None).await;
+    common::cluster::converged(&[&n1, &n2], 1).await;
+    let mut a = args(n1.mqtt);
+    a.sub_addr = Some(n2.mqtt);
+    a.qos_mix = "0/50/50".into();
+    a.id_prefix = "xn".into();
+    let r = execute(&a).await.expect("bench runs");
+    for q in [1, 2] {
+        let x = &r.qos[q];
+        assert!(x.sent > 0, "qos {q}: nothing sent");
+        assert_eq!((x.received, x.lost, x.duplicated), (x.expected, 0, 0), "qos {q}: {x:?}");
+    }
+}
+
+/// Subscribers on a broker that the publishers' broker does not forward to
+/// (two separate brokers): the load client says the routes never spread,
+/// instead of reporting every message as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_bench_between_unclustered_brokers_is_refused() {
+    let (b1, b2) = (start(|_| {}).await, start(|_| {}).await);
+    let mut a = args(b1.addr);
+    a.sub_addr = Some(b2.addr);
+    a.id_prefix = "xu".into();
+    let e = execute(&a).await.expect_err("no route can reach b1");
+    assert!(e.to_string().contains("did not reach the broker at"), "{e}");
 }

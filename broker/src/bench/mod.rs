@@ -18,6 +18,11 @@ pub struct BenchArgs {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub addr: SocketAddr,
+    /// Broker the subscribers connect to, when not --addr: another node of
+    /// a cluster, so that every message crosses it. Publishing starts once a
+    /// probe from --addr reaches every subscriber (the routes have spread).
+    #[arg(long)]
+    pub sub_addr: Option<SocketAddr>,
     /// MQTT protocol: 3 (3.1.1) or 5.
     #[arg(long, default_value_t = 3)]
     pub protocol: u8,
@@ -101,7 +106,7 @@ pub fn spec(a: &BenchArgs) -> anyhow::Result<Spec> {
     let spec = Spec {
         protocol,
         publishers: vec![Group { addr: a.addr, count: a.publishers }],
-        subscribers: vec![Group { addr: a.addr, count: a.subscribers }],
+        subscribers: vec![Group { addr: a.sub_addr.unwrap_or(a.addr), count: a.subscribers }],
         rate: a.rate,
         qos_mix: parse_mix(&a.qos_mix)?,
         topics: a.topics,

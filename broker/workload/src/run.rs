@@ -1,7 +1,7 @@
 //! Running a workload: start, stream per-second windows, stop and drain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,7 @@ impl Workload {
         };
         let stop_sub = CancellationToken::new();
         let ready = Arc::new(AtomicUsize::new(0));
+        let probed: Vec<Arc<AtomicBool>> = (0..spec.subscriber_count()).map(|_| Arc::default()).collect();
         let mut subs = Vec::new();
         for j in 0..spec.subscriber_count() {
             let addr = Spec::addr_of(&spec.subscribers, j).ok_or("subscriber without an address")?;
@@ -86,6 +87,7 @@ impl Workload {
                 filter: spec.filter_of(j),
                 stop: stop_sub.clone(),
                 ready: ready.clone(),
+                probed: probed[j].clone(),
             })));
         }
         let deadline = Instant::now() + ready_within;
@@ -93,6 +95,31 @@ impl Workload {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let subscribed = ready.load(Relaxed);
+        // Publishers on another broker than their subscribers (a cluster)
+        // start once a probe from each of their brokers reaches every
+        // subscriber, that is once the subscriptions' routes have spread.
+        let mut pub_addrs: Vec<_> = spec.publishers.iter().filter(|g| g.count > 0).map(|g| g.addr).collect();
+        pub_addrs.sort();
+        pub_addrs.dedup();
+        let one_broker = spec.subscribers.iter().all(|g| g.count == 0 || pub_addrs == [g.addr]);
+        if subscribed == subs.len() && !one_broker {
+            let topics: Vec<String> = (0..spec.topic_count()).map(|t| spec.topic_of(t)).collect();
+            for (k, &addr) in pub_addrs.iter().enumerate() {
+                let id = format!("{}-probe-{k}", spec.id_prefix);
+                let mut c = common(addr);
+                c.persistent = false;
+                if !worker::probe_routes(&c, &id, &topics, &probed, deadline).await {
+                    stop_sub.cancel();
+                    for s in subs {
+                        let _ = s.await;
+                    }
+                    return Err(format!(
+                        "the subscriptions did not reach the broker at {addr} within {ready_within:?}: \
+                         a probe published there did not arrive at every subscriber"
+                    ));
+                }
+            }
+        }
         let stop_pub = CancellationToken::new();
         let give_up = CancellationToken::new();
         let mix = spec.qos_mix.as_array();

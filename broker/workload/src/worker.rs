@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -287,7 +287,13 @@ pub struct SubCfg {
     pub stop: CancellationToken,
     /// Incremented once this subscriber's first SUBACK arrived.
     pub ready: Arc<AtomicUsize>,
+    /// Set when a route probe (`PROBE`) reached this subscriber.
+    pub probed: Arc<AtomicBool>,
 }
+
+/// Payload of a route probe: shorter than a measurement header, so it is
+/// never counted as a message.
+pub const PROBE: &[u8] = b"route-probe";
 
 pub struct SubResult {
     pub reconnects: u64,
@@ -368,6 +374,8 @@ fn on_sub_packet(pkt: Packet, stats: &mut SubStats, pending: &mut HashSet<u16>, 
             if fresh && let Some((publisher, q, seq, ts)) = stats::decode_header(&p.payload) {
                 let r = stats.record(publisher, q, seq);
                 cfg.common.rec.received(usize::from(q), ts, now_ns(), r);
+            } else if p.payload.as_ref() == PROBE {
+                cfg.probed.store(true, Relaxed);
             }
         }
         Packet::PubRel(a) => {
@@ -376,4 +384,44 @@ fn on_sub_packet(pkt: Packet, stats: &mut SubStats, pending: &mut HashSet<u16>, 
         }
         _ => {}
     }
+}
+
+/// Publishes `PROBE` at QoS 0 on `topics` through a broker at `c.addr`
+/// every 100 ms until every flag in `probed` is set or `deadline`. In a
+/// cluster a subscription reaches the other nodes a moment after its
+/// SUBACK; publishing before that would count messages the cluster never
+/// promised to deliver as lost. Returns whether every subscriber saw one.
+pub async fn probe_routes(
+    c: &Common,
+    id: &str,
+    topics: &[String],
+    probed: &[Arc<AtomicBool>],
+    deadline: Instant,
+) -> bool {
+    for f in probed {
+        f.store(false, Relaxed);
+    }
+    let Some((mut cl, _)) = open(c, id).await else { return false };
+    while Instant::now() < deadline {
+        for t in topics {
+            cl.wr.queue(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: t.clone(),
+                pid: 0,
+                props: Properties::default(),
+                payload: bytes::Bytes::from_static(PROBE),
+            }));
+        }
+        if cl.wr.flush().await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if probed.iter().all(|f| f.load(Relaxed)) {
+            let _ = cl.wr.send(&Packet::Disconnect(Disconnect { code: 0, props: Properties::default() })).await;
+            return true;
+        }
+    }
+    false
 }
