@@ -210,3 +210,77 @@ async fn publisher_node_killed_after_pubacks_delivers_its_forwards() {
     let dups = common::metric(&n3.metrics(), "broker_cluster_duplicates_dropped_total{node=\"n3\"}");
     eprintln!("duplicates dropped on n3: {dups}");
 }
+
+/// A peer speaking the Cluster API directly (a raw tonic client): it joins
+/// `node` as "origin" of incarnation 777 (at port `at`, where nobody
+/// listens) and forwards QoS 2 messages numbered `ids` on `topic`. Returns
+/// (accepted, duplicates).
+async fn origin_forwards(node: &ProcNode, at: u16, topic: &str, ids: std::ops::Range<u64>) -> (u32, u32) {
+    use chaos_proto::broker::v1 as pb;
+    let mut c = pb::cluster_client::ClusterClient::connect(format!("http://{}", node.cluster)).await.expect("connect");
+    let me = pb::Node {
+        name: "origin".into(),
+        // Nobody listens there: the node's link to us just fails.
+        cluster_addr: format!("127.0.0.1:{at}"),
+        mqtt_addr: String::new(),
+        incarnation: 777,
+        protocol: 1,
+    };
+    c.join(pb::JoinRequest { node: Some(me) }).await.expect("join");
+    let messages = ids
+        .map(|id| pb::Forwarded {
+            message_id: id,
+            publish: Some(pb::Publish {
+                topic: topic.into(),
+                payload: (id as u32).to_be_bytes().to_vec(),
+                qos: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let r = c
+        .forward(pb::ForwardRequest { from: "origin".into(), incarnation: 777, messages })
+        .await
+        .expect("forward")
+        .into_inner();
+    (r.accepted, r.duplicates)
+}
+
+/// A forward whose answer was lost is sent again after the receiver was
+/// SIGKILLed and restarted: the receiver's deduplication marks were on disk
+/// with the messages, so the retry is recognised and the persistent QoS 2
+/// session gets each message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_forward_retried_across_a_receiver_restart_is_not_duplicated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut n3 = ProcNode::spawn(dir.path(), "n3", &[], &[]);
+    {
+        let mut c = connect(n3.mqtt, Version::V311, "q2", false).await;
+        subscribe(&mut c, "dd/#", QoS::ExactlyOnce).await;
+    }
+    let at = common::free_port();
+    assert_eq!(origin_forwards(&n3, at, "dd/x", 1..11).await, (10, 0));
+    n3.kill9();
+    n3.start();
+    // The same batch again (its answer "was lost"), then five new ones.
+    assert_eq!(origin_forwards(&n3, at, "dd/x", 1..11).await, (0, 10), "the retry after the restart");
+    assert_eq!(origin_forwards(&n3, at, "dd/x", 1..16).await, (5, 10));
+    let dups = common::metric(&n3.metrics(), "broker_cluster_duplicates_dropped_total{node=\"n3\"}");
+    assert_eq!(dups, 20.0);
+    let (mut c, _) = Client::connect(n3.mqtt, connect_packet(Version::V311, "q2", false, 30)).await.expect("reconnect");
+    let mut got = Vec::new();
+    while let Ok(p) = c.recv(Duration::from_secs(1)).await {
+        match p {
+            Packet::Publish(m) => {
+                assert_eq!(m.qos, QoS::ExactlyOnce);
+                c.send(&Packet::PubRec(Ack::new(m.pid, 0))).await.expect("pubrec");
+                got.push(u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes")));
+            }
+            Packet::PubRel(a) => c.send(&Packet::PubComp(Ack::new(a.pid, 0))).await.expect("pubcomp"),
+            _ => {}
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, (1..16).collect::<Vec<u32>>(), "each forwarded QoS 2 message exactly once");
+}
