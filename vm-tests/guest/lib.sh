@@ -164,3 +164,37 @@ reference_path() { netns_pair c d vc vd 10.9.1 fd0a; }
 snapshot_a() {
   ip netns exec a sh -c 'tc qdisc show; tc class show dev va; tc filter show dev va ingress; tc filter show dev va egress; ip link; ip -6 link'
 }
+
+# three_node_cluster: broker nodes n1..n3, one namespace each, joined by a
+# bridge br0 in the VM's own namespace (10.9.5.254): node I at 10.9.5.I with
+# MQTT :1883, cluster :7000 (joining the other two) and HTTP :9100; logs in
+# /tmp/nI.log, printed when the test ends. Returns once every node sees both
+# others up.
+three_node_cluster() {
+  ip link add br0 type bridge || fail "bridge"
+  ip addr add 10.9.5.254/24 dev br0
+  ip link set br0 up
+  for i in 1 2 3; do
+    ip netns add n$i || fail "ip netns add n$i"
+    ip link add v$i type veth peer name eth0 netns n$i || fail "veth v$i"
+    ip link set v$i master br0 up
+    ip -n n$i link set lo up
+    ip -n n$i addr add 10.9.5.$i/24 dev eth0
+    ip -n n$i link set eth0 up
+  done
+  for i in 1 2 3; do
+    seeds=""
+    for j in 1 2 3; do [ $j -ne $i ] && seeds="$seeds${seeds:+,}10.9.5.$j:7000"; done
+    ip netns exec n$i broker --node-name n$i --mqtt-listen 10.9.5.$i:1883 --http-listen 10.9.5.$i:9100 \
+      --cluster-listen 10.9.5.$i:7000 --join "$seeds" --data-dir /tmp/n$i > /tmp/n$i.log 2>&1 &
+  done
+  # After start_chaosd's trap, which this one replaces: both logs.
+  trap 'for i in 1 2 3; do echo "----- n$i log"; tail -20 /tmp/n$i.log; done; [ -s "$log" ] && { echo "----- chaosd log"; cat "$log"; }' EXIT
+  for i in 1 2 3; do wait_for 90 "node n$i to see both peers up" peers_up $i; done
+}
+
+# peers_up I: node I's /cluster shows both other nodes up.
+peers_up() {
+  wget -q -O - "http://10.9.5.$1:9100/cluster" > /tmp/view$1.json 2>/dev/null || return 1
+  [ "$(json_get members.0.state < /tmp/view$1.json)" = '"up"' ] && [ "$(json_get members.1.state < /tmp/view$1.json)" = '"up"' ]
+}

@@ -9,34 +9,9 @@
 . "$VM_TEST_LIB"
 need chaosd chaosctl broker ip wget
 
-ip link add br0 type bridge || fail "bridge"
-ip addr add 10.9.5.254/24 dev br0
-ip link set br0 up
-for i in 1 2 3; do
-  ip netns add n$i || fail "ip netns add n$i"
-  ip link add v$i type veth peer name eth0 netns n$i || fail "veth v$i"
-  ip link set v$i master br0 up
-  ip -n n$i link set lo up
-  ip -n n$i addr add 10.9.5.$i/24 dev eth0
-  ip -n n$i link set eth0 up
-done
-for i in 1 2 3; do
-  seeds=""
-  for j in 1 2 3; do [ $j -ne $i ] && seeds="$seeds${seeds:+,}10.9.5.$j:7000"; done
-  ip netns exec n$i broker --node-name n$i --mqtt-listen 10.9.5.$i:1883 --http-listen 10.9.5.$i:9100 \
-    --cluster-listen 10.9.5.$i:7000 --join "$seeds" --data-dir /tmp/n$i > /tmp/n$i.log 2>&1 &
-done
-trap 'for i in 1 2 3; do echo "----- n$i log"; tail -20 /tmp/n$i.log; done' EXIT
-
-# peers_up I: node I sees both other nodes up.
-peers_up() {
-  wget -q -O - "http://10.9.5.$1:9100/cluster" > /tmp/view$1.json 2>/dev/null || return 1
-  [ "$(json_get members.0.state < /tmp/view$1.json)" = '"up"' ] && [ "$(json_get members.1.state < /tmp/view$1.json)" = '"up"' ]
-}
-for i in 1 2 3; do wait_for 90 "node n$i to see both peers up" peers_up $i; done
-ok "three nodes up"
-
 start_chaosd
+three_node_cluster
+ok "three nodes up"
 
 broker bench --addr 10.9.5.2:1883 --sub-addr 10.9.5.3:1883 --protocol 5 --publishers 1 --subscribers 1 \
   --rate 20 --qos-mix 0/50/50 --duration 30 --drain 30 --json > /tmp/bench.json 2> /tmp/bench.err &
