@@ -336,11 +336,11 @@ impl Engine {
     /// `include_ended`, also those the journal keeps.
     pub fn list(&self, include_ended: bool) -> Result<Vec<Experiment>, ApiError> {
         let mut live: Vec<Experiment> = self.live_with_counters();
-        live.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        live.sort_by_key(|e| std::cmp::Reverse(e.created_at));
         if include_ended {
             let ended = self.journal().list(true).map_err(|e| ApiError::Internal(e.to_string()))?;
             live.extend(ended.into_iter().filter(|e| e.state.is_terminal()));
-            live.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            live.sort_by_key(|e| std::cmp::Reverse(e.created_at));
         }
         Ok(live)
     }

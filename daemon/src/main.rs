@@ -218,7 +218,7 @@ impl Ticker {
             .spawn(move || {
                 let mut n: u64 = 0;
                 while !flag.load(Ordering::SeqCst) {
-                    let each_second = n % 10 == 0;
+                    let each_second = n.is_multiple_of(10);
                     engine.tick(each_second);
                     if each_second {
                         engine.publish_counters();

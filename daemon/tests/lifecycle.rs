@@ -83,10 +83,11 @@ fn watch_streams_every_state_change_and_expiry_ends_on_time() {
     let mut states = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline && states.last().map(String::as_str) != Some("expired") {
-        if let Ok(ev) = rx.recv_timeout(Duration::from_millis(200)) {
-            if ev["id"] == id.as_str() && ev["event"] == "state" {
-                states.push(ev["state"].as_str().unwrap().to_string());
-            }
+        if let Ok(ev) = rx.recv_timeout(Duration::from_millis(200))
+            && ev["id"] == id.as_str()
+            && ev["event"] == "state"
+        {
+            states.push(ev["state"].as_str().unwrap().to_string());
         }
     }
     assert_eq!(states, ["active", "recovering", "expired"], "watched states");

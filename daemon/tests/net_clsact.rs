@@ -38,7 +38,7 @@ fn clsact_partition_and_ingress_shaping_leave_nothing_behind() {
         NetAction::Bandwidth { rate_bps: 1_000_000, burst_bytes: 0 },
         None,
     );
-    let bo = apply(d, &bw, &[part.clone()]).unwrap_or_else(|e| panic!("apply ingress bandwidth: {e}"));
+    let bo = apply(d, &bw, std::slice::from_ref(&part)).unwrap_or_else(|e| panic!("apply ingress bandwidth: {e}"));
     assert!(udp_passes(&topo.b, &topo.a, sa(topo.ip_a(false), 7901)), "shaped ingress still delivers");
     d.revert(&bw, &bo).unwrap_or_else(|e| panic!("revert bandwidth: {e:?}"));
     d.revert(&part, &po).unwrap_or_else(|e| panic!("revert partition: {e:?}"));

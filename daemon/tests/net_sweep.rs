@@ -43,7 +43,7 @@ fn sweep_removes_unknown_rules_and_keeps_known_ones() {
         let mut first = TestDriver::on(dir.clone(), Duration::from_secs(5));
         first.keep_pins = true;
         apply(&first.driver, &lost, &[]).unwrap_or_else(|e| panic!("apply lost: {e}"));
-        apply(&first.driver, &kept, &[lost.clone()]).unwrap_or_else(|e| panic!("apply kept: {e}"))
+        apply(&first.driver, &kept, std::slice::from_ref(&lost)).unwrap_or_else(|e| panic!("apply kept: {e}"))
     };
     let second = TestDriver::on(dir, Duration::from_secs(5));
     second.driver.adopt(&kept, &kept_objects).unwrap_or_else(|e| panic!("adopt: {e}"));
@@ -100,7 +100,7 @@ fn clsact_sweep_removes_a_lost_rules_filter_and_class_and_keeps_what_a_known_rul
         let mut first = TestDriver::with_probe(dir.clone(), Duration::from_secs(5), no_tcx.clone());
         first.keep_pins = true;
         apply(&first.driver, &lost_in, &[]).unwrap_or_else(|e| panic!("apply lost-in: {e}"));
-        apply(&first.driver, &lost_bw, &[lost_in.clone()]).unwrap_or_else(|e| panic!("apply lost-bw: {e}"));
+        apply(&first.driver, &lost_bw, std::slice::from_ref(&lost_in)).unwrap_or_else(|e| panic!("apply lost-bw: {e}"));
         apply(&first.driver, &kept, &[lost_in.clone(), lost_bw.clone()]).unwrap_or_else(|e| panic!("apply kept: {e}"))
     };
     let a = &topo.a;

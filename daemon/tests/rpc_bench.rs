@@ -111,11 +111,11 @@ fn inject_and_recover_latency() {
     for (name, kind) in kinds {
         // Another fault stays on port 7001 throughout, so the classifiers
         // stay attached: each measured run is the steady-state map update.
-        let warm = rt.block_on(client.inject(net_request(&topo.a, 7001, kind.clone()))).unwrap().into_inner();
+        let warm = rt.block_on(client.inject(net_request(&topo.a, 7001, kind))).unwrap().into_inner();
         let (mut inj, mut rec) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
             let t = Instant::now();
-            let e = rt.block_on(client.inject(net_request(&topo.a, 7000, kind.clone()))).expect("inject").into_inner();
+            let e = rt.block_on(client.inject(net_request(&topo.a, 7000, kind))).expect("inject").into_inner();
             inj.push(t.elapsed());
             let t = Instant::now();
             rt.block_on(client.recover(pb::RecoverRequest { which: Some(pb::recover_request::Which::Id(e.id)) }))

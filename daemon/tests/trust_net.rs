@@ -107,19 +107,22 @@ fn a_second_daemon_with_its_own_dirs_leaves_the_first_ones_faults_alone() {
     let b_ip = topo.ip_b(false);
     let ids = [
         inject(&a, &["bandwidth", "--netns", &topo.a, "--port", "7001", "--rate", "8kbit", "--duration", "120s"]),
-        inject(&a, &[
-            "bandwidth",
-            "--netns",
-            &topo.a,
-            "--port",
-            "7002",
-            "--rate",
-            "8kbit",
-            "--direction",
-            "ingress",
-            "--duration",
-            "120s",
-        ]),
+        inject(
+            &a,
+            &[
+                "bandwidth",
+                "--netns",
+                &topo.a,
+                "--port",
+                "7002",
+                "--rate",
+                "8kbit",
+                "--direction",
+                "ingress",
+                "--duration",
+                "120s",
+            ],
+        ),
         inject(&a, &["partition", "--netns", &topo.a, "--protocol", "udp", "--port", "7000", "--duration", "120s"]),
     ];
     let before = kernel_view(&topo.a);
@@ -184,7 +187,8 @@ fn chaosds_own_ifb_is_never_a_target_and_directions_hold() {
     let clean = kernel_view(&topo.a);
     let a = Daemon::start();
     let (ip_a, ip_b) = (topo.ip_a(false), topo.ip_b(false));
-    let shaped = inject(&a, &["bandwidth", "--netns", &topo.a, "--port", "9501", "--rate", "100mbit", "--direction", "ingress"]);
+    let shaped =
+        inject(&a, &["bandwidth", "--netns", &topo.a, "--port", "9501", "--rate", "100mbit", "--direction", "ingress"]);
     let ifb = sh(&format!("ip -n {} -o link show type ifb", topo.a));
     let ifb_name = ifb.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap().to_string()).expect("an IFB");
 
@@ -193,7 +197,8 @@ fn chaosds_own_ifb_is_never_a_target_and_directions_hold() {
     assert_eq!(out.status.code(), Some(1), "a fault on chaosd's own IFB must be refused: {err}");
     assert!(err.contains("chaosd's own IFB"), "{err}");
 
-    let part = inject(&a, &["partition", "--netns", &topo.a, "--protocol", "udp", "--port", "9501", "--direction", "egress"]);
+    let part =
+        inject(&a, &["partition", "--netns", &topo.a, "--protocol", "udp", "--port", "9501", "--direction", "egress"]);
     for _ in 0..5 {
         assert!(udp_passes(&topo.b, &topo.a, sa(ip_a, 9501)), "ingress to port 9501 dropped by an egress partition");
     }
@@ -215,7 +220,8 @@ fn chaosds_own_ifb_is_never_a_target_and_directions_hold() {
         .iter()
         .map(|p| inject(&a, &["bandwidth", "--netns", &topo.a, "--port", p, "--rate", "1mbit", "--direction", "both"]))
         .collect();
-    let ingress = inject(&a, &["bandwidth", "--netns", &topo.a, "--port", "9304", "--rate", "1mbit", "--direction", "ingress"]);
+    let ingress =
+        inject(&a, &["bandwidth", "--netns", &topo.a, "--port", "9304", "--rate", "1mbit", "--direction", "ingress"]);
     assert_eq!(sh(&format!("ip -n {} -o link show type ifb", topo.a)).lines().count(), 1, "one IFB, no IFB of an IFB");
     assert_eq!(states(&a).len(), 4);
     for id in both.iter().chain([&ingress]) {

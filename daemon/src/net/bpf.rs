@@ -211,10 +211,10 @@ impl Datapath {
         let stale_at_start = old.heartbeat_ns != 0 && boot_ns().saturating_sub(old.heartbeat_ns) > old.grace_ns;
         let mut used_ids = BTreeSet::new();
         for id in 1..MAX_RULES {
-            if let Ok(r) = rules.get(&id, 0) {
-                if r.action != ACTION_NONE {
-                    used_ids.insert(id);
-                }
+            if let Ok(r) = rules.get(&id, 0)
+                && r.action != ACTION_NONE
+            {
+                used_ids.insert(id);
             }
         }
         // Protected ports are configuration: replace whatever was there.

@@ -106,14 +106,14 @@ impl NetworkDriver {
     }
 
     fn check_host(&self, action: &NetAction, ingress: bool) -> Result<(), ApiError> {
-        if action.needs_netem() {
-            if let Err(why) = &self.caps.netem {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "{} needs the kernel's netem qdisc (sch_netem), which this host lacks ({why}); \
+        if action.needs_netem()
+            && let Err(why) = &self.caps.netem
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} needs the kernel's netem qdisc (sch_netem), which this host lacks ({why}); \
                      loss, partition and bandwidth still work; nothing was changed",
-                    action.name()
-                )));
-            }
+                action.name()
+            )));
         }
         let shaping = action.shapes();
         if shaping {
@@ -123,14 +123,12 @@ impl NetworkDriver {
                     action.name()
                 )));
             }
-            if ingress {
-                if let Err(why) = &self.caps.ifb {
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "ingress {} needs IFB devices, which this host lacks ({why}); use --direction egress, \
+            if ingress && let Err(why) = &self.caps.ifb {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "ingress {} needs IFB devices, which this host lacks ({why}); use --direction egress, \
                          or loss/partition which work on ingress",
-                        action.name()
-                    )));
-                }
+                    action.name()
+                )));
             }
         }
         Ok(())
@@ -315,7 +313,7 @@ impl NetworkDriver {
         let devices = target::inspect_here(fault.action.shapes()).map_err(|e| {
             ApiError::Internal(format!("reading devices of network namespace {}: {e}", ns.netns.label()))
         })?;
-        let selected = self.validate(exp, fault, &ns, &devices, ctx.active)?;
+        let selected = self.validate(exp, fault, ns, &devices, ctx.active)?;
         let sel = &fault.selector;
         let dirs: Vec<u8> = [(sel.direction.egress(), DIR_EGRESS), (sel.direction.ingress(), DIR_INGRESS)]
             .into_iter()
@@ -348,7 +346,8 @@ impl NetworkDriver {
         // in one commit: the rule, the user's root trees a forced fault
         // replaces, the shaping objects, the programs.
         let plan = shaping.then(|| shaping::Plan::new(id, &fault.action, sel.direction, &selected));
-        let saved = if shaping && sel.direction.egress() { self.save_roots(exp, &selected, ns.inode) } else { Ok(vec![]) };
+        let saved =
+            if shaping && sel.direction.egress() { self.save_roots(exp, &selected, ns.inode) } else { Ok(vec![]) };
         let saved = match saved {
             Ok(s) => s,
             Err(e) => {
@@ -608,10 +607,10 @@ impl NetworkDriver {
         detach.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         // TCX links go with their pins, wherever the namespace is.
         for (_, _, how, pin) in &detach {
-            if *how == AttachKind::Tcx {
-                if let Err(e) = bpf::unpin_link(pin) {
-                    errors.push(e.to_string());
-                }
+            if *how == AttachKind::Tcx
+                && let Err(e) = bpf::unpin_link(pin)
+            {
+                errors.push(e.to_string());
             }
         }
         let shaping_objs: Vec<NetObject> = objects
@@ -619,56 +618,55 @@ impl NetworkDriver {
             .filter(|o| {
                 matches!(
                     o,
-                    NetObject::Htb { .. } | NetObject::Class { .. } | NetObject::Ifb { .. } | NetObject::SavedRoot { .. }
+                    NetObject::Htb { .. }
+                        | NetObject::Class { .. }
+                        | NetObject::Ifb { .. }
+                        | NetObject::SavedRoot { .. }
                 )
             })
             .cloned()
             .collect();
         let needs_ns =
             !shaping_objs.is_empty() || !clsact.is_empty() || detach.iter().any(|d| d.2 == AttachKind::Clsact);
-        let ns_inode = objects.iter().find_map(|o| match o {
-            NetObject::Rule { netns, .. } | NetObject::Programs { netns } => Some(*netns),
-            NetObject::Attach { netns, .. } | NetObject::Clsact { netns, .. } => Some(*netns),
+        // Every object of one experiment lives in the same namespace.
+        let ns_inode = objects.first().map(|o| match o {
+            NetObject::Rule { netns, .. } | NetObject::Programs { netns } => *netns,
+            NetObject::Attach { netns, .. } | NetObject::Clsact { netns, .. } => *netns,
             NetObject::Htb { netns, .. }
             | NetObject::Class { netns, .. }
             | NetObject::Ifb { netns, .. }
-            | NetObject::SavedRoot { netns, .. } => {
-                Some(*netns)
-            }
+            | NetObject::SavedRoot { netns, .. } => *netns,
         });
-        if needs_ns {
-            if let Some(t) = ns_inode.and_then(ns_alive) {
-                let owner = &self.config.owner;
-                let res = t.netns.run(move || {
-                    let mut errs = Vec::new();
-                    for (ifname, dir, how, _) in &detach {
-                        if *how == AttachKind::Clsact {
-                            if let Err(e) = bpf::detach_filter(ifname, *dir, &owner.label(bpf::prog_name(*dir))) {
-                                errs.push(e.to_string());
-                            }
-                        }
+        if needs_ns && let Some(t) = ns_inode.and_then(ns_alive) {
+            let owner = &self.config.owner;
+            let res = t.netns.run(move || {
+                let mut errs = Vec::new();
+                for (ifname, dir, how, _) in &detach {
+                    if *how == AttachKind::Clsact
+                        && let Err(e) = bpf::detach_filter(ifname, *dir, &owner.label(bpf::prog_name(*dir)))
+                    {
+                        errs.push(e.to_string());
                     }
-                    errs.extend(shaping::undo_here(&shaping_objs));
-                    for ifname in &clsact {
-                        if let Err(e) = shaping::remove_clsact_if_empty(ifname) {
-                            errs.push(e);
-                        }
-                    }
-                    errs
-                });
-                match res {
-                    Ok(errs) => errors.extend(errs),
-                    // The namespace is gone, and everything in it with it.
-                    Err(_) => {}
                 }
+                errs.extend(shaping::undo_here(&shaping_objs));
+                for ifname in &clsact {
+                    if let Err(e) = shaping::remove_clsact_if_empty(ifname) {
+                        errs.push(e);
+                    }
+                }
+                errs
+            });
+            // An Err: the namespace is gone, and everything in it with it.
+            if let Ok(errs) = res {
+                errors.extend(errs);
             }
         }
         // 3. The namespace's programs when nothing there has rules left.
         for netns in netns_ids {
-            if !rulemaps::netns_in_use(&self.dp.lock(), netns) {
-                if let Err(e) = self.dp.remove_programs(netns) {
-                    errors.push(e.to_string());
-                }
+            if !rulemaps::netns_in_use(&self.dp.lock(), netns)
+                && let Err(e) = self.dp.remove_programs(netns)
+            {
+                errors.push(e.to_string());
             }
         }
         errors

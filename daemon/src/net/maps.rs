@@ -63,10 +63,10 @@ pub fn install(
 ) -> Result<Result<Vec<DevKey>, SlotFull>, BpfError> {
     // Check room first, so that a refusal changes nothing.
     for (_, _, key) in index_keys(c, at) {
-        if let Ok(slot) = maps.index.get(&key, 0) {
-            if !slot.rules.contains(&0) {
-                return Ok(Err(SlotFull { key, rules: slot.rules }));
-            }
+        if let Ok(slot) = maps.index.get(&key, 0)
+            && !slot.rules.contains(&0)
+        {
+            return Ok(Err(SlotFull { key, rules: slot.rules }));
         }
     }
     Datapath::reset_stats(maps, id)?;

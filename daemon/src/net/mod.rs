@@ -12,8 +12,8 @@ pub mod qdisc_tree;
 pub mod rules;
 pub mod shaping;
 mod shutdown;
-mod verify;
 pub mod sweep;
 pub mod target;
+mod verify;
 
 pub use driver::{NetConfig, NetInitError, NetworkDriver};

@@ -155,10 +155,10 @@ fn classes(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<TcHandle>, Netlin
     let req = tc_msg(ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
     let mut out = Vec::new();
     for m in sock.dump("dump classes", RouteNetlinkMessage::GetTrafficClass(req))? {
-        if let RouteNetlinkMessage::NewTrafficClass(c) = m {
-            if c.header.index as u32 == ifindex {
-                out.push(c.header.handle);
-            }
+        if let RouteNetlinkMessage::NewTrafficClass(c) = m
+            && c.header.index as u32 == ifindex
+        {
+            out.push(c.header.handle);
         }
     }
     Ok(out)
@@ -244,10 +244,10 @@ pub fn htb_mark(sock: &mut RouteSocket, ifindex: u32) -> Result<Option<String>, 
         if f.header.index as u32 != ifindex {
             continue;
         }
-        if let Some(name) = bpf_filter_name(&f) {
-            if name.starts_with(OWNER_MARK) {
-                return Ok(Some(name));
-            }
+        if let Some(name) = bpf_filter_name(&f)
+            && name.starts_with(OWNER_MARK)
+        {
+            return Ok(Some(name));
         }
     }
     Ok(None)
@@ -362,7 +362,6 @@ fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAct
     Ok(())
 }
 
-
 fn ingress_parent() -> TcHandle {
     TcHandle { major: 0xffff, minor: 0xfff2 }
 }
@@ -476,7 +475,8 @@ pub fn verify_here(objects: &[NetObject]) -> Result<(), String> {
         match o {
             NetObject::Class { ifname, classid, .. } => {
                 let idx = ifindex_here(ifname)?;
-                let root = qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.into_iter().find(|q| q.2 == TcHandle::ROOT);
+                let root =
+                    qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.into_iter().find(|q| q.2 == TcHandle::ROOT);
                 if !matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
                     return Err(format!("chaosd's HTB root {HTB_MAJOR:x}: is no longer on {ifname}"));
                 }
@@ -589,10 +589,10 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
                     errors.push(e);
                 }
             }
-            if let Err(e) = tc::link_del_by_name(&mut sock, name) {
-                if !gone(&e) {
-                    errors.push(e.to_string());
-                }
+            if let Err(e) = tc::link_del_by_name(&mut sock, name)
+                && !gone(&e)
+            {
+                errors.push(e.to_string());
             }
         }
     }

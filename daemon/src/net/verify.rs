@@ -41,11 +41,8 @@ pub(super) fn verify(dp: &Datapath, owner: &Owner, exp: &Experiment, objects: &[
         // The target is gone or is another namespace now: liveness says so.
         return Ok(());
     }
-    let shaping_objs: Vec<NetObject> = objects
-        .iter()
-        .filter(|o| matches!(o, NetObject::Class { .. } | NetObject::Ifb { .. }))
-        .cloned()
-        .collect();
+    let shaping_objs: Vec<NetObject> =
+        objects.iter().filter(|o| matches!(o, NetObject::Class { .. } | NetObject::Ifb { .. })).cloned().collect();
     let tcx = dp.tcx;
     let links: Vec<(String, u8, std::path::PathBuf)> = devices
         .iter()
