@@ -14,7 +14,7 @@ fi
 
 ./scripts/setup.sh || { echo "test.sh: set-up failed" >&2; exit 1; }
 
-ALL_PHASES=(build unit fuzz vm)
+ALL_PHASES=(build lint unit fuzz vm)
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=("${ALL_PHASES[@]}")
 
@@ -37,6 +37,8 @@ for p in "${phases[@]}"; do
     # One profile for everything: the VM image and benchmarks need release
     # binaries, and building twice would double the build time.
     build) run_phase build cargo build --release --workspace --all-targets ;;
+    # Every clippy warning fails, in all crates and their tests.
+    lint)  run_phase lint cargo clippy --release --workspace --all-targets -- -D warnings ;;
     # Unit and privileged integration tests (root, real namespaces/BPF/tc).
     unit)  run_phase unit cargo test --release --workspace -- --test-threads=2 ;;
     fuzz)  if [ -x scripts/fuzz-broker.sh ]; then run_phase fuzz scripts/fuzz-broker.sh; fi ;;

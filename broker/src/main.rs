@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load client for any MQTT broker: throughput, latency, loss.
-    Bench(broker::bench::BenchArgs),
+    Bench(Box<broker::bench::BenchArgs>),
     /// Inspect a running cluster node.
     Cluster {
         #[command(subcommand)]
@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting tokio")?;
-            rt.block_on(broker::bench::run(args))
+            rt.block_on(broker::bench::run(*args))
         }
         Some(Cmd::Cluster { cmd: ClusterCmd::Status(args) }) => broker::cluster_status::run(&args),
         None => {

@@ -120,8 +120,11 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Series of parts that own their counters (the cluster), appended to
     /// the node's.
-    pub extra: std::sync::OnceLock<Box<dyn Fn(&mut String) + Send + Sync>>,
+    pub extra: std::sync::OnceLock<Render>,
 }
+
+/// Appends a part's series to the text being rendered.
+pub type Render = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl Metrics {
     pub fn closed(&self, r: CloseReason) {

@@ -79,7 +79,7 @@ impl Workload {
         let ready = Arc::new(AtomicUsize::new(0));
         let probed: Vec<Arc<AtomicBool>> = (0..spec.subscriber_count()).map(|_| Arc::default()).collect();
         let mut subs = Vec::new();
-        for j in 0..spec.subscriber_count() {
+        for (j, probed) in probed.iter().enumerate() {
             let addr = Spec::addr_of(&spec.subscribers, j).ok_or("subscriber without an address")?;
             subs.push(tokio::spawn(worker::subscriber(SubCfg {
                 common: common(addr),
@@ -87,7 +87,7 @@ impl Workload {
                 filter: spec.filter_of(j),
                 stop: stop_sub.clone(),
                 ready: ready.clone(),
-                probed: probed[j].clone(),
+                probed: probed.clone(),
             })));
         }
         let deadline = Instant::now() + ready_within;
