@@ -309,11 +309,9 @@ impl Store {
             let mut queue = txn.open_table(QUEUE).map_err(db)?;
             let mut retained = txn.open_table(RETAINED).map_err(db)?;
             let mut inq = txn.open_table(INQOS2).map_err(db)?;
-            let mut cluster = ClusterTables {
-                forwards: txn.open_table(FORWARDS).map_err(db)?,
-                dedup: txn.open_table(DEDUP).map_err(db)?,
-                peers: txn.open_table(PEERS).map_err(db)?,
-            };
+            // Opened on the first cluster op only: a node that is not
+            // clustered pays nothing for them.
+            let mut cluster: Option<ClusterTables> = None;
             let flat = batch.iter().flat_map(|op| match op {
                 Op::Atomic(ops) => ops.iter().collect::<Vec<_>>(),
                 op => vec![op],
@@ -361,7 +359,15 @@ impl Store {
                         retained.remove(t.as_str()).map_err(db)?;
                     }
                     Op::PutForward(..) | Op::DelForwards(..) | Op::PutDedup(..) | Op::PutPeer(..) => {
-                        cluster.apply(op)?;
+                        let t = match cluster.as_mut() {
+                            Some(t) => t,
+                            None => cluster.insert(ClusterTables {
+                                forwards: txn.open_table(FORWARDS).map_err(db)?,
+                                dedup: txn.open_table(DEDUP).map_err(db)?,
+                                peers: txn.open_table(PEERS).map_err(db)?,
+                            }),
+                        };
+                        t.apply(op)?;
                     }
                     Op::Then(..) | Op::Atomic(_) => {}
                 }
