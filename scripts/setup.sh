@@ -19,10 +19,12 @@ fi
 # image carries them), QEMU + busybox + cpio (VM tests), mosquitto and paho
 # (broker interop tests and the benchmark baseline), valgrind (the broker's
 # instruction count benchmark), iperf3-free: our own load tools are in Rust.
-# xz-utils/zstd unpack the kernel package.
+# xz-utils/zstd unpack the kernel package. jq: the local cluster scripts
+# read the nodes' /cluster. chromium: a test opens the runner's HTML report
+# headless and takes a screenshot.
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
       mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
-      build-essential pkg-config curl ca-certificates)
+      build-essential pkg-config curl ca-certificates jq chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
