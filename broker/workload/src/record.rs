@@ -33,6 +33,8 @@ struct Bucket {
     last_arrival_of_sent: [u64; 3],
     /// Latency of the messages sent in this second (all QoS), microseconds.
     latency_of_sent_us: Vec<u32>,
+    /// Connected clients and failed attempts when the second ended.
+    connections: Option<(i64, i64, u64)>,
 }
 
 /// One second of the workload.
@@ -133,14 +135,28 @@ impl Recorder {
         }
     }
 
+    /// Notes the connections as second `t` ends, for its window.
+    pub fn close_second(&self, t: u64) {
+        let c = (
+            self.publishers_connected.load(Relaxed),
+            self.subscribers_connected.load(Relaxed),
+            self.connect_failures.load(Relaxed),
+        );
+        self.with(t as usize, |b| b.connections = Some(c));
+    }
+
     /// Second `t` as it stands now; `finished` fills in the losses.
     pub fn window(&self, t: u64, finished: bool) -> Window {
         let b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let Some(x) = b.get(t as usize) else {
+            drop(b);
             return Window { t, lost: finished.then_some([0; 3]), ..self.connection_snapshot() };
         };
         let mut all: Vec<u32> = x.latency_us.iter().flatten().copied().collect();
         let arrival = |q: usize| (x.arrived_of_sent[q] > 0).then(|| x.last_arrival_of_sent[q] as f64 / 1e9);
+        let now = self.connection_snapshot();
+        let (publishers_connected, subscribers_connected, connect_failures) =
+            x.connections.unwrap_or((now.publishers_connected, now.subscribers_connected, now.connect_failures));
         Window {
             t,
             sent: x.sent,
@@ -152,7 +168,9 @@ impl Recorder {
             lost: finished.then(|| std::array::from_fn(|q| x.expected[q].saturating_sub(x.arrived_of_sent[q]))),
             last_arrival_of_sent: [arrival(0), arrival(1), arrival(2)],
             latency_ms: (!all.is_empty()).then(|| Latency::of(&mut all)),
-            ..self.connection_snapshot()
+            publishers_connected,
+            subscribers_connected,
+            connect_failures,
         }
     }
 
@@ -213,5 +231,10 @@ mod tests {
         assert_eq!(w1.lost, None);
         assert!(w1.latency_ms.unwrap().p99 >= 1000.0);
         assert_eq!(r.window(5, true).lost, Some([0; 3]));
+        // A window keeps the connections of its own second.
+        r.publishers_connected.store(2, Relaxed);
+        r.close_second(1);
+        r.publishers_connected.store(0, Relaxed);
+        assert_eq!((r.window(1, true).publishers_connected, r.window(2, true).publishers_connected), (2, 0));
     }
 }

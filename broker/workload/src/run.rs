@@ -264,8 +264,8 @@ impl Workload {
     }
 }
 
-/// Sends second t once it is over (plus a little, for receipts of its last
-/// instant still being recorded).
+/// Closes second t once it is over (plus a little, for receipts of its
+/// last instant still being recorded) and sends its live window.
 async fn tick(rec: Arc<Recorder>, tx: mpsc::UnboundedSender<Window>) {
     let start = rec.start_ns;
     let mut t = 0u64;
@@ -275,9 +275,9 @@ async fn tick(rec: Arc<Recorder>, tx: mpsc::UnboundedSender<Window>) {
         if due > now {
             tokio::time::sleep(Duration::from_nanos(due - now)).await;
         }
-        if tx.send(rec.window(t, false)).is_err() {
-            return;
-        }
+        rec.close_second(t);
+        // Nobody may be listening: the connection counts are kept anyway.
+        let _ = tx.send(rec.window(t, false));
         t += 1;
     }
 }

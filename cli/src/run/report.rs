@@ -118,17 +118,7 @@ pub fn markdown(r: &Report) -> String {
         );
         let _ = writeln!(o, "\n| fault | node | chaosd experiment | counters | note |\n|---|---|---|---|---|");
         for f in &c.run.faults {
-            let counters = f
-                .counters
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
-                        .map(|(k, v)| format!("{k} {v}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
+            let counters = counters_text(&f.counters);
             let note = f.not_run.clone().or(f.no_evidence.clone()).unwrap_or_default();
             let _ = writeln!(
                 o,
@@ -141,6 +131,10 @@ pub fn markdown(r: &Report) -> String {
                 note
             );
         }
+        let cluster = cluster_line(c);
+        if !cluster.is_empty() {
+            let _ = writeln!(o, "\ncluster (each node's /cluster, every second): {cluster}");
+        }
         if !c.run.events.is_empty() {
             let _ = writeln!(o, "\nevents:");
             for e in &c.run.events {
@@ -149,6 +143,57 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     o
+}
+
+/// chaosd's non-zero counters of a fault.
+fn counters_text(c: &serde_json::Value) -> String {
+    c.as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// What one node's /cluster showed over a case.
+#[derive(Default)]
+struct NodeView {
+    min_up: Option<u64>,
+    peers: u64,
+    max_queue: u64,
+    dropped_first: Option<u64>,
+    dropped_last: u64,
+}
+
+/// Per node over the case: fewest peers seen up, longest forward queue,
+/// forwards dropped during the case.
+pub fn cluster_line(c: &CaseResult) -> String {
+    let mut by: std::collections::BTreeMap<&str, NodeView> = Default::default();
+    for s in &c.run.scrapes {
+        let e = by.entry(&s.node).or_default();
+        let Some(up) = s.peers_up else { continue };
+        e.min_up = Some(e.min_up.map_or(up, |m| m.min(up)));
+        e.peers = e.peers.max(s.peers.unwrap_or(0));
+        e.max_queue = e.max_queue.max(s.forward_queue.unwrap_or(0));
+        let d = s.forwards_dropped.unwrap_or(0);
+        e.dropped_first.get_or_insert(d);
+        e.dropped_last = e.dropped_last.max(d);
+    }
+    by.iter()
+        .map(|(n, v)| match v.min_up {
+            None => format!("{n}: unreachable"),
+            Some(up) => format!(
+                "{n}: peers up min {up}/{}, forward queue max {}, forwards dropped +{}",
+                v.peers,
+                v.max_queue,
+                v.dropped_last - v.dropped_first.unwrap_or(v.dropped_last).min(v.dropped_last)
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn esc(s: &str) -> String {
@@ -335,7 +380,31 @@ pub fn html(r: &Report) -> String {
     }
     for c in &r.cases {
         let _ = write!(o, "<h2 id=\"{}\">{} — {}</h2>", esc(&c.name), esc(&c.name), c.verdict.as_str());
+        o.push_str("<ul>");
+        for why in &c.reasons {
+            let _ = write!(o, "<li>{}</li>", esc(why));
+        }
+        o.push_str("</ul>");
         o.push_str(&svg(c));
+        o.push_str(
+            "<table><tr><th>fault</th><th>node</th><th>chaosd experiment</th><th>counters</th><th>note</th></tr>",
+        );
+        for f in &c.run.faults {
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&f.kind),
+                esc(&f.node),
+                esc(&f.summary),
+                esc(&counters_text(&f.counters)),
+                esc(f.not_run.as_deref().or(f.no_evidence.as_deref()).unwrap_or(""))
+            );
+        }
+        o.push_str("</table>");
+        let cluster = cluster_line(c);
+        if !cluster.is_empty() {
+            let _ = write!(o, "<p>cluster: {}</p>", esc(&cluster));
+        }
         o.push_str("<ul>");
         for e in &c.run.events {
             let _ = write!(o, "<li>t={:.1}s {}</li>", e.t, esc(&e.what));
