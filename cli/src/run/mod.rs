@@ -222,7 +222,44 @@ async fn execute(
     let chaosd = crate::client::connect(socket).await.map_err(|e| e.message)?;
     let spec = spec(plan, sut)?;
     let expected_subs = spec.subscriber_count() as i64;
-    let mut w = Workload::start(spec, plan.workload.steady_state).await?;
+    let mut w = match Workload::start(spec, plan.workload.steady_state).await {
+        Ok(w) => w,
+        Err(e) => {
+            // Nothing was injected; every case is unknown, and says why.
+            let detail = format!("the workload could not start: {e}");
+            let empty = mqtt_workload::Summary {
+                start_unix_ms: 0,
+                windows: Vec::new(),
+                qos: Default::default(),
+                total: Default::default(),
+                window_s: 0.0,
+                publisher_reconnects: 0,
+                subscriber_reconnects: 0,
+                subscribed: 0,
+                latency_us: Default::default(),
+                latency_by_send_second: Vec::new(),
+            };
+            let results = plan
+                .cases
+                .iter()
+                .map(|c| {
+                    let run = CaseRun {
+                        name: c.name.clone(),
+                        baseline: (0.0, 0.0),
+                        fault: (0.0, 0.0),
+                        recovery: (0.0, 0.0),
+                        faults: Vec::new(),
+                        events: Vec::new(),
+                        scrapes: Vec::new(),
+                        nodes_down_at_end: Vec::new(),
+                        aborted: Some(format!("nothing injected: {detail}")),
+                    };
+                    verdict::judge(run, plan.thresholds.merged(&c.thresholds), &empty)
+                })
+                .collect();
+            return Ok((results, SteadyState { reached: false, detail }, None, Vec::new()));
+        }
+    };
     drop(w.windows());
     let (steady, detail) = steady_state(&w, plan.workload.steady_state, expected_subs, &stop).await;
     eprintln!("chaosctl run: steady state: {detail}");
