@@ -139,6 +139,7 @@ pub async fn run_node(
         router: router_tx,
         auth,
         next_id: AtomicU64::new(1),
+        cluster: cluster.as_ref().map(|c| c.outlet.clone()),
     });
     if let (Some(c), Some(l)) = (cluster.as_mut(), cluster_listener) {
         c.start(l);

@@ -48,6 +48,37 @@ pub fn retained_from_wire(e: pb::RetainedEntry) -> Result<(String, Stamp, Option
     Ok((topic, stamp, (!m.payload.is_empty()).then_some(Message { retain: true, ..m })))
 }
 
+/// A session leaving this node, in the store's encodings.
+pub fn session_to_wire(m: &crate::inbox::MovedSession) -> pb::SessionState {
+    use crate::store::record::{encode_entry, encode_meta};
+    pb::SessionState {
+        meta: m.meta.as_ref().map(encode_meta).unwrap_or_default(),
+        entries: m
+            .entries
+            .iter()
+            .map(|(seq, e, sent)| pb::SessionEntry { seq: *seq, entry: encode_entry(e), sent: *sent })
+            .collect(),
+        incoming_qos2: m.incoming_qos2.iter().map(|p| u32::from(*p)).collect(),
+        next_seq: m.next_seq,
+    }
+}
+
+/// A session handed over by a peer; `Err` says what is wrong with it.
+pub fn session_from_wire(s: pb::SessionState) -> Result<crate::inbox::MovedSession, String> {
+    use crate::store::record::{decode_entry, decode_meta};
+    let meta = decode_meta(&s.meta).map_err(|e| format!("session meta: {e}"))?;
+    let mut entries = Vec::with_capacity(s.entries.len());
+    for e in s.entries {
+        entries.push((e.seq, decode_entry(&e.entry).map_err(|err| format!("session entry {}: {err}", e.seq))?, e.sent));
+    }
+    let incoming_qos2 = s
+        .incoming_qos2
+        .into_iter()
+        .map(|p| u16::try_from(p).map_err(|_| format!("packet id {p}")))
+        .collect::<Result<_, _>>()?;
+    Ok(crate::inbox::MovedSession { meta: Some(meta), entries, incoming_qos2, next_seq: s.next_seq })
+}
+
 /// A forwarded publish as a local message; `Err` says what is wrong with it.
 pub fn from_wire(p: pb::Publish) -> Result<Message, String> {
     let qos = u8::try_from(p.qos).ok().and_then(QoS::from_u8).ok_or_else(|| format!("qos {}", p.qos))?;

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Settings;
 use super::forward::PeerQueue;
@@ -65,6 +65,8 @@ pub struct Peer {
     /// Forwards waiting for it.
     pub queue: PeerQueue,
     pub link: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// (address, channel) for requests beside the link's (`channel`).
+    rpc: Mutex<Option<(String, tonic::transport::Channel)>>,
 }
 
 impl Peer {
@@ -82,6 +84,7 @@ impl Peer {
             retained_acked: AtomicU64::new(u64::MAX),
             queue: PeerQueue::new(cap),
             link: Mutex::new(None),
+            rpc: Mutex::new(None),
         }
     }
 
@@ -100,6 +103,25 @@ impl Peer {
             Some(t) if t.elapsed() < s.down_after => PeerState::Suspect,
             _ => PeerState::Down,
         }
+    }
+
+    /// A channel for requests beside the link's (takeovers), connected
+    /// lazily and kept while the peer's address stays.
+    pub fn channel(&self) -> Option<tonic::transport::Channel> {
+        let addr = self.addr();
+        let mut ch = self.rpc.lock().expect("rpc lock");
+        if let Some((a, c)) = ch.as_ref()
+            && *a == addr
+        {
+            return Some(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        *ch = Some((addr, c.clone()));
+        Some(c)
     }
 
     pub fn addr(&self) -> String {

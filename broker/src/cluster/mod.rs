@@ -25,6 +25,7 @@ mod retained;
 mod routes;
 mod service;
 mod status;
+mod takeover;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,6 +115,12 @@ pub struct Outlet {
 
 impl Outlet {
     /// A local subscription was added (or its QoS changed: remove, then add).
+    /// Takes `client`'s session over from the other nodes (see
+    /// `takeover.rs`); waits for their answers, at most a few seconds.
+    pub async fn take_session(&self, client: &str, clean_start: bool) -> Option<Box<crate::inbox::MovedSession>> {
+        takeover::take(&self.node, client, clean_start).await
+    }
+
     /// A retained write this node keeps (its own or a peer's): replicated
     /// to every peer by its link.
     pub fn retained(&self, topic: String, stamp: crate::message::Stamp, msg: Option<Arc<Message>>) {

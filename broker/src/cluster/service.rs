@@ -246,6 +246,27 @@ impl Cluster for Service {
         Ok(Response::new(pb::SyncRetainedResponse { applied }))
     }
 
+    async fn takeover(&self, req: Request<pb::TakeoverRequest>) -> Result<Response<pb::TakeoverResponse>, Status> {
+        let r = req.into_inner();
+        self.peer(&r.from, r.incarnation)?;
+        if r.client_id.is_empty() || r.client_id.contains('\0') {
+            return Err(self.reject(
+                "invalid",
+                ClusterError::Invalid { from: r.from, what: format!("takeover of client id {:?}", r.client_id) },
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        let client = Arc::from(r.client_id.as_str());
+        if self.node.router.send(ToRouter::TakeOver { client, clean_start: r.clean_start, reply }).await.is_err() {
+            return Err(ClusterError::Stopped.into());
+        }
+        let moved = answer.await.map_err(|_| Status::from(ClusterError::Stopped))?;
+        Ok(Response::new(pb::TakeoverResponse {
+            found: moved.is_some(),
+            session: moved.filter(|_| !r.clean_start).map(|m| convert::session_to_wire(&m)),
+        }))
+    }
+
     async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
         let r = req.into_inner();
         self.peer(&r.from, r.incarnation)?;

@@ -35,6 +35,9 @@ pub struct Shared {
     pub router: crate::inbox::Sender,
     pub auth: Option<Auth>,
     pub next_id: AtomicU64,
+    /// The cluster, when this node is part of one: a CONNECT takes the
+    /// client's session over from the other nodes first.
+    pub cluster: Option<crate::cluster::Outlet>,
 }
 
 /// Why the reader stopped.
@@ -180,13 +183,16 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
     };
     let writer = tokio::spawn(outbox::run(tx.clone()));
     let connect_expiry = accepted.connect.props.session_expiry.unwrap_or(0);
+    let moved = match &sh.cluster {
+        Some(c) => c.take_session(&accepted.client_id, accepted.connect.clean_start).await,
+        None => None,
+    };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let sent = sh
         .router
         .send(ToRouter::Connect {
             conn,
-            connect: Box::new(accepted.connect),
-            connack: Box::new(accepted.connack),
+            req: Box::new(crate::inbox::ConnectReq { connect: accepted.connect, connack: accepted.connack, moved }),
             reply: reply_tx,
         })
         .await;

@@ -25,8 +25,7 @@ use crate::outbox::Outbox;
 pub enum ToRouter {
     Connect {
         conn: ConnHandle,
-        connect: Box<Connect>,
-        connack: Box<ConnAck>,
+        req: Box<ConnectReq>,
         reply: oneshot::Sender<()>,
     },
     Publish {
@@ -73,6 +72,15 @@ pub enum ToRouter {
     /// Retained writes replicated from a peer: (topic, stamp, message or
     /// None when cleared).
     RetainedSync(Box<Vec<(String, crate::message::Stamp, Option<crate::message::Message>)>>),
+    /// Another node takes the client's session over (`cluster::takeover`):
+    /// close the connection with 0x8E, will as on a local takeover, then
+    /// answer with the session (None when there was none, or on a clean
+    /// start, which ends it).
+    TakeOver {
+        client: Arc<str>,
+        clean_start: bool,
+        reply: oneshot::Sender<Option<Box<MovedSession>>>,
+    },
     /// Four times a second (`TICK`): expired sessions, delayed wills,
     /// expired retained messages, gauges and `$SYS`.
     Tick,
@@ -96,6 +104,26 @@ pub struct Forwarded {
     /// (origin incarnation, highest message id) routed by this batch.
     pub marks: Vec<(u64, u64)>,
     pub done: oneshot::Sender<()>,
+}
+
+/// A CONNECT as the router gets it.
+pub struct ConnectReq {
+    pub connect: Connect,
+    /// Filled in by the router (session present) and sent by it.
+    pub connack: ConnAck,
+    /// The session, when another node handed it over.
+    pub moved: Option<Box<MovedSession>>,
+}
+
+/// A session moving between nodes: what a restart would restore
+/// (`router::session::Session::export` / `import`).
+#[derive(Debug, Default)]
+pub struct MovedSession {
+    pub meta: Option<crate::store::record::SessionMeta>,
+    /// (sequence number, entry, sent to the client already).
+    pub entries: Vec<(u64, crate::store::record::Entry, bool)>,
+    pub incoming_qos2: Vec<u16>,
+    pub next_seq: u64,
 }
 
 /// A publish forwarded by its publishing node.

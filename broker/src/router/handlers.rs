@@ -19,7 +19,13 @@ use crate::store::Op;
 use crate::store::record::Entry;
 
 impl Router {
-    pub(super) fn on_connect(&mut self, conn: ConnHandle, c: Connect, mut connack: ConnAck) {
+    pub(super) fn on_connect(
+        &mut self,
+        conn: ConnHandle,
+        c: Connect,
+        mut connack: ConnAck,
+        moved: Option<Box<crate::inbox::MovedSession>>,
+    ) {
         let id: Arc<str> = Arc::from(c.client_id.as_str());
         let v5 = c.version == Version::V5;
         let expiry = if v5 {
@@ -58,9 +64,27 @@ impl Router {
         s.expiry = expiry;
         s.v5 = v5;
         s.will = c.will;
+        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
+        // A session another node handed over, unless this node has one of
+        // its own for the client (then the two sides of a partition both
+        // served it: the local one is kept).
+        if let Some(m) = moved
+            && !present
+            && !c.clean_start
+            && m.meta.is_some()
+        {
+            s.import(&ctx, *m);
+            for (filter, sub) in &s.subs {
+                let (share, f) = split_share(filter);
+                self.subs.insert(&id, share, f, *sub);
+                if let Some(cl) = &self.cluster {
+                    cl.route_event(route_event(filter, sub, true));
+                }
+            }
+            present = true;
+        }
         connack.session_present = present;
         let _ = conn.tx.send(Outbound::packet(Packet::ConnAck(connack)));
-        let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
         if s.persistent() {
             s.save(&ctx);
         } else if was_stored {

@@ -181,8 +181,9 @@ impl Router {
 
     fn handle(&mut self, m: ToRouter) {
         match m {
-            ToRouter::Connect { conn, connect, connack, reply } => {
-                self.on_connect(conn, *connect, *connack);
+            ToRouter::Connect { conn, req, reply } => {
+                let crate::inbox::ConnectReq { connect, connack, moved } = *req;
+                self.on_connect(conn, connect, connack, moved);
                 let _ = reply.send(());
             }
             ToRouter::Publish { conn, client, publish } => self.on_publish(conn, &client, *publish),
@@ -199,6 +200,9 @@ impl Router {
             ToRouter::RemoteRoutes(r) => self.on_remote_routes(*r),
             ToRouter::Forwarded(f) => self.on_forwarded(*f),
             ToRouter::RetainedSync(entries) => self.on_retained_sync(*entries),
+            ToRouter::TakeOver { client, clean_start, reply } => {
+                let _ = reply.send(self.on_take_over(&client, clean_start));
+            }
             ToRouter::Tick => self.on_tick(),
             ToRouter::Disconnected { conn, client, publish_will, session_expiry } => {
                 self.on_disconnected(conn, &client, publish_will, session_expiry)

@@ -7,10 +7,40 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::Router;
 use super::session::Session;
 use super::subs::Sub;
-use crate::codec::QoS;
+use crate::codec::{QoS, reason};
+use crate::inbox::MovedSession;
+use crate::message::Outbound;
 use crate::store::Op;
 
 impl Router {
+    /// Another node takes `client`'s session over. The connection here
+    /// gets DISCONNECT 0x8E; its will goes out now when its delay is 0 or
+    /// the new connection starts clean (the session ends), and is dropped
+    /// otherwise (a new connection came within the delay, MQTT 5 3.1.2.5;
+    /// a 3.1.1 will has no delay: always published, 3.1.2.5 of 3.1.1). The
+    /// session leaves this node: returned (empty on a clean start), or
+    /// None when there was none.
+    pub(super) fn on_take_over(&mut self, client: &Arc<str>, clean_start: bool) -> Option<Box<MovedSession>> {
+        let s = self.sessions.get_mut(client)?;
+        let will = s.conn.take().and_then(|oc| {
+            let _ = oc.tx.send(Outbound::Close(reason::SESSION_TAKEN_OVER));
+            s.will.take()
+        });
+        let moved = if clean_start { MovedSession::default() } else { s.export() };
+        if let Some(w) = will
+            && (clean_start || w.props.will_delay.unwrap_or(0) == 0)
+        {
+            self.publish_will(client, w);
+        }
+        if !clean_start {
+            // Resumed elsewhere within the delay: a waiting will is dropped.
+            self.pending_wills.retain(|(_, c, _)| c != client);
+        }
+        self.end_session(client);
+        tracing::info!(%client, clean_start, "session taken over by another node");
+        Some(Box::new(moved))
+    }
+
     /// A peer's routes: remote subscribers in the trie, keyed by the node.
     pub(super) fn on_remote_routes(&mut self, r: crate::inbox::RemoteRoutes) {
         let key: Arc<str> = Arc::from(format!("{}{}", crate::cluster::REMOTE_PREFIX, r.node));

@@ -114,6 +114,55 @@ impl Session {
         SessionMeta { expiry: self.expiry, v5: self.v5, subs: self.subs.iter().map(|(f, s)| (f.clone(), *s)).collect() }
     }
 
+    /// Everything a restart would restore, for another node taking the
+    /// session over.
+    pub fn export(&self) -> crate::inbox::MovedSession {
+        let mut entries: Vec<(u64, Entry, bool)> =
+            self.inflight.values().map(|(seq, e)| (*seq, e.clone(), true)).collect();
+        entries.extend(self.queue.iter().map(|(seq, e, dup)| (*seq, e.clone(), *dup)));
+        entries.sort_by_key(|(seq, _, _)| *seq);
+        crate::inbox::MovedSession {
+            meta: Some(self.meta()),
+            entries,
+            incoming_qos2: self.incoming_qos2.iter().copied().collect(),
+            next_seq: self.next_seq,
+        }
+    }
+
+    /// A session taken over from another node: its subscriptions, its
+    /// messages with their sequence numbers (so packet ids stay), its
+    /// incoming QoS 2 ids; written to the store when persistent.
+    pub fn import(&mut self, ctx: &Ctx, m: crate::inbox::MovedSession) {
+        if let Some(meta) = m.meta {
+            self.subs = meta.subs.into_iter().collect();
+            self.v5 = meta.v5;
+        }
+        self.inflight.clear();
+        self.queue.clear();
+        self.next_seq = m.next_seq;
+        for (seq, e, sent) in m.entries {
+            self.next_seq = self.next_seq.max(seq + 1);
+            if let Some(store) = ctx.store
+                && self.persistent()
+            {
+                store.send(Op::PutEntry(self.id.clone(), seq, encode_entry(&e)));
+            }
+            if e.released {
+                self.inflight.insert(pid_of(seq), (seq, e));
+            } else {
+                self.queue.push_back((seq, e, sent));
+            }
+        }
+        self.incoming_qos2 = m.incoming_qos2.into_iter().collect();
+        if let Some(store) = ctx.store
+            && self.persistent()
+        {
+            for pid in &self.incoming_qos2 {
+                store.send(Op::PutInQos2(self.id.clone(), *pid));
+            }
+        }
+    }
+
     /// Writes the session record if the session is persistent and a store exists.
     pub fn save(&mut self, ctx: &Ctx) {
         if let Some(store) = ctx.store
