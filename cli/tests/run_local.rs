@@ -255,6 +255,16 @@ target = \"n2\"
     assert_eq!(html.matches("<svg").count(), 3);
     assert!(html.contains("class=\"fault-window\"") && html.contains("class=\"recovery-point\""));
     assert!(!html.contains("http://") || !html.contains("<script src"), "the report loads nothing from outside");
+    // The HTML opens in headless Chromium (installed by scripts/setup.sh).
+    let png = rd.path().join("report.png");
+    let shot = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1600"])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", rd.path().join("report.html").display()))
+        .output()
+        .expect("chromium (scripts/setup.sh installs it)");
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 20_000, "no screenshot of report.html ({size} bytes): {}", String::from_utf8_lossy(&shot.stderr));
     // Every second of the loss case has a point per QoS.
     let secs = loss["windows"].as_array().unwrap().len();
     assert!(secs >= 12, "{secs} seconds recorded");
