@@ -21,10 +21,11 @@ fi
 # instruction count benchmark), iperf3-free: our own load tools are in Rust.
 # xz-utils/zstd unpack the kernel package. jq: the local cluster scripts
 # read the nodes' /cluster. chromium: a test opens the runner's HTML report
-# headless and takes a screenshot.
+# headless and takes a screenshot; python3-jsonschema: the same test
+# validates report.json against its schema (with /usr/bin/python3).
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
       mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
-      build-essential pkg-config curl ca-certificates jq chromium)
+      build-essential pkg-config curl ca-certificates jq chromium python3-jsonschema)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -137,9 +137,11 @@ fn report(dir: &Path) -> Value {
     serde_json::from_str(&text).expect("report.json is JSON")
 }
 
-/// Validates report.json against the shipped schema (python3-jsonschema).
+/// Validates report.json against the shipped schema with Debian's
+/// python3-jsonschema (scripts/setup.sh installs it), run by the system's
+/// python so that a python on PATH without the module does not decide.
 fn validate(dir: &Path) {
-    let out = Command::new("python3")
+    let out = Command::new("/usr/bin/python3")
         .arg("-c")
         .arg(
             "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')",
@@ -147,7 +149,7 @@ fn validate(dir: &Path) {
         .arg(dir.join("report.json"))
         .arg(dir.join("report.schema.json"))
         .output()
-        .expect("python3");
+        .expect("/usr/bin/python3 (scripts/setup.sh installs python3-jsonschema)");
     assert!(out.status.success(), "report.json does not validate: {}", String::from_utf8_lossy(&out.stderr));
 }
 
