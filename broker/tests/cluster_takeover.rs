@@ -163,3 +163,60 @@ async fn wills_on_takeover_follow_the_spec() {
         n.stop().await;
     }
 }
+
+/// The same client id served on both sides: its persistent session on node
+/// 2 (with 200 QoS 1 messages queued while it was offline) is out of reach
+/// when the client connects to node 1 (node 2 stopped), so node 1 starts a
+/// session of its own. Node 2 comes back from its data directory; the
+/// client's next CONNECT on node 1 takes node 2's session over and merges
+/// it: the 200 messages arrive, node 2 no longer has the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_both_sides_merge_at_the_next_connect() {
+    const N: u32 = 200;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n1 = start("n1", &[], None).await;
+    let n2 = common::cluster::start_with("n2", &[n1.cluster], None, Some(dir.path())).await;
+    converged(&[&n1, &n2], 1).await;
+    let (mut c, _) = connect_full(n2.mqtt, Version::V5, "twice", false, None).await;
+    subscribe(&mut c, "both/#", QoS::AtLeastOnce).await;
+    c.send(&Packet::Disconnect(broker::codec::Disconnect { code: 0, props: Properties::default() }))
+        .await
+        .expect("disconnect");
+    drop(c);
+    let mut p = connect(n2.mqtt, Version::V5, "pub2", true).await;
+    publish_all(&mut p, "both/x", N).await;
+    drop(p);
+    let at = n2.stop().await;
+    // n2 unreachable: n1 serves the client with a session of its own.
+    let (c, ack) = connect_full(n1.mqtt, Version::V5, "twice", false, None).await;
+    assert!(!ack.session_present, "n1 had no session for the client: {ack:?}");
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = broker::store::Store::open(dir.path()) {
+        assert!(std::time::Instant::now() < deadline, "the stopped node's store stays open: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n2 = common::cluster::start_with("n2", &[n1.cluster], Some(at), Some(dir.path())).await;
+    converged(&[&n1, &n2], 1).await;
+    let (mut c, ack) = connect_full(n1.mqtt, Version::V5, "twice", false, None).await;
+    assert!(ack.session_present, "{ack:?}");
+    let mut seen = HashSet::new();
+    while (seen.len() as u32) < N {
+        match c.recv(Duration::from_secs(10)).await {
+            Ok(Packet::Publish(m)) => {
+                c.send(&Packet::PubAck(Ack::new(m.pid, 0))).await.expect("puback");
+                if m.topic == "both/x" {
+                    seen.insert(u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes")));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("merged session delivered {} of {N}: {e}", seen.len()),
+        }
+    }
+    eprintln!("merged session on n1 delivered {} of {N} queued on n2", seen.len());
+    // The subscription came along: n2's publishes reach the client on n1.
+    until_routed(n2.mqtt, &mut [&mut c], "both/probe").await;
+    for n in [n1, n2] {
+        n.stop().await;
+    }
+}

@@ -65,16 +65,21 @@ impl Router {
         s.v5 = v5;
         s.will = c.will;
         let ctx = super::session::Ctx { cfg: &self.cfg, metrics: &self.metrics, store: ctx_store.as_ref() };
-        // A session another node handed over, unless this node has one of
-        // its own for the client (then the two sides of a partition both
-        // served it: the local one is kept).
+        // A session another node handed over. When this node has one of
+        // its own for the client (the two sides of a partition both served
+        // it), the two are merged: subscriptions united, the other's
+        // undelivered messages queued behind this one's.
         if let Some(m) = moved
-            && !present
             && !c.clean_start
             && m.meta.is_some()
         {
-            s.import(&ctx, *m);
-            for (filter, sub) in &s.subs {
+            let added = if present {
+                s.absorb(&ctx, *m)
+            } else {
+                s.import(&ctx, *m);
+                s.subs.iter().map(|(f, sub)| (f.clone(), *sub)).collect()
+            };
+            for (filter, sub) in &added {
                 let (share, f) = split_share(filter);
                 self.subs.insert(&id, share, f, *sub);
                 if let Some(cl) = &self.cluster {

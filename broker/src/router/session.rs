@@ -163,6 +163,37 @@ impl Session {
         }
     }
 
+    /// Merges the session another node held for the same client (both
+    /// sides of a partition served it): its subscriptions this one lacks
+    /// are added (and returned, for the trie), its messages not yet
+    /// received by the client are queued behind this session's, with new
+    /// sequence numbers (a QoS 2 message the client already has, PUBREL
+    /// pending, is not sent again).
+    pub fn absorb(&mut self, ctx: &Ctx, m: crate::inbox::MovedSession) -> Vec<(String, Sub)> {
+        let mut added = Vec::new();
+        for (f, sub) in m.meta.map(|meta| meta.subs).unwrap_or_default() {
+            if !self.subs.contains_key(&f) {
+                self.subs.insert(f.clone(), sub);
+                added.push((f, sub));
+            }
+        }
+        // Queued only: the caller's CONNACK goes out before any of them.
+        for (_, e, _) in m.entries {
+            if e.released || self.queue.len() + self.inflight.len() >= ctx.cfg.max_queued {
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if let Some(store) = ctx.store
+                && self.persistent()
+            {
+                store.send(Op::PutEntry(self.id.clone(), seq, encode_entry(&e)));
+            }
+            self.queue.push_back((seq, e, false));
+        }
+        added
+    }
+
     /// Writes the session record if the session is persistent and a store exists.
     pub fn save(&mut self, ctx: &Ctx) {
         if let Some(store) = ctx.store
