@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::remote::{Origin, Place};
+use super::remote::{Origin, Place, route_event};
 use super::session::{ConnHandle, Session};
 use super::subs::Sub;
 use super::{Router, split_share};
@@ -489,22 +489,6 @@ impl Router {
                 received_at: Instant::now(),
             };
             self.route(Arc::new(msg), Origin::Local);
-        }
-    }
-}
-
-/// A local subscription as a route event for the cluster.
-fn route_event(filter: &str, sub: &Sub, added: bool) -> crate::cluster::RouteEvent {
-    let (share, f) = split_share(filter);
-    let key = (f.to_owned(), share.unwrap_or_default().to_owned());
-    let q = sub.opts.qos as u8;
-    if added { crate::cluster::RouteEvent::Added(key, q) } else { crate::cluster::RouteEvent::Removed(key, q) }
-}
-
-impl Router {
-    pub(super) fn route_event(&self, filter: &str, sub: &Sub, added: bool) {
-        if let Some(c) = &self.cluster {
-            c.route_event(route_event(filter, sub, added));
         }
     }
 }

@@ -142,3 +142,19 @@ impl super::subs::Placement for Place<'_> {
         self.sessions.get(member).is_some_and(|s| s.conn.is_some())
     }
 }
+
+/// A local subscription as a route event for the cluster.
+pub(super) fn route_event(filter: &str, sub: &Sub, added: bool) -> crate::cluster::RouteEvent {
+    let (share, f) = super::split_share(filter);
+    let key = (f.to_owned(), share.unwrap_or_default().to_owned());
+    let q = sub.opts.qos as u8;
+    if added { crate::cluster::RouteEvent::Added(key, q) } else { crate::cluster::RouteEvent::Removed(key, q) }
+}
+
+impl Router {
+    pub(super) fn route_event(&self, filter: &str, sub: &Sub, added: bool) {
+        if let Some(c) = &self.cluster {
+            c.route_event(route_event(filter, sub, added));
+        }
+    }
+}
