@@ -160,7 +160,7 @@ async fn bad_seeds_and_bad_grpc_are_logged_counted_and_survived() {
     let st = raw_call(n1.cluster, "/broker.v1.Cluster/Teleport", b"anything".to_vec()).await;
     assert_eq!(st.code(), tonic::Code::Unimplemented, "{st:?}");
     // A forward from a node that never joined.
-    let fwd = pb::ForwardRequest { from: "stranger".into(), incarnation: 5, messages: Vec::new() };
+    let fwd = pb::ForwardRequest { from: "stranger".into(), incarnation: 5, messages: Vec::new(), seq: 0 };
     let st = c.forward(fwd).await.expect_err("stranger refused");
     assert_eq!(st.code(), tonic::Code::FailedPrecondition);
 

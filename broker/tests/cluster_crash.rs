@@ -240,7 +240,7 @@ async fn origin_forwards(node: &ProcNode, at: u16, topic: &str, ids: std::ops::R
         })
         .collect();
     let r = c
-        .forward(pb::ForwardRequest { from: "origin".into(), incarnation: 777, messages })
+        .forward(pb::ForwardRequest { from: "origin".into(), incarnation: 777, messages, seq: 0 })
         .await
         .expect("forward")
         .into_inner();

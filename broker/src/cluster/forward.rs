@@ -11,9 +11,10 @@
 //! when the node restarts, with the number it had.
 //!
 //! Message ids grow per node (across restarts too while forwards are on
-//! disk), and a link sends one batch at a time in queue order, so the
-//! receiver keeps only the highest id it has routed per (origin, origin's
-//! incarnation): a retried batch is recognised as what it is. The receiver
+//! disk), and a link sends its batches in queue order on one stream (several
+//! in flight, answered in order), so the receiver keeps only the highest id
+//! it has routed per (origin, origin's incarnation): a retried batch is
+//! recognised as what it is. The receiver
 //! keeps those marks in its store in the same commit as the messages it
 //! queued for persistent sessions, so its restart does not forget them.
 
@@ -174,16 +175,24 @@ impl PeerQueue {
 
     /// The first `n` queued as (id, incarnation, message, shared groups),
     /// still in the queue until `acked`.
+    #[cfg(test)]
     pub fn peek(&self, n: usize) -> Vec<(u64, u64, Arc<Message>, Vec<RouteKey>)> {
-        let q = self.q.lock().expect("forward queue lock");
-        q.iter().take(n).map(|e| (e.id, e.inc, e.msg.clone(), e.shared.clone())).collect()
+        self.peek_from(0, n, |e| (e.id, e.inc, e.msg.clone(), e.shared.clone()))
     }
 
-    /// The peer took the first `n`: returns the ids to delete from the store.
-    pub fn acked(&self, n: usize) -> Vec<u64> {
+    /// `f` of up to `n` queued entries after the first `skip` (those are in
+    /// flight), still in the queue until `acked`.
+    pub fn peek_from<T>(&self, skip: usize, n: usize, f: impl FnMut(&Queued) -> T) -> Vec<T> {
+        let q = self.q.lock().expect("forward queue lock");
+        q.range(skip.min(q.len())..).take(n).map(f).collect()
+    }
+
+    /// The peer took the first `n` (`each` sees them): returns the ids to
+    /// delete from the store.
+    pub fn acked(&self, n: usize, mut each: impl FnMut(&Queued)) -> Vec<u64> {
         let mut q = self.q.lock().expect("forward queue lock");
         let n = n.min(q.len());
-        let gone: Vec<u64> = q.drain(..n).filter(|e| e.durable).map(|e| e.id).collect();
+        let gone: Vec<u64> = q.drain(..n).inspect(|e| each(e)).filter(|e| e.durable).map(|e| e.id).collect();
         self.counters.acked.fetch_add(n as u64, Relaxed);
         if q.len() < self.cap / 2 && self.dropping.swap(false, Relaxed) {
             tracing::info!(queued = q.len(), "forward queue drained below half: accepting new messages again");
@@ -247,8 +256,9 @@ impl PeerQueue {
 }
 
 /// Highest message id routed per origin incarnation, for one origin. One
-/// lock per origin, held while its batch is routed, so that a retry racing
-/// the original (a stale connection) waits and is then recognised.
+/// lock per origin, held while a batch is checked and handed to the router,
+/// so that batches reach the router in id order and a retry racing the
+/// original (a stale connection) is recognised.
 #[derive(Default)]
 pub struct Seen {
     /// (incarnation, highest id), most recently used last.
@@ -272,7 +282,7 @@ impl Seen {
     }
 }
 
-type Origin = Arc<tokio::sync::Mutex<Seen>>;
+pub type Origin = Arc<tokio::sync::Mutex<Seen>>;
 
 #[derive(Default)]
 pub struct Dedup {
@@ -335,7 +345,7 @@ mod tests {
         q.failed(3);
         let left: Vec<u64> = q.peek(10).iter().map(|(id, ..)| *id).collect();
         assert_eq!(left, vec![0, 2, 3]);
-        q.acked(2);
+        q.acked(2, |_| ());
         assert_eq!(q.peek(10).iter().map(|(id, ..)| *id).collect::<Vec<_>>(), vec![3]);
     }
 }

@@ -1,12 +1,15 @@
 //! One link task per peer: connects (with backoff), joins, then sends
-//! heartbeats, route syncs and forward batches, one request at a time.
+//! heartbeats, route syncs, retained syncs and forward batches.
 //!
-//! One request at a time keeps a peer's view in our order (routes before the
-//! forwards that need them, forwards in queue order, which is what lets the
-//! receiver deduplicate by the highest id). Any failure drops the
+//! Forwards go on one stream per session, several batches in flight and
+//! answered in order; heartbeats and syncs go one request at a time, each
+//! only once no batch is in flight. That keeps a peer's view in our order
+//! (routes before the forwards that need them, forwards in queue order,
+//! which is what lets the receiver deduplicate by the highest id). Any failure drops the
 //! connection and starts over with backoff; a peer that answers "unknown
 //! peer" (it restarted) is joined again at once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -63,6 +66,8 @@ async fn connect(addr: &str, node: &Node) -> Result<ClusterClient<Channel>, toni
         .connect_timeout(Duration::from_secs(1))
         .timeout(timeout)
         .tcp_nodelay(true)
+        .initial_stream_window_size(super::service::H2_WINDOW)
+        .initial_connection_window_size(super::service::H2_WINDOW)
         .connect()
         .await?;
     Ok(ClusterClient::new(ch))
@@ -189,6 +194,7 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
         *last_state = state;
     }
     let mut next_hb = Instant::now();
+    let mut flow = None;
     loop {
         if Instant::now() >= next_hb {
             next_hb = Instant::now() + node.settings.heartbeat;
@@ -216,7 +222,7 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
         if let Err(e) = sync_retained(node, peer, &mut c).await {
             return e;
         }
-        if let Err(e) = forward(node, peer, &mut c).await {
+        if let Err(e) = forward(node, peer, &mut c, &mut flow, next_hb).await {
             return e;
         }
         let state = peer.state(&node.settings);
@@ -333,45 +339,113 @@ async fn sync_retained(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>)
     Ok(())
 }
 
-async fn forward(node: &Node, peer: &Peer, c: &mut ClusterClient<Channel>) -> Result<(), End> {
-    loop {
-        let batch = peer.queue.peek(BATCH);
-        if batch.is_empty() {
-            return Ok(());
+/// Batches in flight on a forward stream.
+const WINDOW: usize = 8;
+
+/// The session's forward stream: batches sent in queue order, answered in
+/// that order.
+struct Outflow {
+    tx: tokio::sync::mpsc::Sender<pb::ForwardRequest>,
+    acks: tonic::Streaming<pb::ForwardResponse>,
+    /// (seq, messages) per batch in flight, oldest first.
+    in_flight: VecDeque<(u64, usize)>,
+    /// Messages in flight: the queue's first `sending`.
+    sending: usize,
+    next_seq: u64,
+}
+
+async fn open(c: &mut ClusterClient<Channel>) -> Result<Outflow, End> {
+    let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
+    match c.forward_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Ok(r) => Ok(Outflow { tx, acks: r.into_inner(), in_flight: VecDeque::new(), sending: 0, next_seq: 1 }),
+        Err(s) => Err(failed(s, "forward stream")),
+    }
+}
+
+/// Sends what is queued with up to WINDOW batches in flight until all of it
+/// is answered, or until a heartbeat is due (then it stops sending and
+/// returns once what is in flight is answered, so that heartbeats and route
+/// syncs also go out under a steady load). On failure the
+/// batches in flight are retried (QoS 1/2) or dropped (QoS 0) and the
+/// stream is closed.
+async fn forward(
+    node: &Node,
+    peer: &Peer,
+    c: &mut ClusterClient<Channel>,
+    flow: &mut Option<Outflow>,
+    next_hb: Instant,
+) -> Result<(), End> {
+    let r = pump(node, peer, c, flow, next_hb).await;
+    if r.is_err() {
+        if let Some(f) = flow.take() {
+            peer.queue.failed(f.sending);
         }
-        let n = batch.len();
-        let req = pb::ForwardRequest {
-            from: node.settings.node_name.clone(),
-            incarnation: node.incarnation,
-            messages: batch
-                .iter()
-                .map(|(id, inc, m, shared)| pb::Forwarded {
-                    message_id: *id,
-                    publish: Some(convert::to_wire(m)),
-                    origin_incarnation: if *inc == node.incarnation { 0 } else { *inc },
-                    shared: shared
-                        .iter()
-                        .map(|(f, g)| pb::Route { filter: f.clone(), share_group: g.clone(), max_qos: 0 })
-                        .collect(),
-                })
-                .collect(),
+    }
+    r
+}
+
+async fn pump(
+    node: &Node,
+    peer: &Peer,
+    c: &mut ClusterClient<Channel>,
+    flow: &mut Option<Outflow>,
+    next_hb: Instant,
+) -> Result<(), End> {
+    let wait = node.settings.down_after.max(Duration::from_secs(1));
+    loop {
+        let pause = Instant::now() >= next_hb;
+        if flow.as_ref().is_none_or(|f| f.in_flight.len() < WINDOW) && !pause {
+            let f = match flow {
+                Some(f) => f,
+                None => flow.insert(open(c).await?),
+            };
+            let messages = peer.queue.peek_from(f.sending, BATCH, |e| pb::Forwarded {
+                message_id: e.id,
+                publish: Some(convert::to_wire(&e.msg)),
+                origin_incarnation: if e.inc == node.incarnation { 0 } else { e.inc },
+                shared: e
+                    .shared
+                    .iter()
+                    .map(|(f, g)| pb::Route { filter: f.clone(), share_group: g.clone(), max_qos: 0 })
+                    .collect(),
+            });
+            if !messages.is_empty() {
+                let n = messages.len();
+                let seq = f.next_seq;
+                f.next_seq += 1;
+                let req = pb::ForwardRequest {
+                    from: node.settings.node_name.clone(),
+                    incarnation: node.incarnation,
+                    messages,
+                    seq,
+                };
+                f.in_flight.push_back((seq, n));
+                f.sending += n;
+                peer.queue.counters.sent.fetch_add(n as u64, Relaxed);
+                if f.tx.send(req).await.is_err() {
+                    return Err(End::Failed("forward stream: closed by the transport".into()));
+                }
+                continue;
+            }
+        }
+        let Some(f) = flow.as_mut().filter(|f| !f.in_flight.is_empty()) else {
+            return Ok(());
         };
-        peer.queue.counters.sent.fetch_add(n as u64, Relaxed);
-        match c.forward(req).await {
-            Ok(_) => {
-                peer.heard();
-                for (_, _, m, _) in &batch {
-                    node.metrics.observe_forward(m.received_at.elapsed());
-                }
-                let gone = peer.queue.acked(n);
-                if !gone.is_empty() {
-                    node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
-                }
-            }
-            Err(s) => {
-                peer.queue.failed(n);
-                return Err(failed(s, "forward"));
-            }
+        let ack = match tokio::time::timeout(wait, f.acks.message()).await {
+            Ok(Ok(Some(a))) => a,
+            Ok(Ok(None)) => return Err(End::Failed("forward stream: ended by the peer".into())),
+            Ok(Err(s)) => return Err(failed(s, "forward")),
+            Err(_) => return Err(End::Failed(format!("forward: no answer within {wait:?}"))),
+        };
+        let (seq, n) = f.in_flight.pop_front().expect("in flight");
+        if ack.seq != seq {
+            return Err(End::Failed(format!("forward: answer for batch {} where {seq} was due", ack.seq)));
+        }
+        f.sending -= n;
+        peer.heard();
+        let gone = peer.queue.acked(n, |e| node.metrics.observe_forward(e.msg.received_at.elapsed()));
+        if !gone.is_empty() {
+            node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 
 use chaos_proto::broker::v1 as pb;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::error::ClusterError;
+use super::forward::Origin;
 use super::members::{Peer, PeerState};
 use super::{Node, PROTOCOL, convert, link};
 use crate::inbox::{Forwarded, FromPeer, RemoteRoutes, ToRouter};
@@ -23,10 +25,23 @@ use crate::inbox::{Forwarded, FromPeer, RemoteRoutes, ToRouter};
 /// no delta's base matches it, and a peer told it sends the full table.
 pub const UNKNOWN_VERSION: u64 = u64::MAX;
 
+/// HTTP/2 flow-control window (stream and connection), both ways: several
+/// forward batches in flight, not the default 64 KiB.
+pub const H2_WINDOW: u32 = 8 << 20;
+
 pub async fn serve(node: Arc<Node>, listener: TcpListener) {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    use tokio_stream::StreamExt;
+    // Without TCP_NODELAY the answers and HTTP/2 window updates wait for
+    // the peer's delayed ACK (Nagle), stalling each round trip by tens of ms.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let stop = node.shutdown.clone();
     let r = tonic::transport::Server::builder()
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
         .add_service(super::guard::Guarded {
             inner: ClusterServer::new(Service { node: node.clone() }),
             node: node.clone(),
@@ -78,7 +93,99 @@ fn reachable(addr: &str, remote: Option<SocketAddr>) -> Option<String> {
     Some(a.to_string())
 }
 
+/// Batches taken and not yet answered per forward stream.
+const STREAM_WINDOW: usize = 16;
+
+/// A batch handed to the router, to be answered once it is routed (and
+/// durable where it must be).
+struct Taken {
+    from: String,
+    seq: u64,
+    accepted: u32,
+    duplicates: u32,
+    /// (origin incarnation, highest id before this batch) for each mark the
+    /// batch raised: put back when its commit fails, so that the retry is
+    /// taken again.
+    before: Vec<(u64, u64)>,
+    routed: oneshot::Receiver<()>,
+}
+
+impl Taken {
+    async fn answered(self, origin: &Origin) -> Result<pb::ForwardResponse, Status> {
+        self.answered_or_fail(origin, &AtomicBool::new(false)).await
+    }
+
+    async fn answered_or_fail(self, origin: &Origin, failed: &AtomicBool) -> Result<pb::ForwardResponse, Status> {
+        if self.routed.await.is_ok() {
+            return Ok(pb::ForwardResponse { accepted: self.accepted, duplicates: self.duplicates, seq: self.seq });
+        }
+        // The store failed to make the messages and marks durable: the
+        // sender retries from this batch on.
+        let mut seen = origin.lock().await;
+        failed.store(true, Relaxed);
+        for (inc, top) in self.before {
+            if seen.top(inc) > top {
+                seen.set(inc, top);
+            }
+        }
+        Err(ClusterError::Stopped.into())
+    }
+}
+
 impl Service {
+    /// Deduplicates a batch and hands what is new to the router, under the
+    /// origin's lock so that batches reach the router in the order their
+    /// ids were checked. The marks are raised now (a retry racing this
+    /// batch is recognised) and put back if its commit fails. A batch of
+    /// duplicates goes to the router too: its answer then waits for the
+    /// commits before it, whose messages it names.
+    async fn take(&self, origin: &Origin, r: pb::ForwardRequest, failed: Option<&AtomicBool>) -> Result<Taken, Status> {
+        self.peer(&r.from, r.incarnation)?;
+        let mut seen = origin.lock().await;
+        if failed.is_some_and(|f| f.load(Relaxed)) {
+            return Err(ClusterError::Stopped.into());
+        }
+        let mut fresh = Vec::with_capacity(r.messages.len());
+        let mut duplicates = 0u32;
+        // New highest id per origin incarnation in this batch.
+        let mut marks: Vec<(u64, u64)> = Vec::new();
+        for f in r.messages {
+            let inc = if f.origin_incarnation == 0 { r.incarnation } else { f.origin_incarnation };
+            let top = marks.iter().find(|(i, _)| *i == inc).map_or_else(|| seen.top(inc), |(_, t)| *t);
+            if f.message_id <= top {
+                duplicates += 1;
+                continue;
+            }
+            match marks.iter_mut().find(|(i, _)| *i == inc) {
+                Some(m) => m.1 = f.message_id,
+                None => marks.push((inc, f.message_id)),
+            }
+            let shared = f.shared.into_iter().map(|r| (r.filter, r.share_group)).collect();
+            match f.publish.ok_or_else(|| "forward without publish".to_owned()).and_then(convert::from_wire) {
+                Ok(msg) => fresh.push(FromPeer { msg, shared }),
+                // Acknowledged anyway: a retry would be just as bad.
+                Err(what) => {
+                    let _ = self.reject("invalid", ClusterError::Invalid { from: r.from.clone(), what });
+                }
+            }
+        }
+        let accepted = fresh.len() as u32;
+        let before = marks.iter().map(|(inc, _)| (*inc, seen.top(*inc))).collect();
+        let (done, routed) = oneshot::channel();
+        let f = Forwarded { origin: Arc::from(r.from.as_str()), msgs: fresh, marks: marks.clone(), done };
+        if self.node.router.send(ToRouter::Forwarded(Box::new(f))).await.is_err() {
+            return Err(ClusterError::Stopped.into());
+        }
+        for (inc, top) in marks {
+            seen.set(inc, top);
+        }
+        drop(seen);
+        if duplicates > 0 {
+            self.node.dedup.duplicates.fetch_add(u64::from(duplicates), Relaxed);
+        }
+        Ok(Taken { from: r.from, seq: r.seq, accepted, duplicates, before, routed })
+    }
+
     fn reject(&self, reason: &'static str, e: ClusterError) -> Status {
         self.node.metrics.rejected(reason);
         tracing::warn!(node = %self.node.settings.node_name, reason, "cluster request refused: {e}");
@@ -268,51 +375,90 @@ impl Cluster for Service {
     }
 
     async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
-        let r = req.into_inner();
-        self.peer(&r.from, r.incarnation)?;
-        let origin = self.node.dedup.origin(&r.from);
-        let mut seen = origin.lock().await;
-        let mut fresh = Vec::with_capacity(r.messages.len());
-        let mut duplicates = 0u32;
-        // New highest id per origin incarnation in this batch.
-        let mut marks: Vec<(u64, u64)> = Vec::new();
-        for f in r.messages {
-            let inc = if f.origin_incarnation == 0 { r.incarnation } else { f.origin_incarnation };
-            let top = marks.iter().find(|(i, _)| *i == inc).map_or_else(|| seen.top(inc), |(_, t)| *t);
-            if f.message_id <= top {
-                duplicates += 1;
-                continue;
-            }
-            match marks.iter_mut().find(|(i, _)| *i == inc) {
-                Some(m) => m.1 = f.message_id,
-                None => marks.push((inc, f.message_id)),
-            }
-            let shared = f.shared.into_iter().map(|r| (r.filter, r.share_group)).collect();
-            match f.publish.ok_or_else(|| "forward without publish".to_owned()).and_then(convert::from_wire) {
-                Ok(msg) => fresh.push(FromPeer { msg, shared }),
-                // Acknowledged anyway: a retry would be just as bad.
-                Err(what) => {
-                    let _ = self.reject("invalid", ClusterError::Invalid { from: r.from.clone(), what });
+        let origin = self.node.dedup.origin(&req.get_ref().from);
+        let taken = self.take(&origin, req.into_inner(), None).await?;
+        Ok(Response::new(taken.answered(&origin).await?))
+    }
+
+    type ForwardStreamStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ForwardResponse, Status>>;
+
+    /// Batches are taken (deduplicated and handed to the router) in stream
+    /// order as they arrive and answered in that order as their commits
+    /// complete, so a link keeps several in flight and the store commits
+    /// them together.
+    async fn forward_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (out, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        let (pending_tx, mut pending) = tokio::sync::mpsc::channel::<Taken>(STREAM_WINDOW);
+        // Set (under the origin's lock) once an answer failed: the stream
+        // takes nothing more, so no mark passes the rolled-back one.
+        let failed = Arc::new(AtomicBool::new(false));
+        let svc = Service { node: self.node.clone() };
+        let f = failed.clone();
+        let err_out = out.clone();
+        let reader = async move {
+            let mut origin: Option<(String, Origin)> = None;
+            loop {
+                let r = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = err_out.send(Err(s)).await;
+                        return;
+                    }
+                };
+                let o = match &origin {
+                    Some((name, o)) if *name == r.from => o.clone(),
+                    _ => {
+                        let o = svc.node.dedup.origin(&r.from);
+                        origin = Some((r.from.clone(), o.clone()));
+                        o
+                    }
+                };
+                match svc.take(&o, r, Some(&f)).await {
+                    Ok(t) => {
+                        if pending_tx.send(t).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(s) => {
+                        let _ = err_out.send(Err(s)).await;
+                        return;
+                    }
                 }
             }
-        }
-        let accepted = fresh.len() as u32;
-        if !marks.is_empty() {
-            let (done, routed) = oneshot::channel();
-            let f = Forwarded { origin: Arc::from(r.from.as_str()), msgs: fresh, marks: marks.clone(), done };
-            if self.node.router.send(ToRouter::Forwarded(Box::new(f))).await.is_err() {
-                return Err(ClusterError::Stopped.into());
+        };
+        let dedup_node = self.node.clone();
+        let answerer = async move {
+            while let Some(t) = pending.recv().await {
+                let origin = dedup_node.dedup.origin(&t.from);
+                match t.answered_or_fail(&origin, &failed).await {
+                    Ok(a) => {
+                        if out.send(Ok(a)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(s) => {
+                        let _ = out.send(Err(s)).await;
+                        return;
+                    }
+                }
             }
-            // Dropped unanswered when the store failed to make the messages
-            // (and the marks) durable: the sender retries.
-            routed.await.map_err(|_| Status::from(ClusterError::Stopped))?;
-        }
-        for (inc, top) in marks {
-            seen.set(inc, top);
-        }
-        if duplicates > 0 {
-            self.node.dedup.duplicates.fetch_add(u64::from(duplicates), Relaxed);
-        }
-        Ok(Response::new(pb::ForwardResponse { accepted, duplicates }))
+        };
+        tokio::spawn(async move {
+            // The answerer ends the stream on its first failure (the reader
+            // is dropped with it); an ended reader leaves the answerer to
+            // answer what it took.
+            tokio::pin!(reader, answerer);
+            tokio::select! {
+                _ = &mut answerer => return,
+                _ = &mut reader => {}
+            }
+            answerer.await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
