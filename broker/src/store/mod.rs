@@ -8,7 +8,7 @@
 
 pub mod record;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -312,11 +312,39 @@ impl Store {
             // Opened on the first cluster op only: a node that is not
             // clustered pays nothing for them.
             let mut cluster: Option<ClusterTables> = None;
-            let flat = batch.iter().flat_map(|op| match op {
-                Op::Atomic(ops) => ops.iter().collect::<Vec<_>>(),
-                op => vec![op],
-            });
-            for op in flat {
+            let flat = || {
+                batch.iter().flat_map(|op| match op {
+                    Op::Atomic(ops) => ops.iter().collect::<Vec<_>>(),
+                    op => vec![op],
+                })
+            };
+            // A forward the peer acknowledged before it was written is
+            // neither written nor deleted: the state after this commit is
+            // the same, and under load many forwards are acked that fast.
+            let acked: HashSet<(&str, u64)> = flat()
+                .filter_map(|op| match op {
+                    Op::DelForwards(p, ids) => Some(ids.iter().map(move |id| (&**p, *id))),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let mut skipped: HashSet<(&str, u64)> = HashSet::new();
+            for op in flat() {
+                let rest;
+                let op = match op {
+                    Op::PutForward(p, id, _) if acked.contains(&(&**p, *id)) => {
+                        skipped.insert((&**p, *id));
+                        continue;
+                    }
+                    Op::DelForwards(p, ids) if !skipped.is_empty() => {
+                        rest = Op::DelForwards(
+                            p.clone(),
+                            ids.iter().copied().filter(|id| !skipped.contains(&(&**p, *id))).collect(),
+                        );
+                        &rest
+                    }
+                    op => op,
+                };
                 match op {
                     Op::PutSession(c, v) => {
                         sessions.insert(&**c, v.as_slice()).map_err(db)?;
