@@ -376,10 +376,10 @@ async fn forward(
     next_hb: Instant,
 ) -> Result<(), End> {
     let r = pump(node, peer, c, flow, next_hb).await;
-    if r.is_err() {
-        if let Some(f) = flow.take() {
-            peer.queue.failed(f.sending);
-        }
+    if r.is_err()
+        && let Some(f) = flow.take()
+    {
+        peer.queue.failed(f.sending);
     }
     r
 }
