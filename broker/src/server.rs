@@ -62,6 +62,10 @@ pub fn bind_mqtt(addr: SocketAddr, asked: u32) -> std::io::Result<(TcpListener, 
     Ok((listener, Backlog { asked, granted, somaxconn }))
 }
 
+/// How long a restarted cluster node waits for the routes of the peers it
+/// knew before it serves MQTT: two link backoffs with room to spare.
+const ROUTES_WAIT: Duration = Duration::from_secs(5);
+
 /// Runs a broker on `listener` (and `http` for metrics) until `shutdown`.
 /// Taking bound listeners lets tests use port 0.
 pub async fn run(
@@ -111,7 +115,7 @@ pub async fn run_node(
         Some(l) => {
             let bound = l.local_addr().map_err(|e| crate::config::ConfigError::ClusterListen(e.to_string()))?;
             let settings = cfg.cluster_settings(bound)?;
-            let c = crate::cluster::Cluster::new(
+            let mut c = crate::cluster::Cluster::new(
                 settings,
                 router_tx.clone(),
                 store.as_ref().map(crate::store::StoreHandle::sender),
@@ -143,6 +147,13 @@ pub async fn run_node(
     });
     if let (Some(c), Some(l)) = (cluster.as_mut(), cluster_listener) {
         c.start(l);
+        // MQTT clients wait in the listen backlog meanwhile: a publish
+        // acknowledged before the peers' routes are back reaches none of
+        // their subscribers.
+        let missing = c.routes_learned(ROUTES_WAIT).await;
+        if !missing.is_empty() {
+            tracing::warn!(peers = ?missing, "serving MQTT without the routes of these peers (not heard from since the restart)");
+        }
     }
     let fatal = async {
         match &cluster {

@@ -163,6 +163,8 @@ pub struct Cluster {
     node: Arc<Node>,
     events: Option<mpsc::UnboundedReceiver<RouteEvent>>,
     pub outlet: Outlet,
+    /// Peers this node knew before a restart (from its store).
+    restored: Vec<String>,
 }
 
 impl Cluster {
@@ -192,15 +194,17 @@ impl Cluster {
         });
         let (events_tx, events) = mpsc::unbounded_channel();
         let outlet = Outlet { node: node.clone(), events: events_tx };
-        Cluster { node, events: Some(events), outlet }
+        Cluster { node, events: Some(events), outlet, restored: Vec::new() }
     }
 
     /// Takes back what the node left on disk: forwards not yet acked by
     /// their peers (queued again, with their numbers), the peers' addresses
     /// and the receiver's deduplication marks. Before `start`.
-    pub fn restore(&self, loaded: crate::store::LoadedCluster) {
+    pub fn restore(&mut self, loaded: crate::store::LoadedCluster) {
         let node = &self.node;
         let addrs: std::collections::HashMap<String, String> = loaded.peers.into_iter().collect();
+        self.restored = addrs.keys().cloned().collect();
+        self.restored.sort();
         node.dedup.restore(loaded.dedup);
         let mut per_peer: std::collections::BTreeMap<String, Vec<forward::Queued>> = Default::default();
         for (peer, id, raw) in loaded.forwards {
@@ -225,6 +229,36 @@ impl Cluster {
             let (p, _) = node.members.get_or_insert(&name, &addr, 0, node.settings.forward_queue);
             tracing::info!(peer = %name, %addr, forwards = items.len(), "forwards restored from the store");
             p.queue.restore(items);
+        }
+    }
+
+    /// After a restart, waits (at most `within`) until every peer known
+    /// before it has sent its full route table. The node forgets remote
+    /// routes when it stops; until a peer's table is back, a publish here
+    /// would be acknowledged and reach none of that peer's subscribers
+    /// (the peers' links to this node are in their reconnect backoff, up
+    /// to 2 s, when it comes back). Returns the peers still without routes.
+    pub async fn routes_learned(&self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let missing: Vec<String> = self
+                .restored
+                .iter()
+                .filter(|name| {
+                    !self.node.members.get(name).is_some_and(|p| {
+                        let held = p.held.lock().expect("held lock");
+                        held.incarnation != 0 && held.version != service::UNKNOWN_VERSION
+                    })
+                })
+                .cloned()
+                .collect();
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return missing;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = self.node.shutdown.cancelled() => return missing,
+            }
         }
     }
 
