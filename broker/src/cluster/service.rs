@@ -262,6 +262,7 @@ impl Cluster for Service {
             if old_addr != addr {
                 tracing::info!(peer = %n.name, from = %old_addr, to = %addr, "member moved");
                 *p.addr.lock().expect("addr lock") = addr.clone();
+                node.remember_peer(&n.name, &addr);
             }
         }
         p.incarnation.store(n.incarnation, Relaxed);
@@ -272,6 +273,9 @@ impl Cluster for Service {
         p.heard();
         if new {
             tracing::info!(peer = %n.name, %addr, "member joined");
+            // On disk, so that after a restart this node waits for its
+            // routes (server::run_node) and finds it for restored forwards.
+            node.remember_peer(&n.name, &addr);
         }
         link::ensure(node.clone(), p.clone());
         p.queue.wake.notify_one();

@@ -1,5 +1,5 @@
 //! Cluster nodes as real `broker` processes on loopback, for tests that
-//! kill them (SIGKILL) and start them again on the same ports and data
+//! kill them (SIGKILL or SIGTERM) and start them again on the same ports and data
 //! directory. Each node's stderr goes to a log file the test can read.
 
 use std::net::SocketAddr;
@@ -88,6 +88,24 @@ impl ProcNode {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, the graceful stop: waits (at most 10 s) for the process to
+    /// exit, then SIGKILLs it and fails.
+    pub fn term(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.try_wait().expect("wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("{} did not exit within 10 s of SIGTERM; its log:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
