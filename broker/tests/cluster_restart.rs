@@ -156,7 +156,8 @@ async fn restarted_node_acks_nothing_before_it_has_its_peers_routes() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let got = seen.lock().expect("seen").clone();
-        let dup2: Vec<u32> = acked.iter().filter(|(k, q)| *q == QoS::ExactlyOnce && got[k] > 1).map(|(k, _)| *k).collect();
+        let dup2: Vec<u32> =
+            acked.iter().filter(|(k, q)| *q == QoS::ExactlyOnce && got[k] > 1).map(|(k, _)| *k).collect();
         assert!(dup2.is_empty(), "{who}: QoS 2 messages delivered twice: {dup2:?}");
         eprintln!("{who}: all {N} acknowledged messages after the restart arrived, no QoS 2 twice");
     }
