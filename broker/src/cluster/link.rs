@@ -175,10 +175,14 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
     let addr = peer.addr();
     let mut c = match connect(&addr, node).await {
         Ok(c) => c,
-        Err(e) => return End::Failed(format!("connecting to {addr}: {}", chain(&e))),
+        Err(e) => {
+            peer.unanswered.store(true, Relaxed);
+            return End::Failed(format!("connecting to {addr}: {}", chain(&e)));
+        }
     };
     match c.join(pb::JoinRequest { node: Some(me(node)) }).await {
         Ok(r) => {
+            peer.unanswered.store(false, Relaxed);
             peer.heard();
             learn(node, r.into_inner().members);
         }
@@ -186,7 +190,10 @@ async fn session(node: &Arc<Node>, peer: &Arc<Peer>, last_state: &mut PeerState)
             fatal_collision(node, &addr, s.message().to_owned());
             return End::Stop;
         }
-        Err(s) => return End::Failed(format!("join: {s}")),
+        Err(s) => {
+            peer.unanswered.store(true, Relaxed);
+            return End::Failed(format!("join: {s}"));
+        }
     }
     let state = peer.state(&node.settings);
     if state != *last_state {

@@ -65,6 +65,9 @@ pub struct Peer {
     /// Forwards waiting for it.
     pub queue: PeerQueue,
     pub link: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Our link's last attempt to join it failed (it is down or away): a
+    /// restarted node does not wait for its routes (server::run_node).
+    pub unanswered: std::sync::atomic::AtomicBool,
     /// (address, channel) for requests beside the link's (`channel`).
     rpc: Mutex<Option<(String, tonic::transport::Channel)>>,
 }
@@ -84,6 +87,7 @@ impl Peer {
             retained_acked: AtomicU64::new(u64::MAX),
             queue: PeerQueue::new(cap),
             link: Mutex::new(None),
+            unanswered: std::sync::atomic::AtomicBool::new(false),
             rpc: Mutex::new(None),
         }
     }

@@ -237,7 +237,8 @@ impl Cluster {
     /// routes when it stops; until a peer's table is back, a publish here
     /// would be acknowledged and reach none of that peer's subscribers
     /// (the peers' links to this node are in their reconnect backoff, up
-    /// to 2 s, when it comes back). Returns the peers still without routes.
+    /// to 2 s, when it comes back). A peer our link cannot reach is not
+    /// waited for. Returns the peers still without routes.
     pub async fn routes_learned(&self, within: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -247,7 +248,8 @@ impl Cluster {
                 .filter(|name| {
                     !self.node.members.get(name).is_some_and(|p| {
                         let held = p.held.lock().expect("held lock");
-                        held.incarnation != 0 && held.version != service::UNKNOWN_VERSION
+                        (held.incarnation != 0 && held.version != service::UNKNOWN_VERSION)
+                            || p.unanswered.load(std::sync::atomic::Ordering::Relaxed)
                     })
                 })
                 .cloned()
