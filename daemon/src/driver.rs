@@ -7,7 +7,7 @@
 //! object is created (intent first), so that a crash at any point leaves a
 //! journal entry from which the object can be found and removed.
 
-use std::time::SystemTime;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -31,8 +31,10 @@ pub trait Recorder: Send {
 pub struct ApplyContext<'a> {
     /// The other active experiments of this driver kind (for conflicts).
     pub active: &'a [Experiment],
-    /// Deadline of the fault in wall-clock time, if it has one.
-    pub ends_at: Option<SystemTime>,
+    /// How long the fault lasts once it is in effect, if it ends by itself.
+    /// Drivers set kernel-side deadlines from it at the moment the fault
+    /// takes effect, so a slow apply does not eat into the fault.
+    pub duration: Option<Duration>,
 }
 
 /// Whether a reverted experiment's target still exists.

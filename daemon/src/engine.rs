@@ -211,13 +211,17 @@ impl Engine {
 
         let active: Vec<Experiment> =
             lock(&self.live).values().filter(|l| DriverKind::of(&l.exp.fault) == kind).map(|l| l.exp.clone()).collect();
-        let ctx = ApplyContext { active: &active, ends_at: exp.ends_at };
+        let ctx = ApplyContext { active: &active, duration: exp.duration };
         let mut rec = JournalRecorder { engine: self, id: exp.id.clone(), objects: Vec::new() };
         let applied = driver.apply(&exp, &ctx, &mut rec);
         let objects = rec.objects;
 
         match applied {
             Ok(()) => {
+                // The fault lasts its duration from the moment it is in
+                // effect: an apply that took seconds (BPF verification on a
+                // slow host) must not shorten it.
+                exp.ends_at = exp.duration.map(|d| SystemTime::now() + d);
                 exp.counters = driver.counters(&exp, &objects);
                 if matches!(exp.fault, Fault::Process(ProcessFault::Kill { .. })) {
                     // A signal is done once sent: nothing stays to recover.

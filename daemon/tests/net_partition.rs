@@ -133,7 +133,8 @@ fn faults_on_different_ports_coexist_and_overlapping_ones_are_refused() {
         None,
     );
     let o1 = apply(d, &e1, &[]).unwrap();
-    let o2 = apply(d, &e2, std::slice::from_ref(&e1)).unwrap_or_else(|e| panic!("a fault on another port must coexist: {e}"));
+    let o2 = apply(d, &e2, std::slice::from_ref(&e1))
+        .unwrap_or_else(|e| panic!("a fault on another port must coexist: {e}"));
     let e3 = experiment(
         "exp-three",
         target,

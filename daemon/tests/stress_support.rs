@@ -195,7 +195,7 @@ pub fn experiment(id: &str, target: Target, fault: Fault, duration: Option<Durat
 }
 
 pub fn ctx(exp: &Experiment) -> ApplyContext<'_> {
-    ApplyContext { active: &[], ends_at: exp.ends_at }
+    ApplyContext { active: &[], duration: exp.duration }
 }
 
 /// Whether a process exists and has not exited (zombies count as gone).

@@ -4,12 +4,7 @@
 //! none, checks that protected ports still pass, and undoes all of it on
 //! failure, revert or sweep.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    path::PathBuf,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use chaosd_common::{DIR_EGRESS, DIR_INGRESS, DevKey, PROTO_TCP, PROTO_UDP};
 use serde_json::Value;
@@ -319,10 +314,7 @@ impl NetworkDriver {
             .into_iter()
             .filter_map(|(on, d)| on.then_some(d))
             .collect();
-        let deadline_ns = ctx.ends_at.map(|end| {
-            let left = end.duration_since(SystemTime::now()).unwrap_or_default();
-            bpf::boot_ns() + left.as_nanos() as u64
-        });
+        let deadline_ns = ctx.duration.map(|d| bpf::boot_ns() + d.as_nanos() as u64);
         let id = rulemaps::alloc_id(&mut self.dp.lock())
             .ok_or_else(|| ApiError::Unavailable("all rule slots are in use; recover some faults first".into()))?;
         let shaping = fault.action.shapes();

@@ -223,8 +223,13 @@ impl ProcessDriver {
         };
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         rec.record(json!({ "kind": KIND_GUARDIAN_INTENT }))?;
-        let mut g = Guardian::spawn(&self.exe, &exp.id, self.grace, ctx.ends_at.map(|t| t + GUARDIAN_SLACK))
-            .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
+        let mut g = Guardian::spawn(
+            &self.exe,
+            &exp.id,
+            self.grace,
+            ctx.duration.map(|d| std::time::SystemTime::now() + d + GUARDIAN_SLACK),
+        )
+        .map_err(|e| ApiError::Internal(format!("starting the pause guardian ({}): {e}", self.exe.display())))?;
         let mut pause = Pause { procs: Vec::new(), guardian: None, target_pid };
         let mut spared_late = Vec::new();
         let result = (|| -> Result<(), ApiError> {

@@ -211,7 +211,7 @@ pub fn experiment(
 /// Applies with no other active experiment; returns the recorded objects.
 pub fn apply(d: &NetworkDriver, exp: &Experiment, active: &[Experiment]) -> Result<Vec<Value>, ApiError> {
     let mut rec = Collect::default();
-    let ctx = ApplyContext { active, ends_at: exp.ends_at };
+    let ctx = ApplyContext { active, duration: exp.duration };
     d.apply(exp, &ctx, &mut rec).map(|()| rec.0)
 }
 
