@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod experiment;
 pub mod journal;
+pub mod metrics;
 pub mod net;
 pub mod netlink;
 pub mod netns;

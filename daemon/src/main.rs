@@ -56,6 +56,11 @@ struct ServeArgs {
     /// Ports never matched by a network fault (repeatable).
     #[arg(long = "protect-port", default_values_t = [22u16], value_parser = protected_port)]
     protect_ports: Vec<u16>,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT at /metrics (e.g.
+    /// 127.0.0.1:9464); off when absent. Unauthenticated: keep it on
+    /// loopback or a trusted network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A port to protect: 1..65535. Port 0 is no port a packet carries, so
@@ -95,6 +100,9 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     privilege::check()?;
+    // Bound before anything is created, locked or probed: a taken port
+    // stops the start with nothing done.
+    let metrics_listener = args.metrics_listen.map(chaosd::metrics::http::bind).transpose()?;
     create_private_dir(&args.state_dir)?;
     let mut socket = server::ApiSocket::bind(&args.socket)?;
     // Every lock before anything is touched: a second daemon that would
@@ -131,6 +139,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let ticker = Ticker::start(engine.clone());
     let service = ChaosdService::new(host.clone(), engine.clone(), args.state_dir.display().to_string());
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = Arc::new(chaosd::metrics::Metrics::new(engine.clone(), &host, &reconciled));
+        (listener, metrics, engine.subscribe())
+    });
+    let service = match &metrics {
+        Some((_, m, _)) => service.with_metrics(m.clone()),
+        None => service,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,11 +162,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(socket = %socket_path.display(), version = chaosd::VERSION, "chaosd serving");
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let stopping = tokio_util::sync::CancellationToken::new();
+        if let Some((listener, metrics, events)) = metrics {
+            chaosd::metrics::http::spawn(listener, metrics, events, stopping.clone());
+        }
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
+            stopping.cancel();
         };
         server::run(listener, service, shutdown).await.context("serving the API")?;
         anyhow::Ok(())

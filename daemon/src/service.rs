@@ -17,6 +17,7 @@ use crate::{
     convert,
     engine::{Engine, Event, EventKind, InjectSpec},
     error::ApiError,
+    metrics::{self, Metrics},
     probe::{CgroupVersion, HostProbe, Probe},
     process::clients,
 };
@@ -32,11 +33,24 @@ pub struct ChaosdService {
     engine: Arc<Engine>,
     state_dir: String,
     closing: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ChaosdService {
     pub fn new(probe: Arc<HostProbe>, engine: Arc<Engine>, state_dir: String) -> Self {
-        Self { started: Instant::now(), probe, engine, state_dir, closing: CancellationToken::new() }
+        Self { started: Instant::now(), probe, engine, state_dir, closing: CancellationToken::new(), metrics: None }
+    }
+
+    /// Counts Inject requests in `metrics` (`--metrics-listen`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_injection(&self, kind: &'static str, result: Result<std::time::Duration, tonic::Code>) {
+        if let Some(m) = &self.metrics {
+            m.injected(kind, result);
+        }
     }
 
     /// Cancelled when the server starts shutting down: `Watch` streams end
@@ -98,11 +112,22 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExperimentEvent, Status>
 impl pb::chaosd_server::Chaosd for ChaosdService {
     async fn inject(&self, req: Request<pb::InjectRequest>) -> Result<Response<pb::Experiment>, Status> {
         let req = req.into_inner();
-        let target = convert::target_from_pb(req.target)?;
-        let fault = convert::fault_from_pb(req.fault, &target)?;
-        let duration = convert::duration_from_pb(req.duration.as_ref())?;
-        let spec = InjectSpec { target, fault, duration, force: req.force };
-        let exp = self.blocking(move |e| e.inject(spec)).await?;
+        let spec = (|| {
+            let target = convert::target_from_pb(req.target)?;
+            let fault = convert::fault_from_pb(req.fault, &target)?;
+            let duration = convert::duration_from_pb(req.duration.as_ref())?;
+            Ok::<_, ApiError>(InjectSpec { target, fault, duration, force: req.force })
+        })();
+        let spec = spec.map_err(|e| {
+            let status = Status::from(e);
+            self.count_injection("unknown", Err(status.code()));
+            status
+        })?;
+        let kind = metrics::fault_kind(&spec.fault);
+        let started = Instant::now();
+        let exp = self.blocking(move |e| e.inject(spec)).await;
+        self.count_injection(kind, exp.as_ref().map(|_| started.elapsed()).map_err(Status::code));
+        let exp = exp?;
         let spared = clients::take_spared(&exp.id);
         let mut reply = Response::new(convert::experiment_to_pb(&exp, SystemTime::now()));
         if !spared.is_empty() {
