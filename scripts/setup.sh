@@ -23,9 +23,11 @@ fi
 # read the nodes' /cluster. chromium: a test opens the runner's HTML report
 # headless and takes a screenshot; python3-jsonschema: the same test
 # validates report.json against its schema (with /usr/bin/python3).
+# prometheus: a test runs it (and promtool) on scripts/monitoring/.
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
       mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
-      build-essential pkg-config curl ca-certificates jq chromium python3-jsonschema)
+      build-essential pkg-config curl ca-certificates jq chromium python3-jsonschema
+      prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,12 +36,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
     || die "apt-get update failed: is a Debian mirror reachable?"
+  # Packaged services (mosquitto, prometheus) must not start: the tests run
+  # their own instances. Without systemd a postinst starts them through
+  # invoke-rc.d, which asks policy-rc.d first (101: not allowed). One the
+  # host already has is left as it is.
+  policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# chaosd setup.sh: no service starts while it installs packages\nexit 101\n' \
+      | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy" && own_policy=1
+  fi
+  status=0
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "apt-get install ${missing[*]} failed"
+    || status=$?
+  [ "$own_policy" -eq 1 ] && $SUDO rm -f "$policy"
+  [ "$status" -eq 0 ] || die "apt-get install ${missing[*]} failed"
   # The broker benchmark starts its own mosquitto; the packaged service is not wanted.
   if printf '%s\n' "${missing[@]}" | grep -qx mosquitto; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
     $SUDO pkill -x mosquitto 2>/dev/null || true
+  fi
+  # A host's own policy-rc.d may allow starts: stop the packaged Prometheus
+  # through its own init script (only that instance, by its pid file).
+  if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    [ -x /etc/init.d/prometheus ] && { $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true; }
   fi
 fi
 
