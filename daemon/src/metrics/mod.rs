@@ -497,8 +497,8 @@ mod tests {
         line(&text, "chaosd_injections_total{kind=\"loss\",result=\"failed\"} 1");
         line(&text, "chaosd_injections_total{kind=\"unknown\",result=\"refused\"} 1");
         line(&text, "chaosd_inject_duration_seconds_count{kind=\"loss\"} 1");
-        line(&text, "chaosd_inject_duration_seconds_bucket{le=\"0.0005\",kind=\"loss\"} 0");
-        line(&text, "chaosd_inject_duration_seconds_bucket{le=\"0.001\",kind=\"loss\"} 1");
+        line(&text, "chaosd_inject_duration_seconds_bucket{kind=\"loss\",le=\"0.0005\"} 0");
+        line(&text, "chaosd_inject_duration_seconds_bucket{kind=\"loss\",le=\"0.001\"} 1");
     }
 
     #[test]
@@ -517,8 +517,8 @@ mod tests {
         let text = m.encode();
         line(&text, "chaosd_recoveries_total{kind=\"loss\",result=\"expired\"} 1");
         line(&text, "chaosd_recoveries_total{kind=\"loss\",result=\"failed\"} 0");
-        line(&text, "chaosd_recover_duration_seconds_bucket{le=\"0.0025\",kind=\"loss\"} 0");
-        line(&text, "chaosd_recover_duration_seconds_bucket{le=\"0.005\",kind=\"loss\"} 1");
+        line(&text, "chaosd_recover_duration_seconds_bucket{kind=\"loss\",le=\"0.0025\"} 0");
+        line(&text, "chaosd_recover_duration_seconds_bucket{kind=\"loss\",le=\"0.005\"} 1");
         assert!(open.is_empty(), "an ended experiment is forgotten");
     }
 
