@@ -13,22 +13,20 @@ pub enum ListenError {
         "cannot serve metrics on {addr}: the address is already in use; stop what listens there or pass another --metrics-listen ADDR:PORT"
     )]
     InUse { addr: SocketAddr },
-    #[error("cannot serve metrics on {addr}: {source}; pass another --metrics-listen ADDR:PORT")]
-    Other {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    /// The io error is part of the one line the daemon prints, not a
+    /// `source` that `{:#}` would print a second time.
+    #[error("cannot serve metrics on {addr}: {error}; pass another --metrics-listen ADDR:PORT")]
+    Other { addr: SocketAddr, error: io::Error },
 }
 
 /// Binds the listener. Called before the daemon touches anything, so a
 /// taken port stops the start at once.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|source| match source.kind() {
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| match error.kind() {
         io::ErrorKind::AddrInUse => ListenError::InUse { addr },
-        _ => ListenError::Other { addr, source },
+        _ => ListenError::Other { addr, error },
     })?;
-    listener.set_nonblocking(true).map_err(|source| ListenError::Other { addr, source })?;
+    listener.set_nonblocking(true).map_err(|error| ListenError::Other { addr, error })?;
     Ok(listener)
 }
 
@@ -93,5 +91,8 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
         assert!(msg.contains(&addr.to_string()) && msg.contains("already in use"), "{msg}");
         assert!(msg.contains("--metrics-listen"), "{msg}");
+        // An address this host does not have: the kernel's reason, once.
+        let msg = format!("{:#}", anyhow::Error::from(bind("192.0.2.1:9464".parse().unwrap()).unwrap_err()));
+        assert_eq!(msg.matches("Cannot assign requested address").count(), 1, "{msg}");
     }
 }
