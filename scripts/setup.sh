@@ -37,29 +37,37 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
     || die "apt-get update failed: is a Debian mirror reachable?"
   # Packaged services (mosquitto, prometheus) must not start: the tests run
-  # their own instances. Without systemd a postinst starts them through
-  # invoke-rc.d, which asks policy-rc.d first (101: not allowed). One the
-  # host already has is left as it is.
-  policy=/usr/sbin/policy-rc.d own_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# chaosd setup.sh: no service starts while it installs packages\nexit 101\n' \
-      | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy" && own_policy=1
+  # their own instances, and without systemd a postinst starts them through
+  # invoke-rc.d, whose failure (prometheus: no /run/prometheus) fails the
+  # whole install. invoke-rc.d asks policy-rc.d first (101: not allowed), so
+  # one that denies everything stands in for the host's own (put back after,
+  # also when interrupted) while apt-get runs.
+  policy=/usr/sbin/policy-rc.d saved=""
+  restore_policy() {
+    if [ -n "$saved" ]; then $SUDO mv -f "$saved" "$policy"; else $SUDO rm -f "$policy"; fi
+  }
+  if [ -e "$policy" ]; then
+    saved=$($SUDO mktemp /usr/sbin/policy-rc.d.chaosd-setup.XXXXXX)
+    $SUDO cp -p "$policy" "$saved"
   fi
+  trap 'restore_policy; exit 1' INT TERM
+  printf '#!/bin/sh\n# chaosd scripts/setup.sh: no service starts while it installs packages\nexit 101\n' \
+    | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
   status=0
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || status=$?
-  [ "$own_policy" -eq 1 ] && $SUDO rm -f "$policy"
+  restore_policy
+  trap - INT TERM
   [ "$status" -eq 0 ] || die "apt-get install ${missing[*]} failed"
   # The broker benchmark starts its own mosquitto; the packaged service is not wanted.
   if printf '%s\n' "${missing[@]}" | grep -qx mosquitto; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
     $SUDO pkill -x mosquitto 2>/dev/null || true
   fi
-  # A host's own policy-rc.d may allow starts: stop the packaged Prometheus
-  # through its own init script (only that instance, by its pid file).
+  # Nor at the next boot of a systemd host.
   if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
     $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-    [ -x /etc/init.d/prometheus ] && { $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true; }
   fi
 fi
 
