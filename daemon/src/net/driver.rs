@@ -314,12 +314,11 @@ impl NetworkDriver {
             .into_iter()
             .filter_map(|(on, d)| on.then_some(d))
             .collect();
-        let deadline_ns = ctx.duration.map(|d| bpf::boot_ns() + d.as_nanos() as u64);
         let id = rulemaps::alloc_id(&mut self.dp.lock())
             .ok_or_else(|| ApiError::Unavailable("all rule slots are in use; recover some faults first".into()))?;
         let shaping = fault.action.shapes();
         let classid = if shaping { shaping::classid(id) } else { 0 };
-        let compiled = match rules::compile(fault, classid, deadline_ns.unwrap_or(0)) {
+        let mut compiled = match rules::compile(fault, classid, 0) {
             Ok(c) => c,
             Err(e) => {
                 self.dp.lock().used_ids.remove(&id);
@@ -376,6 +375,10 @@ impl NetworkDriver {
 
         let ifindexes: Vec<u32> = selected.iter().map(|d| d.ifindex).collect();
         let at = Placement { netns: ns.inode, ifindexes: &ifindexes, dirs: &dirs };
+        // The rule's kernel-side deadline starts when the rule goes in, after
+        // the slow steps (loading the programs takes seconds on a slow host),
+        // so the fault lasts its whole duration.
+        compiled.rule.deadline_ns = ctx.duration.map_or(0, |d| bpf::boot_ns() + d.as_nanos() as u64);
         let fresh = {
             let mut maps = self.dp.lock();
             match rulemaps::install(&mut maps, id, &compiled, &at).map_err(api_internal)? {
