@@ -4,6 +4,7 @@
 // load a broker without linking it); these paths keep working in here.
 pub use mqtt_workload::{client, codec};
 
+pub mod acks;
 pub mod auth;
 pub mod bench;
 pub mod cluster;

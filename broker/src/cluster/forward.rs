@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use super::Node;
 use super::routes::RouteKey;
+use crate::acks::Gate;
 use crate::message::Message;
 use crate::store::Op;
 
@@ -45,8 +46,11 @@ pub struct Queued {
     pub inc: u64,
     pub msg: Arc<Message>,
     pub reliable: bool,
-    /// In the store until acked.
+    /// Written to the store (deleted there when acked).
     pub durable: bool,
+    /// The publisher's ack, held until the peer acked this forward or it
+    /// is on disk.
+    pub gate: Option<Arc<Gate>>,
     /// The peer's shared groups (filter, group) this message is for.
     pub shared: Vec<RouteKey>,
 }
@@ -109,6 +113,12 @@ pub struct PeerQueue {
     /// Set while the peer has been down longer than `down_keep`: the queue
     /// is held to `down_max_queued`.
     limited: AtomicBool,
+    /// Set above the high-water mark (`congestion`), cleared below half of
+    /// it: publishers wait on `drained` meanwhile.
+    congested: AtomicBool,
+    pub drained: Notify,
+    /// Highest id considered by `spill` (restored ones are on disk).
+    written: AtomicU64,
     /// Wakes the peer's link: forwards queued or routes changed.
     pub wake: Notify,
     pub counters: PeerCounters,
@@ -121,21 +131,38 @@ impl PeerQueue {
             cap,
             dropping: AtomicBool::new(false),
             limited: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            congested: AtomicBool::new(false),
+            drained: Notify::new(),
             wake: Notify::new(),
             counters: PeerCounters::default(),
         }
     }
 
-    /// Called by the router: never waits. Returns whether a store write
-    /// was issued (the publisher's ack must wait for its commit).
-    pub fn push(&self, node: &Node, peer: &str, msg: Arc<Message>, reliable: bool, shared: Vec<RouteKey>) -> bool {
+    /// Called by the router: never waits. A reliable forward holds `gate`
+    /// (its publisher's ack) until the peer acked it or `spill` put it on
+    /// disk. Beyond the bound new forwards are dropped, except, on a node
+    /// without a store, reliable ones whose publisher waits for them: they
+    /// are queued and their publishers' acks wait (each publisher has at
+    /// most its receive maximum unacknowledged, which bounds them).
+    /// Returns whether the queue is above its high-water mark: the
+    /// publisher should wait (`Outlet::drained`) before it sends more.
+    pub fn push(
+        &self,
+        node: &Node,
+        peer: &str,
+        msg: Arc<Message>,
+        reliable: bool,
+        shared: Vec<RouteKey>,
+        gate: Option<&Arc<Gate>>,
+    ) -> bool {
         let limited = self.limited.load(Relaxed);
         let cap = if limited { node.settings.down_max_queued } else { self.cap };
-        let durable = reliable && node.has_store();
-        let record = durable.then(|| encode(node.incarnation, &msg, &shared));
+        let gate = gate.filter(|_| reliable);
         {
             let mut q = self.q.lock().expect("forward queue lock");
-            if q.len() >= cap {
+            let held_back = gate.is_some() && !limited && !node.has_store();
+            if q.len() >= cap && !held_back {
                 drop(q);
                 self.counters.dropped.fetch_add(1, Relaxed);
                 // The down-too-long episode was logged when it began.
@@ -149,23 +176,76 @@ impl PeerQueue {
                          (broker_cluster_forwards_total{{result=\"dropped\"}} counts them)"
                     );
                 }
-                return false;
+                return true;
             }
             let id = NEXT_ID.fetch_add(1, Relaxed);
-            // Under the lock: the link cannot ack (and delete) it before
-            // the write is in the store's queue.
-            if let Some(r) = record {
-                node.store_send(Op::PutForward(Arc::from(peer), id, r));
+            if let Some(g) = gate {
+                g.hold();
             }
-            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable, shared });
+            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable: false, shared, gate: gate.cloned() });
+            if q.len() >= self.high_water() && !self.congested.load(Relaxed) {
+                self.congested.store(true, Relaxed);
+            }
         }
         self.wake.notify_one();
-        durable
+        self.congested.load(Relaxed)
+    }
+
+    /// Queued forwards beyond which publishers are made to wait: enough
+    /// to keep the link's window full many times over, well below the
+    /// bound where messages are dropped.
+    fn high_water(&self) -> usize {
+        (self.cap / 2).clamp(1, 16 * 1024)
+    }
+
+    pub fn congested(&self) -> bool {
+        self.congested.load(Relaxed)
+    }
+
+    /// Writes to the store the reliable forwards queued before `before`
+    /// that are not there yet, or all of them when more than `max_unwritten`
+    /// wait: what the peer has not acked by then (it is slow, down or cut
+    /// off) must survive this node. Returns the range of ids written; once
+    /// that commit is durable, `on_disk` opens their gates. The writes are
+    /// issued under the queue's lock, so an ack's delete cannot overtake
+    /// them in the store's queue.
+    pub fn spill(&self, node: &Node, peer: &Arc<str>, before: std::time::Instant, max_unwritten: usize) -> Option<(u64, u64)> {
+        let mut q = self.q.lock().expect("forward queue lock");
+        let written = self.written.load(Relaxed);
+        let start = q.partition_point(|e| e.id <= written);
+        let all = q.len() - start > max_unwritten;
+        let mut range = None;
+        for e in q.range_mut(start..) {
+            if !all && e.msg.received_at > before {
+                break;
+            }
+            if e.reliable && !e.durable {
+                node.store_send(Op::PutForward(peer.clone(), e.id, encode(e.inc, &e.msg, &e.shared)));
+                e.durable = true;
+                range = Some((range.map_or(e.id, |(lo, _)| lo), e.id));
+            }
+            self.written.store(e.id, Relaxed);
+        }
+        range
+    }
+
+    /// The spill of `range` is durable: the publishers of those forwards
+    /// still queued need not wait for the peer any longer.
+    pub fn on_disk(&self, (lo, hi): (u64, u64)) {
+        let gates: Vec<Arc<Gate>> = {
+            let mut q = self.q.lock().expect("forward queue lock");
+            let start = q.partition_point(|e| e.id < lo);
+            q.range_mut(start..).take_while(|e| e.id <= hi).filter_map(|e| e.gate.take()).collect()
+        };
+        gates.iter().for_each(|g| g.open());
     }
 
     /// Queues forwards restored from the store (they were acknowledged to
     /// their publishers: kept whatever the bound).
     pub fn restore(&self, items: Vec<Queued>) {
+        if let Some(top) = items.iter().map(|e| e.id).max() {
+            self.written.fetch_max(top, Relaxed);
+        }
         self.q.lock().expect("forward queue lock").extend(items);
     }
 
@@ -187,16 +267,31 @@ impl PeerQueue {
         q.range(skip.min(q.len())..).take(n).map(f).collect()
     }
 
-    /// The peer took the first `n` (`each` sees them): returns the ids to
-    /// delete from the store.
+    /// The peer took the first `n` (`each` sees them): opens their gates;
+    /// returns the ids to delete from the store.
     pub fn acked(&self, n: usize, mut each: impl FnMut(&Queued)) -> Vec<u64> {
-        let mut q = self.q.lock().expect("forward queue lock");
-        let n = n.min(q.len());
-        let gone: Vec<u64> = q.drain(..n).inspect(|e| each(e)).filter(|e| e.durable).map(|e| e.id).collect();
-        self.counters.acked.fetch_add(n as u64, Relaxed);
-        if q.len() < self.cap / 2 && self.dropping.swap(false, Relaxed) {
-            tracing::info!(queued = q.len(), "forward queue drained below half: accepting new messages again");
-        }
+        let mut gates = Vec::new();
+        let gone: Vec<u64> = {
+            let mut q = self.q.lock().expect("forward queue lock");
+            let n = n.min(q.len());
+            let gone = q
+                .drain(..n)
+                .inspect(|e| each(e))
+                .filter_map(|mut e| {
+                    gates.extend(e.gate.take());
+                    e.durable.then_some(e.id)
+                })
+                .collect();
+            self.counters.acked.fetch_add(n as u64, Relaxed);
+            if q.len() < self.cap / 2 && self.dropping.swap(false, Relaxed) {
+                tracing::info!(queued = q.len(), "forward queue drained below half: accepting new messages again");
+            }
+            if q.len() < self.high_water() / 2 && self.congested.swap(false, Relaxed) {
+                self.drained.notify_waiters();
+            }
+            gone
+        };
+        gates.iter().for_each(|g| g.open());
         gone
     }
 
@@ -230,6 +325,8 @@ impl PeerQueue {
                 let keep = q.len() - over;
                 let gone: Vec<Queued> = q.drain(keep..).collect();
                 drop(q);
+                // Dropped (counted, logged): their publishers wait no more.
+                gone.iter().filter_map(|e| e.gate.as_ref()).for_each(|g| g.open());
                 self.counters.dropped.fetch_add(over as u64, Relaxed);
                 if first {
                     node.metrics.drop_episode("peer_down_too_long");
@@ -339,6 +436,7 @@ mod tests {
                 reliable,
                 durable: false,
                 shared: Vec::new(),
+                gate: None,
             });
             ids.push(i as u64);
         }

@@ -450,7 +450,11 @@ async fn pump(
         }
         f.sending -= n;
         peer.heard();
-        let gone = peer.queue.acked(n, |e| node.metrics.observe_forward(e.msg.received_at.elapsed()));
+        // The publishers' acks these forwards held go out in one write per
+        // connection, not one per ack.
+        let gone = crate::outbox::corked(|| {
+            peer.queue.acked(n, |e| node.metrics.observe_forward(e.msg.received_at.elapsed()))
+        });
         if !gone.is_empty() {
             node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
         }

@@ -31,6 +31,10 @@ pub struct ClusterMetrics {
     pub link_failures: AtomicU64,
     /// Forwards for a node that left the member list.
     pub no_peer: AtomicU64,
+    /// Publishers that stopped waiting for a congested forward queue.
+    pub backpressure_timeouts: AtomicU64,
+    /// Publishers made to wait for a congested forward queue.
+    pub backpressure_waits: AtomicU64,
 }
 
 impl ClusterMetrics {
@@ -150,4 +154,13 @@ pub fn render(node: &Node, o: &mut String) {
     );
     let failures = m.link_failures.load(Relaxed) + m.join_failures.load(Relaxed);
     let _ = writeln!(o, "broker_cluster_link_failures_total{{node=\"{n}\"}} {failures}");
+    g(
+        o,
+        "broker_cluster_backpressure_total",
+        "Publishers' reads paused for a peer's congested forward queue (waited), and pauses that hit the bound (timed_out).",
+        "counter",
+    );
+    for (r, v) in [("waited", &m.backpressure_waits), ("timed_out", &m.backpressure_timeouts)] {
+        let _ = writeln!(o, "broker_cluster_backpressure_total{{node=\"{n}\",result=\"{r}\"}} {}", v.load(Relaxed));
+    }
 }

@@ -137,15 +137,54 @@ impl Outlet {
     /// Queues `msg` for the peer behind a remote key of the trie;
     /// `reliable` when a subscriber there gets it at QoS 1 or 2; `shared`:
     /// the peer's shared groups (filter, group) chosen for it. Returns
-    /// whether it went to the store: then the publisher's ack waits for the
-    /// store's commit.
-    pub fn forward(&self, remote_key: &str, msg: &Arc<Message>, reliable: bool, shared: Vec<RouteKey>) -> bool {
+    /// `gate`: the publisher's ack, which a reliable forward holds until the
+    /// peer acked it or it is on disk.
+    pub fn forward(
+        &self,
+        remote_key: &str,
+        msg: &Arc<Message>,
+        reliable: bool,
+        shared: Vec<RouteKey>,
+        gate: Option<&Arc<crate::acks::Gate>>,
+    ) -> bool {
         let name = remote_key.trim_start_matches(REMOTE_PREFIX);
         match self.node.members.get(name) {
-            Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable, shared),
+            Some(peer) => peer.queue.push(&self.node, name, msg.clone(), reliable, shared, gate),
             None => {
                 self.node.metrics.forward_no_peer();
                 false
+            }
+        }
+    }
+
+    /// Waits while a peer that is up has a congested forward queue (see
+    /// `PeerQueue::push`), at most `cluster_suspect_after_ms`: a peer that
+    /// does not drain its queue by then is slow or stuck, and what does not
+    /// fit its queue is dropped (counted) rather than stalling publishers
+    /// for longer.
+    pub async fn drained(&self) {
+        let node = &self.node;
+        let deadline = tokio::time::Instant::now() + node.settings.suspect_after;
+        loop {
+            let Some(p) = node
+                .members
+                .all()
+                .into_iter()
+                .find(|p| p.queue.congested() && p.state(&node.settings) == PeerState::Up)
+            else {
+                return;
+            };
+            let wake = p.queue.drained.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if !p.queue.congested() {
+                continue;
+            }
+            node.metrics.backpressure_waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let until = deadline.min(tokio::time::Instant::now() + Duration::from_millis(100));
+            if tokio::time::timeout_at(until, wake).await.is_err() && tokio::time::Instant::now() >= deadline {
+                node.metrics.backpressure_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
             }
         }
     }
@@ -217,6 +256,7 @@ impl Cluster {
                     reliable: true,
                     durable: true,
                     shared,
+                    gate: None,
                 }),
                 Err(e) => {
                     node.store_send(crate::store::Op::DelForwards(Arc::from(peer.as_str()), vec![id]));
@@ -278,6 +318,9 @@ impl Cluster {
             tokio::spawn(routes::collect(node.clone(), events));
         }
         tokio::spawn(service::serve(node.clone(), listener));
+        if node.has_store() {
+            tokio::spawn(spill(node.clone()));
+        }
         // Peers known from restored forwards: deliver them.
         for p in node.members.all() {
             link::ensure(node.clone(), p);
@@ -314,6 +357,40 @@ impl Cluster {
     /// Name and state of every known peer.
     pub fn peers(&self) -> Vec<(String, PeerState)> {
         self.node.members.states(&self.node.settings)
+    }
+}
+
+/// A reliable forward its peer has not acked this long after its publish
+/// is written to the store (and its publisher's ack waits no longer for
+/// the peer). A peer that is up acks well within it, so the common case
+/// writes nothing.
+const SPILL_AFTER: Duration = Duration::from_millis(20);
+/// ... and so is every one, whatever its age, once this many wait unwritten.
+const SPILL_ABOVE: usize = 16_384;
+const SPILL_TICK: Duration = Duration::from_millis(5);
+
+/// Puts on disk what the peers are slow to ack (`PeerQueue::spill`), in
+/// one commit per tick for all peers (group commit).
+async fn spill(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(SPILL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        let Some(before) = std::time::Instant::now().checked_sub(SPILL_AFTER) else { continue };
+        for p in node.members.all() {
+            let name: Arc<str> = Arc::from(p.name.as_str());
+            if let Some(range) = p.queue.spill(&node, &name, before, SPILL_ABOVE) {
+                let peer = p.clone();
+                node.store_send(crate::store::Op::Then(Box::new(move |durable| {
+                    if durable {
+                        crate::outbox::corked(|| peer.queue.on_disk(range));
+                    }
+                })));
+            }
+        }
     }
 }
 

@@ -158,6 +158,7 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
     let client: Arc<str> = Arc::from(accepted.client_id.as_str());
     let qos0_pending = Arc::new(AtomicUsize::new(0));
     let inflight_in = Arc::new(AtomicUsize::new(0));
+    let throttle = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let local = CancellationToken::new();
     let close_code = Arc::new(AtomicU8::new(0));
     let tx = Outbox::new(
@@ -179,7 +180,8 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         receive_max: accepted.connect.props.receive_maximum.unwrap_or(u16::MAX).min(sh.cfg.max_inflight).max(1),
         max_packet: accepted.connect.props.maximum_packet_size.unwrap_or(u32::MAX),
         qos0_pending,
-        acks_in_store: Arc::new(AtomicU64::new(0)),
+        acks: Arc::default(),
+        throttle: throttle.clone(),
     };
     let writer = tokio::spawn(outbox::run(tx.clone()));
     let connect_expiry = accepted.connect.props.session_expiry.unwrap_or(0);
@@ -211,6 +213,7 @@ async fn run(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>, shutdown: Ca
         inflight_in,
         qos2_in: std::collections::HashSet::new(),
         connect_expiry,
+        throttle,
     };
     let ka = accepted.keep_alive;
     let end = reader.read_loop(&mut rd, &mut buf, ka, &local, &shutdown, &close_code).await;
@@ -254,6 +257,8 @@ struct Reader<'a> {
     inflight_in: Arc<AtomicUsize>,
     qos2_in: std::collections::HashSet<u16>,
     connect_expiry: u32,
+    /// See `ConnHandle::throttle`.
+    throttle: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reader<'_> {
@@ -322,6 +327,14 @@ impl Reader<'_> {
                     Ok(None) => break,
                     Err(e) => return Ok(decode_end(&e)),
                 }
+            }
+            // A peer's forward queue is filling up with what this client
+            // publishes: read no more until it drains (bounded wait).
+            if self.throttle.load(Relaxed)
+                && let Some(c) = &self.sh.cluster
+            {
+                self.throttle.store(false, Relaxed);
+                c.drained().await;
             }
             let read = std::future::poll_fn(|cx| {
                 // Registered before the check: a stop set after it wakes us.

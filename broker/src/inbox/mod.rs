@@ -6,7 +6,7 @@
 mod channel;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 
 use tokio::sync::oneshot;
 
@@ -156,7 +156,11 @@ pub struct ConnHandle {
     pub max_packet: u32,
     /// QoS 0 deliveries not yet written (decremented by the outbox).
     pub qos0_pending: Arc<AtomicUsize>,
-    /// Acks waiting behind a store commit; while non-zero, later acks take
-    /// the same path so they stay in order (MQTT 4.6).
-    pub acks_in_store: Arc<AtomicU64>,
+    /// Acks waiting for a store commit or peers' acks of forwards; later
+    /// acks queue behind them so they stay in order (MQTT 4.6).
+    pub acks: Arc<crate::acks::AckQueue>,
+    /// Set by the router when this connection's publish went into a
+    /// peer's forward queue that is filling up: the reader waits for it to
+    /// drain before it reads more (backpressure instead of drops).
+    pub throttle: Arc<std::sync::atomic::AtomicBool>,
 }

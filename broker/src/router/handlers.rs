@@ -15,6 +15,7 @@ use crate::codec::{
     reason,
 };
 use crate::message::{Message, Outbound, unix_now};
+use crate::acks::Gate;
 use crate::store::Op;
 use crate::store::record::Entry;
 
@@ -173,26 +174,30 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        self.route(Arc::new(msg), Origin::Local);
+        self.route(Arc::new(msg), Origin::Local, None);
     }
 
     /// Sends an ack to a connection, behind the store when it must wait for
-    /// a commit or when earlier acks are still waiting there.
+    /// a commit, behind the cluster when `gate` (the message's forwards) is
+    /// held, and behind earlier acks that still wait.
     fn send_ack(&self, conn: &ConnHandle, pkt: Packet, needs_store: bool) {
-        match &self.store {
-            Some(st) if needs_store || conn.acks_in_store.load(Relaxed) > 0 => {
-                conn.acks_in_store.fetch_add(1, Relaxed);
-                let (tx, waiting) = (conn.tx.clone(), conn.acks_in_store.clone());
-                st.send(Op::Then(Box::new(move |durable| {
-                    if durable {
-                        let _ = tx.send(Outbound::packet(pkt));
-                    }
-                    waiting.fetch_sub(1, Relaxed);
-                })));
-            }
-            _ => {
-                let _ = conn.tx.send(Outbound::packet(pkt));
-            }
+        self.send_ack_gated(conn, pkt, needs_store, None);
+    }
+
+    fn send_ack_gated(&self, conn: &ConnHandle, pkt: Packet, needs_store: bool, gate: Option<Arc<Gate>>) {
+        let needs_store = needs_store && self.store.is_some();
+        let gate = gate.filter(|g| g.held());
+        let waiting = u32::from(needs_store) + u32::from(gate.is_some());
+        let Some(seq) = conn.acks.push(&conn.tx, pkt, waiting) else {
+            return;
+        };
+        if needs_store && let Some(st) = &self.store {
+            let (tx, acks) = (conn.tx.clone(), conn.acks.clone());
+            st.send(Op::Then(Box::new(move |durable| acks.done(&tx, seq, durable))));
+        }
+        if let Some(g) = gate {
+            let (tx, acks) = (conn.tx.clone(), conn.acks.clone());
+            g.bind(move || acks.done(&tx, seq, true));
         }
     }
 
@@ -250,15 +255,23 @@ impl Router {
             publisher: Some(client.clone()),
             received_at: Instant::now(),
         };
-        let (matched, persisted) = self.route(Arc::new(msg), Origin::Local);
+        // The forwards of a QoS 1/2 message hold its ack until their peers
+        // acked them or they are on disk.
+        let gate = (qos != QoS::AtMostOnce && self.cluster.is_some()).then(Gate::new);
+        let (matched, persisted, congested) = self.route(Arc::new(msg), Origin::Local, gate.as_ref());
+        if congested {
+            c.throttle.store(true, Relaxed);
+        }
         if atomic && let Some(st) = &self.store {
             st.release();
         }
         let code = if v5 && matched == 0 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send_ack(&c, Packet::PubAck(Ack::new(pid, code)), persisted),
-            QoS::ExactlyOnce => self.send_ack(&c, Packet::PubRec(Ack::new(pid, code)), persisted || stored_in),
+            QoS::AtLeastOnce => self.send_ack_gated(&c, Packet::PubAck(Ack::new(pid, code)), persisted, gate),
+            QoS::ExactlyOnce => {
+                self.send_ack_gated(&c, Packet::PubRec(Ack::new(pid, code)), persisted || stored_in, gate)
+            }
         }
     }
 
@@ -410,10 +423,18 @@ impl Router {
     /// matching route. A publish forwarded by a peer (`Origin::Peer`) went to
     /// every node already: it is for local sessions only, and for the shared
     /// groups the publishing node chose this node for.
-    /// Returns the number of sessions and nodes, and whether any store
-    /// write was issued.
-    pub(super) fn route(&mut self, msg: Arc<Message>, origin: Origin) -> (usize, bool) {
+    /// Reliable forwards hold `gate` (the publisher's ack) until their peer
+    /// acked them or they are on disk. Returns the number of sessions and
+    /// nodes, whether any store write was issued and whether a peer's
+    /// forward queue is filling up (the publisher should slow down).
+    pub(super) fn route(
+        &mut self,
+        msg: Arc<Message>,
+        origin: Origin,
+        gate: Option<&Arc<Gate>>,
+    ) -> (usize, bool, bool) {
         let mut persisted = false;
+        let mut congested = false;
         let local_only = matches!(origin, Origin::Peer { .. });
         // A forwarded message's retained write reaches this node through
         // the retained replication (`on_retained_sync`), not here.
@@ -450,7 +471,7 @@ impl Router {
                     && !msg.topic.starts_with("$SYS")
                     && let Some(c) = &self.cluster
                 {
-                    persisted |= c.forward(&client, &msg, qos != QoS::AtMostOnce, shared);
+                    congested |= c.forward(&client, &msg, qos != QoS::AtMostOnce, shared, gate);
                 }
                 continue;
             }
@@ -460,7 +481,7 @@ impl Router {
             }
         }
         self.targets = targets;
-        (n, persisted)
+        (n, persisted, congested)
     }
 
     pub(super) fn publish_sys(&mut self) {
@@ -488,7 +509,7 @@ impl Router {
                 publisher: None,
                 received_at: Instant::now(),
             };
-            self.route(Arc::new(msg), Origin::Local);
+            self.route(Arc::new(msg), Origin::Local, None);
         }
     }
 }

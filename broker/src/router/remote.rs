@@ -68,19 +68,22 @@ impl Router {
     }
 
     /// Publishes from a peer, for local sessions; `done` answers the peer's
-    /// forward once they are there (behind the store's commit when a
-    /// persistent session got one).
+    /// forward once they are there, behind the store's commit when a
+    /// persistent session got one. The deduplication marks go to the store
+    /// either way, but are waited for only with such entries: after a crash
+    /// of this node only persistent sessions are still there, and one that
+    /// got nothing from the batch gets it rightly from a retry; the marks
+    /// and the entries reach the disk together, so a restart never keeps
+    /// the one without the other (a duplicate, or a message taken for one).
     pub(super) fn on_forwarded(&mut self, f: crate::inbox::Forwarded) {
         let crate::inbox::Forwarded { origin, msgs, marks, done } = f;
-        // The sessions' entries and the marks reach the disk together: a
-        // restart never keeps the one without the other (a duplicate, or a
-        // message taken for one).
         if let Some(st) = &self.store {
             st.hold();
         }
+        let mut persisted = false;
         for m in msgs {
             self.metrics.received[m.msg.qos as usize].fetch_add(1, Relaxed);
-            self.route(Arc::new(m.msg), Origin::Peer { shared: &m.shared });
+            persisted |= self.route(Arc::new(m.msg), Origin::Peer { shared: &m.shared }, None).1;
         }
         match &self.store {
             Some(st) => {
@@ -88,11 +91,15 @@ impl Router {
                     st.send(Op::PutDedup(origin.clone(), inc, top));
                 }
                 st.release();
-                st.send(Op::Then(Box::new(move |durable| {
-                    if durable {
-                        let _ = done.send(());
-                    }
-                })));
+                if persisted {
+                    st.send(Op::Then(Box::new(move |durable| {
+                        if durable {
+                            let _ = done.send(());
+                        }
+                    })));
+                } else {
+                    let _ = done.send(());
+                }
             }
             None => {
                 let _ = done.send(());
