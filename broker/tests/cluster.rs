@@ -7,8 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use broker::codec::{QoS, Version};
-use common::cluster::{converged, publish_all, publish_all_qos2, receive_all, start, start_with, until_routed};
+use broker::codec::{Packet, QoS, Version};
+use common::cluster::{
+    converged, publish_all, publish_all_qos2, receive_all, start, start_cfg, start_with, until_routed,
+};
 use common::{connect, metric, subscribe};
 
 /// 1,000 QoS 2 messages published on node 2 reach the QoS 2 subscribers on
@@ -196,6 +198,60 @@ async fn forwards_queued_for_a_stopped_node_are_delivered_after_it_returns() {
         t0.elapsed()
     );
     assert_eq!(seen.len() as u32, N, "messages queued for the stopped node were lost");
+    for n in [n1, n2, n3] {
+        n.stop().await;
+    }
+}
+
+/// A node without a data directory whose forward queue for a stopped peer
+/// is full drops no QoS 1 message it would have to acknowledge: beyond the
+/// bound the publisher's PUBACKs wait until the peer is back and has acked
+/// the forwards (backpressure), and the peer's persistent session gets
+/// every message. (Before, the 70 beyond the bound were acknowledged and
+/// dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_without_a_store_holds_acks_instead_of_dropping() {
+    const CAP: u32 = 50;
+    const N: u32 = 120;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n1 = start("n1", &[], None).await;
+    let n2 = start_cfg("n2", &[n1.cluster], None, None, |c| c.cluster_forward_queue = CAP as usize).await;
+    let n3 = start_with("n3", &[n1.cluster], None, Some(dir.path())).await;
+    converged(&[&n1, &n2, &n3], 2).await;
+    let mut s3 = connect(n3.mqtt, Version::V311, "persistent3", false).await;
+    subscribe(&mut s3, "q/#", QoS::AtLeastOnce).await;
+    until_routed(n2.mqtt, &mut [&mut s3], "q/probe").await;
+    drop(s3);
+    let at = n3.stop().await;
+    let mut p = connect(n2.mqtt, Version::V5, "pub2", true).await;
+    for k in 0..N {
+        p.wr.queue(&broker::client::publish("q/x", QoS::AtLeastOnce, (k + 1) as u16, k.to_be_bytes().to_vec()));
+    }
+    p.wr.flush().await.expect("publish");
+    let mut acked = Vec::new();
+    while let Ok(Packet::PubAck(a)) = p.recv(Duration::from_secs(2)).await {
+        acked.push(a.pid);
+    }
+    eprintln!("{} of {N} QoS 1 acknowledged on n2 while n3 was stopped (queue bound {CAP})", acked.len());
+    assert_eq!(acked, (1..=CAP as u16).collect::<Vec<_>>(), "acks beyond the bound must wait, in order");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = broker::store::Store::open(dir.path()) {
+        assert!(Instant::now() < deadline, "the stopped node's store stays open: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n3 = start_with("n3", &[n1.cluster], Some(at), Some(dir.path())).await;
+    while acked.len() < N as usize {
+        match p.recv(Duration::from_secs(15)).await {
+            Ok(Packet::PubAck(a)) => acked.push(a.pid),
+            other => panic!("after n3's return {} of {N} acknowledged, then {other:?}", acked.len()),
+        }
+    }
+    assert_eq!(acked, (1..=N as u16).collect::<Vec<_>>(), "PUBACKs in order");
+    let s3 = connect(n3.mqtt, Version::V311, "persistent3", false).await;
+    let (seen, _) = receive_all(s3, "q/x", N).await;
+    assert_eq!(seen.len() as u32, N, "acknowledged messages were lost");
+    let dropped = metric(&n2.metrics(), "broker_cluster_forwards_total{node=\"n2\",peer=\"n3\",result=\"dropped\"}");
+    assert_eq!(dropped, 0.0, "nothing dropped");
     for n in [n1, n2, n3] {
         n.stop().await;
     }

@@ -152,7 +152,21 @@ async fn bad_seeds_and_bad_grpc_are_logged_counted_and_survived() {
     };
     let st = c.join(pb::JoinRequest { node: Some(node) }).await.expect_err("revision 99 refused");
     assert_eq!(st.code(), tonic::Code::FailedPrecondition);
-    assert!(st.message().contains("revision 99") && st.message().contains("speaks 1"), "{}", st.message());
+    assert!(st.message().contains("revision 99") && st.message().contains("speaks 2"), "{}", st.message());
+    // A node of revision 1 (before ForwardStream), retrying its join: each
+    // try refused and counted, logged once.
+    for _ in 0..3 {
+        let old = pb::Node {
+            name: "old".into(),
+            cluster_addr: "127.0.0.1:1".into(),
+            mqtt_addr: String::new(),
+            incarnation: 1,
+            protocol: 1,
+        };
+        let st = c.join(pb::JoinRequest { node: Some(old) }).await.expect_err("revision 1 refused");
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+        assert!(st.message().contains("revision 1 ") && st.message().contains("speaks 2"), "{}", st.message());
+    }
     // Bytes that are not a JoinRequest (field 1 must be a message, here a
     // truncated one), and a method this node does not have.
     let st = raw_call(n1.cluster, "/broker.v1.Cluster/Join", vec![0x0a, 0x50, 0xff, 0xff]).await;
@@ -168,11 +182,12 @@ async fn bad_seeds_and_bad_grpc_are_logged_counted_and_survived() {
     let rejected = |r: &str| metric(&m, &format!("broker_cluster_rejected_total{{node=\"n1\",reason=\"{r}\"}}"));
     assert_eq!(
         (rejected("protocol"), rejected("malformed"), rejected("unknown_peer")),
-        (1.0, 2.0, 1.0),
+        (4.0, 2.0, 1.0),
         "refusals counted by reason"
     );
     assert_eq!(n1.log_lines("malformed cluster request refused"), 2, "{}", n1.log_text());
     assert_eq!(n1.log_lines("revision 99"), 1, "{}", n1.log_text());
+    assert_eq!(n1.log_lines("speaks protocol revision 1 "), 1, "{}", n1.log_text());
 
     // The node still serves: a real node joins it, and MQTT works.
     let n2 = ProcNode::spawn(dir.path(), "n2", &[n1.cluster], &[]);

@@ -139,12 +139,15 @@ impl PeerQueue {
         }
     }
 
-    /// Called by the router: never waits. A reliable forward holds `gate`
-    /// (its publisher's ack) until the peer acked it or `spill` put it on
-    /// disk. Beyond the bound new forwards are dropped, except, on a node
-    /// without a store, reliable ones whose publisher waits for them: they
-    /// are queued and their publishers' acks wait (each publisher has at
-    /// most its receive maximum unacknowledged, which bounds them).
+    /// Called by the router: never waits. On a node with a store a
+    /// reliable forward holds `gate` (its publisher's ack) until the peer
+    /// acked it or `spill` put it on disk. Beyond the bound new forwards
+    /// are dropped (counted, logged once), except, on a node without a
+    /// store, reliable ones whose publisher waits for them: they are queued
+    /// and hold their publishers' acks until the peer acks them
+    /// (backpressure: each publisher has at most its receive maximum
+    /// unacknowledged, which bounds them). Below the bound a node without a
+    /// store acknowledges at once (the forward lives in memory).
     /// Returns whether the queue is above its high-water mark: the
     /// publisher should wait (`Outlet::drained`) before it sends more.
     pub fn push(
@@ -158,11 +161,12 @@ impl PeerQueue {
     ) -> bool {
         let limited = self.limited.load(Relaxed);
         let cap = if limited { node.settings.down_max_queued } else { self.cap };
-        let gate = gate.filter(|_| reliable);
+        let store = node.has_store();
         {
             let mut q = self.q.lock().expect("forward queue lock");
-            let held_back = gate.is_some() && !limited && !node.has_store();
-            if q.len() >= cap && !held_back {
+            let over = q.len() >= cap;
+            let gate = gate.filter(|_| reliable && (store || (over && !limited)));
+            if over && (store || gate.is_none()) {
                 drop(q);
                 self.counters.dropped.fetch_add(1, Relaxed);
                 // The down-too-long episode was logged when it began.
@@ -182,7 +186,15 @@ impl PeerQueue {
             if let Some(g) = gate {
                 g.hold();
             }
-            q.push_back(Queued { id, inc: node.incarnation, msg, reliable, durable: false, shared, gate: gate.cloned() });
+            q.push_back(Queued {
+                id,
+                inc: node.incarnation,
+                msg,
+                reliable,
+                durable: false,
+                shared,
+                gate: gate.cloned(),
+            });
             if q.len() >= self.high_water() && !self.congested.load(Relaxed) {
                 self.congested.store(true, Relaxed);
             }
@@ -209,7 +221,13 @@ impl PeerQueue {
     /// that commit is durable, `on_disk` opens their gates. The writes are
     /// issued under the queue's lock, so an ack's delete cannot overtake
     /// them in the store's queue.
-    pub fn spill(&self, node: &Node, peer: &Arc<str>, before: std::time::Instant, max_unwritten: usize) -> Option<(u64, u64)> {
+    pub fn spill(
+        &self,
+        node: &Node,
+        peer: &Arc<str>,
+        before: std::time::Instant,
+        max_unwritten: usize,
+    ) -> Option<(u64, u64)> {
         let mut q = self.q.lock().expect("forward queue lock");
         let written = self.written.load(Relaxed);
         let start = q.partition_point(|e| e.id <= written);

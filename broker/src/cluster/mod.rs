@@ -44,7 +44,10 @@ use crate::inbox;
 use crate::message::Message;
 
 /// Revision of `broker.v1` this node speaks (cluster.proto's header).
-pub const PROTOCOL: u32 = 1;
+/// 2: forwards go on `ForwardStream` (several batches in flight, answered
+/// in order, `seq`) and the receiver deduplicates by the highest id per
+/// origin incarnation, which a revision 1 node does not send in order.
+pub const PROTOCOL: u32 = 2;
 
 /// Prefix of a remote node's key in the router's subscription trie. MQTT
 /// forbids U+0000 in client ids (MQTT 5 1.5.4), so no session has it.
@@ -84,6 +87,9 @@ pub(crate) struct Node {
     /// Cancelled when this node must stop (its name is taken).
     pub fatal: CancellationToken,
     pub fatal_error: std::sync::Mutex<Option<ClusterError>>,
+    /// (node, revision) joins refused for their protocol revision, logged
+    /// once each (a refused node retries its join every few seconds).
+    pub refused_revisions: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
     /// The store's queue, on a node with a data directory (taken away when
     /// the node stops, so that the store can close).
     pub store: std::sync::Mutex<Option<std::sync::mpsc::Sender<crate::store::Op>>>,
@@ -229,6 +235,7 @@ impl Cluster {
             shutdown,
             fatal: CancellationToken::new(),
             fatal_error: std::sync::Mutex::new(None),
+            refused_revisions: Default::default(),
             store: std::sync::Mutex::new(store),
         });
         let (events_tx, events) = mpsc::unbounded_channel();

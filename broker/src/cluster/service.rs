@@ -227,9 +227,13 @@ impl Cluster for Service {
         };
         let node = &self.node;
         if n.protocol != PROTOCOL {
-            return Err(
-                self.reject("protocol", ClusterError::Protocol { name: n.name, theirs: n.protocol, ours: PROTOCOL })
-            );
+            let first = node.refused_revisions.lock().expect("refused lock").insert((n.name.clone(), n.protocol));
+            let e = ClusterError::Protocol { name: n.name, theirs: n.protocol, ours: PROTOCOL };
+            if first {
+                return Err(self.reject("protocol", e));
+            }
+            node.metrics.rejected("protocol");
+            return Err(e.into());
         }
         let Some(addr) = reachable(&n.cluster_addr, remote).filter(|_| !n.name.is_empty()) else {
             return Err(self.reject(

@@ -10,12 +10,12 @@ use super::remote::{Origin, Place, route_event};
 use super::session::{ConnHandle, Session};
 use super::subs::Sub;
 use super::{Router, split_share};
+use crate::acks::Gate;
 use crate::codec::{
     Ack, ConnAck, Connect, Packet, Properties, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will,
     reason,
 };
 use crate::message::{Message, Outbound, unix_now};
-use crate::acks::Gate;
 use crate::store::Op;
 use crate::store::record::Entry;
 
@@ -427,12 +427,7 @@ impl Router {
     /// acked them or they are on disk. Returns the number of sessions and
     /// nodes, whether any store write was issued and whether a peer's
     /// forward queue is filling up (the publisher should slow down).
-    pub(super) fn route(
-        &mut self,
-        msg: Arc<Message>,
-        origin: Origin,
-        gate: Option<&Arc<Gate>>,
-    ) -> (usize, bool, bool) {
+    pub(super) fn route(&mut self, msg: Arc<Message>, origin: Origin, gate: Option<&Arc<Gate>>) -> (usize, bool, bool) {
         let mut persisted = false;
         let mut congested = false;
         let local_only = matches!(origin, Origin::Peer { .. });

@@ -63,6 +63,17 @@ pub async fn start_with(
     at: Option<(SocketAddr, SocketAddr)>,
     data: Option<&std::path::Path>,
 ) -> Node {
+    start_cfg(name, seeds, at, data, |_| ()).await
+}
+
+/// `start_with`, with `tweak` applied to the node's configuration.
+pub async fn start_cfg(
+    name: &str,
+    seeds: &[SocketAddr],
+    at: Option<(SocketAddr, SocketAddr)>,
+    data: Option<&std::path::Path>,
+    tweak: impl FnOnce(&mut Config),
+) -> Node {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -83,6 +94,8 @@ pub async fn start_with(
         data_dir: data.map(|d| d.to_owned()),
         ..Config::default()
     };
+    let mut cfg = cfg;
+    tweak(&mut cfg);
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move { broker::server::run_node(cfg, l, Some(h), Some(c), s).await.map(|_| ()) });
