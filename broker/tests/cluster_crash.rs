@@ -224,7 +224,7 @@ async fn origin_forwards(node: &ProcNode, at: u16, topic: &str, ids: std::ops::R
         cluster_addr: format!("127.0.0.1:{at}"),
         mqtt_addr: String::new(),
         incarnation: 777,
-        protocol: 1,
+        protocol: broker::cluster::PROTOCOL,
     };
     c.join(pb::JoinRequest { node: Some(me) }).await.expect("join");
     let messages = ids
