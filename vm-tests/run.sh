@@ -40,27 +40,31 @@ die() { printf 'vm-tests: error: %s\n' "$*" >&2; exit 1; }
 # ------------------------------------------------------------------ cleanup
 # Everything this script starts or creates is undone here, on every exit path.
 work=""
-qemu_group=""
-# stop_qemu: kills the running VM, if any, and returns once qemu is gone.
+# One entry per running guest: the pid of `timeout` (a process-group leader
+# with qemu inside) and qemu's pid file.
+qemu_groups=()
+qemu_pidfiles=()
+# stop_qemu: kills every running VM and returns once each qemu is gone.
 stop_qemu() {
-  if [ -n "$qemu_group" ]; then
-    # `timeout` makes itself a process-group leader with qemu inside; the
-    # pid file covers the moment before it did.
-    local qpid=""
-    [ -s "$work/qemu.pid" ] && qpid=$(cat "$work/qemu.pid")
-    kill -KILL -- "-$qemu_group" 2>/dev/null || kill -KILL "$qemu_group" 2>/dev/null || true
+  local i qpid n
+  for i in "${!qemu_groups[@]}"; do
+    # The pid file covers the moment before `timeout` made its group.
+    qpid=""
+    [ -s "${qemu_pidfiles[$i]}" ] && qpid=$(cat "${qemu_pidfiles[$i]}")
+    kill -KILL -- "-${qemu_groups[$i]}" 2>/dev/null || kill -KILL "${qemu_groups[$i]}" 2>/dev/null || true
     [ -n "$qpid" ] && { kill -KILL "$qpid" 2>/dev/null || true; }
-    wait "$qemu_group" 2>/dev/null || true
+    wait "${qemu_groups[$i]}" 2>/dev/null || true
     # qemu is timeout's child, not ours: wait until it is really gone (tearing
     # down 1 GiB of guest RAM takes a moment), so nothing outlives this script.
-    local n=100
+    n=100
     while [ -n "$qpid" ] && [ $n -gt 0 ] && kill -0 "$qpid" 2>/dev/null; do
       sleep 0.1
       n=$((n - 1))
     done
-    qemu_group=""
-  fi
-  if [ -n "$work" ]; then rm -f "$work/qemu.pid"; fi
+    rm -f "${qemu_pidfiles[$i]}"
+  done
+  qemu_groups=()
+  qemu_pidfiles=()
 }
 cleanup() {
   local rc=$?
@@ -326,36 +330,66 @@ clean_log() {
   tr -d '\r' < "$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
 }
 
-# run_test NAME: one VM boot; sets result_line and returns 0 on PASS. Sets
-# boot_hung=1 when the guest did not reach /init within BOOT_LIMIT seconds.
+# run_test NAME: one boot of the test's guests; sets result_line and returns
+# 0 on PASS. Sets boot_hung=1 when a guest did not reach /init within
+# BOOT_LIMIT seconds.
+#
+# A test whose header says "# vm-test-guests: N" (N > 1) gets N guests on one
+# virtual Ethernet of their own: QEMU socket networking over a multicast group
+# on the host's loopback (port chosen per run, so two runs never share a
+# wire; nothing reaches a real network). Guest I has MAC 52:54:00:c4:a0:0I and
+# /init gives it 10.9.7.I/24 and fd09:7::I/64 on eth0. Every guest runs the
+# same script with VM_GUEST=I; guest 1's result is the test's, the others
+# serve until guest 1 is done and are then stopped (a FAIL line from one of
+# them fails the test too).
 run_test() {
-  local name=$1 t_limit nonce log rc line t0 started
+  local name=$1 t_limit nonce log rc line t0 started guests g smp nic port logs=() reached helper_failed
   t_limit=$(sed -n 's/^# *vm-test-timeout: *\([0-9][0-9]*\).*/\1/p' "$here/tests/$name.sh" | head -1)
   t_limit=${t_limit:-$TIMEOUT}
+  guests=$(sed -n 's/^# *vm-test-guests: *\([0-9][0-9]*\).*/\1/p' "$here/tests/$name.sh" | head -1)
+  guests=${guests:-1}
+  [ "$guests" -ge 1 ] && [ "$guests" -le 9 ] || die "$name: vm-test-guests must be 1..9, not $guests"
+  # Several TCG guests share the host's cores: one vCPU each unless asked.
+  smp=$SMP
+  [ "$guests" -gt 1 ] && smp=${CHAOSD_VM_SMP:-1}
+  port=$(( 40000 + $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') % 20000 ))
   nonce=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
   log=$LOGS/$name.log
   t0=$(date +%s.%N)
-  say "run $name (timeout ${t_limit}s, console log $log)"
-  # -nic none: tests build their own networks (netns, veth) inside the guest.
-  # KVM aborts on these machines (ENVIRONMENT.md), hence TCG.
-  timeout -k 5 "$t_limit" qemu-system-x86_64 \
-      -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
-      -nographic -no-reboot -nic none -pidfile "$work/qemu.pid" \
-      -kernel "$boot_kernel" -initrd "$initrd" \
-      -append "console=ttyS0 quiet panic=-1 chaosd.test=$name chaosd.nonce=$nonce" \
-      < /dev/null > "$log" 2>&1 &
-  qemu_group=$!
-  if [ "${CHAOSD_VM_VERBOSE:-0}" = 1 ]; then
-    tail -n +1 -f --pid="$qemu_group" "$log" &
-  fi
+  say "run $name (timeout ${t_limit}s, $guests guest(s), console log $log)"
+  for g in $(seq 1 "$guests"); do
+    logs[g]=$log
+    [ "$g" -gt 1 ] && logs[g]=$LOGS/$name.guest$g.log
+    # -nic none for one guest: tests build their own networks (netns, veth)
+    # inside it.
+    nic="-nic none"
+    [ "$guests" -gt 1 ] && nic="-netdev socket,id=lan,mcast=239.255.73.1:$port,localaddr=127.0.0.1 -device virtio-net-pci,netdev=lan,mac=52:54:00:c4:a0:0$g"
+    # KVM aborts on these machines (ENVIRONMENT.md), hence TCG.
+    # shellcheck disable=SC2086 # $nic is a word list on purpose
+    timeout -k 5 "$t_limit" qemu-system-x86_64 \
+        -accel tcg -cpu max -m "$MEM" -smp "$smp" \
+        -nographic -no-reboot $nic -pidfile "$work/qemu$g.pid" \
+        -kernel "$boot_kernel" -initrd "$initrd" \
+        -append "console=ttyS0 quiet panic=-1 chaosd.test=$name chaosd.nonce=$nonce chaosd.guest=$g chaosd.guests=$guests" \
+        < /dev/null > "${logs[g]}" 2>&1 &
+    qemu_groups+=("$!")
+    qemu_pidfiles+=("$work/qemu$g.pid")
+    if [ "${CHAOSD_VM_VERBOSE:-0}" = 1 ]; then
+      tail -n +1 -f --pid="$!" "${logs[g]}" | sed -u "s/^/[guest $g] /" &
+    fi
+  done
   # Under TCG a boot now and then stops after SeaBIOS and never reaches the
   # kernel's /init (once in the CI rehearsal of 2026-11-22, console ending at
   # "Booting from ROM.."): that is no result of the test, so it is told
   # apart from one, instead of eating the whole test timeout.
   boot_hung=0
   started=$SECONDS
-  while kill -0 "$qemu_group" 2>/dev/null; do
-    if grep -aq 'vm-init: kernel' "$log"; then
+  while kill -0 "${qemu_groups[0]}" 2>/dev/null; do
+    reached=0
+    for g in $(seq 1 "$guests"); do
+      grep -aq 'vm-init: kernel' "${logs[g]}" && reached=$((reached + 1))
+    done
+    if [ "$reached" -eq "$guests" ]; then
       break
     elif [ $((SECONDS - started)) -ge "$BOOT_LIMIT" ]; then
       boot_hung=1
@@ -365,14 +399,33 @@ run_test() {
     sleep 1
   done
   rc=0
-  if [ -n "$qemu_group" ]; then
-    wait "$qemu_group" || rc=$?
+  # Guest 1 ends the test; a failing helper guest ends it early.
+  while [ ${#qemu_groups[@]} -gt 0 ] && kill -0 "${qemu_groups[0]}" 2>/dev/null; do
+    for g in $(seq 2 "$guests"); do
+      if clean_log "${logs[g]}" | grep -aq "^VM-TEST-RESULT: FAIL $name .* id=$nonce\$"; then
+        say "guest $g failed; stopping the others (console: ${logs[g]})"
+        clean_log "${logs[g]}" | tail -n 20
+        stop_qemu
+        break
+      fi
+    done
+    sleep 1
+  done
+  if [ ${#qemu_groups[@]} -gt 0 ]; then
+    wait "${qemu_groups[0]}" || rc=$?
   fi
-  qemu_group=""
-  rm -f "$work/qemu.pid"
+  stop_qemu
+  helper_failed=""
+  for g in $(seq 2 "$guests"); do
+    if clean_log "${logs[g]}" | grep -aq "^VM-TEST-RESULT: FAIL $name .* id=$nonce\$"; then
+      helper_failed="FAIL $name: guest $g failed: $(clean_log "${logs[g]}" | grep -a '^FAIL:' | tail -1) (console: ${logs[g]})"
+    fi
+  done
   line=$(clean_log "$log" | grep -a -E "^VM-TEST-RESULT: (PASS|FAIL) $name .* id=$nonce\$" | tail -1 || true)
-  if [ "$boot_hung" -eq 1 ]; then
-    result_line="FAIL $name: the guest did not reach /init within ${BOOT_LIMIT}s (VM killed; console: $(clean_log "$log" | tail -c 120 | tr '\n' ' '))"
+  if [ -n "$helper_failed" ]; then
+    result_line=$helper_failed
+  elif [ "$boot_hung" -eq 1 ]; then
+    result_line="FAIL $name: a guest did not reach /init within ${BOOT_LIMIT}s (VM killed; console: $(clean_log "$log" | tail -c 120 | tr '\n' ' '))"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     result_line="FAIL $name: no result within ${t_limit}s (VM killed)"
   elif [ -z "$line" ]; then

@@ -198,3 +198,24 @@ peers_up() {
   wget -q -O - "http://10.9.5.$1:9100/cluster" > /tmp/view$1.json 2>/dev/null || return 1
   [ "$(json_get members.0.state < /tmp/view$1.json)" = '"up"' ] && [ "$(json_get members.1.state < /tmp/view$1.json)" = '"up"' ]
 }
+
+# Tests with several guests ("# vm-test-guests: N" in the header) run once in
+# each guest, with VM_GUEST=I (1..N): guest I is 10.9.7.I / fd09:7::I on
+# eth0, named nodeI. Guest 1's result is the test's; the others call
+# serve_until_stopped once their part is set up.
+
+# guest_ip I: guest I's IPv4 address.
+guest_ip() { echo "10.9.7.$1"; }
+
+# serve_until_stopped: for guests other than 1: keep what runs running until
+# run.sh stops the VM after guest 1's result; fail if DAEMON (a pid) exits.
+serve_until_stopped() {
+  echo "guest $VM_GUEST: serving until guest 1 is done"
+  while :; do
+    for _p in "$@"; do
+      kill -0 "$_p" 2>/dev/null || fail "guest $VM_GUEST: process $_p exited while serving"
+    done
+    sleep 2
+  done
+}
+
