@@ -263,7 +263,12 @@ pub fn fault_from_pb(f: Option<pb::Fault>, target: &Target) -> Result<Fault, Api
     let kind = f.and_then(|f| f.kind).ok_or_else(|| bad("no fault: network, stress or process"))?;
     let fault = match kind {
         Kind::Network(n) => {
-            Fault::Network(NetworkFault { selector: selector_from_pb(n.selector)?, action: action_from_pb(n.action)? })
+            let fault = NetworkFault { selector: selector_from_pb(n.selector)?, action: action_from_pb(n.action)? };
+            // The classifier's rule is a pure function of the request: one
+            // that cannot be built is refused here, before anything is
+            // journaled or a rule slot is taken.
+            crate::net::rules::compile(&fault, 0, 0).map_err(|e| bad(e.to_string()))?;
+            Fault::Network(fault)
         }
         Kind::Stress(s) => {
             use pb::stress_fault::Kind as S;
@@ -653,6 +658,21 @@ mod tests {
         assert!(err_of(net(loss(10.0), sel(0, 0))).contains("0 is not a port"));
         assert!(err_of(net(loss(10.0), sel(70000, 70000))).contains("70000 is not a port"));
         assert!(err_of(net(loss(10.0), sel(9000, 8000))).contains("inverted"));
+    }
+
+    #[test]
+    fn a_rule_the_classifier_cannot_hold_is_refused_at_conversion() {
+        let r = |first, last| vec![pb::PortRange { first, last }];
+        // Three port lists: the classifier combines at most two.
+        let three = pb::Selector {
+            ports: r(80, 80),
+            source_ports: r(81, 81),
+            destination_ports: r(82, 82),
+            ..Default::default()
+        };
+        assert!(err_of(net(loss(10.0), three)).contains("at most two"));
+        let icmp = pb::Selector { protocol: pb::Protocol::Icmp as i32, ports: r(80, 80), ..Default::default() };
+        assert!(err_of(net(loss(10.0), icmp)).contains("ICMP has no ports"));
     }
 
     #[test]

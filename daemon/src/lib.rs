@@ -3,7 +3,7 @@
 //! gRPC shell that reaches it through dedicated threads or `block_in_place`.
 //! See architecture.md.
 
-pub mod convert;
+pub(crate) mod convert;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -21,7 +21,7 @@ pub mod server;
 pub mod service;
 pub mod spec;
 pub mod stress;
-pub mod tc;
+pub(crate) mod tc;
 
 /// The eBPF object built by build.rs from ebpf/chaosd-ebpf.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/chaosd.bpf.o"));

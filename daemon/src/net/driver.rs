@@ -13,8 +13,7 @@ use super::{
     bpf::{self, AttachKind, Datapath},
     maps::{self as rulemaps, Placement},
     objects::NetObject,
-    rules::{self, Compiled},
-    shaping,
+    rules, shaping,
     target::{self, Device, TargetNs},
 };
 use crate::{
@@ -224,32 +223,32 @@ impl NetworkDriver {
         dir: crate::spec::Direction,
     ) -> Result<(), ApiError> {
         let owner = &self.config.owner;
-        let refuse = |what: String, whose: Whose| {
-            let who = match whose {
-                Whose::Live(o) => format!("the chaosd running with --state-dir {o}"),
-                Whose::Dead(o) => format!("a chaosd (--state-dir {o}) that is no longer running"),
-                Whose::Unlabelled => "an older chaosd".to_string(),
-                Whose::Mine => unreachable!("only called for others"),
-            };
+        // Another daemon's, named for the message; None when it is ours.
+        let other = |label: Option<&str>| match label.map_or(Whose::Unlabelled, |l| owner.whose(l)) {
+            Whose::Mine => None,
+            Whose::Live(o) => Some(format!("the chaosd running with --state-dir {o}")),
+            Whose::Dead(o) => Some(format!("a chaosd (--state-dir {o}) that is no longer running")),
+            Whose::Unlabelled => Some("an older chaosd".to_string()),
+        };
+        let refuse = |what: String, who: String| {
             Err(ApiError::FailedPrecondition(format!(
                 "{what} belongs to {who}; recover its faults there (or restart it, which removes what a dead one \
                  left) before shaping this device from here; nothing was changed"
             )))
         };
         for d in selected {
-            if dir.egress() && matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR) {
-                let whose = d.htb_mark.as_deref().map_or(Whose::Unlabelled, |l| owner.whose(l));
-                if whose != Whose::Mine {
-                    return refuse(format!("the HTB root {:x}: on {}", shaping::HTB_MAJOR, d.name), whose);
-                }
+            if dir.egress()
+                && matches!(&d.root_qdisc, Some((k, m)) if k == "htb" && *m == shaping::HTB_MAJOR)
+                && let Some(who) = other(d.htb_mark.as_deref())
+            {
+                return refuse(format!("the HTB root {:x}: on {}", shaping::HTB_MAJOR, d.name), who);
             }
             if dir.ingress() {
                 let ifb = shaping::ifb_name(d.ifindex);
-                if let Some(i) = all.iter().find(|i| i.name == ifb) {
-                    let whose = i.alias.as_deref().map_or(Whose::Unlabelled, |l| owner.whose(l));
-                    if whose != Whose::Mine {
-                        return refuse(format!("the IFB device {ifb} that shapes {}'s ingress", d.name), whose);
-                    }
+                if let Some(i) = all.iter().find(|i| i.name == ifb)
+                    && let Some(who) = other(i.alias.as_deref())
+                {
+                    return refuse(format!("the IFB device {ifb} that shapes {}'s ingress", d.name), who);
                 }
             }
         }
@@ -314,17 +313,16 @@ impl NetworkDriver {
             .into_iter()
             .filter_map(|(on, d)| on.then_some(d))
             .collect();
+        // The request was compiled once already when it was converted, so
+        // this cannot fail for what the user asked. The deadline is set when
+        // the rule goes in (below).
+        let mut compiled = rules::compile(fault, 0, 0)
+            .map_err(|e| ApiError::Internal(format!("a validated rule did not compile: {e}")))?;
         let id = rulemaps::alloc_id(&mut self.dp.lock())
             .ok_or_else(|| ApiError::Unavailable("all rule slots are in use; recover some faults first".into()))?;
         let shaping = fault.action.shapes();
         let classid = if shaping { shaping::classid(id) } else { 0 };
-        let mut compiled = match rules::compile(fault, classid, 0) {
-            Ok(c) => c,
-            Err(e) => {
-                self.dp.lock().used_ids.remove(&id);
-                return Err(ApiError::InvalidArgument(e.to_string()));
-            }
-        };
+        compiled.rule.classid = classid;
         let rule_obj = NetObject::Rule {
             netns: ns.inode,
             rule: id,
@@ -359,7 +357,7 @@ impl NetworkDriver {
         // Shaping first, so the classes exist before packets are steered.
         if let Some(plan) = &plan {
             let sel_fd = self.dp.ifb_sel_fd().map_err(api_internal)?;
-            let ifbs = shaping::apply_here(plan, sel_fd, &self.config.owner).map_err(ApiError::Internal)?;
+            let ifbs = shaping::apply_here(plan, sel_fd, &self.config.owner).map_err(api_internal)?;
             let mut maps = self.dp.lock();
             for (dev_ifindex, ifb_ifindex) in ifbs {
                 rulemaps::set_ifb(
@@ -410,23 +408,17 @@ impl NetworkDriver {
             self.record(rec, done, obj.clone())?;
             attach.push(obj);
         }
-        let checks = self.protected_checks(&compiled, fault, &selected, &dirs);
+        let checks = self.protected_checks(fault, &selected, &dirs);
         let pins: Vec<_> = [DIR_EGRESS, DIR_INGRESS].iter().map(|d| self.dp.prog_pin(ns.inode, *d)).collect();
-        let links: Vec<_> = attach
-            .iter()
-            .map(|o| match o {
-                NetObject::Attach { ifindex, dir, .. } => self.dp.link_pin(ns.inode, *ifindex, *dir),
-                _ => unreachable!(),
-            })
-            .collect();
         let kernel = || -> Result<(), String> {
-            for (o, link) in attach.iter().zip(&links) {
-                let NetObject::Attach { ifname, dir, how, .. } = o else { continue };
+            for o in &attach {
+                let NetObject::Attach { ifindex, ifname, dir, how, .. } = o else { continue };
+                let link = self.dp.link_pin(ns.inode, *ifindex, *dir);
                 if *how == AttachKind::Clsact {
                     shaping::ensure_clsact(ifname).map_err(|e| e.to_string())?;
                 }
                 let label = self.config.owner.label(bpf::prog_name(*dir));
-                bpf::attach(&pins[*dir as usize], link, ifname, *dir, *how, &label).map_err(|e| e.to_string())?;
+                bpf::attach(&pins[*dir as usize], &link, ifname, *dir, *how, &label).map_err(|e| e.to_string())?;
             }
             let mut progs = [None, None];
             for c in &checks {
@@ -485,7 +477,7 @@ impl NetworkDriver {
     }
 
     /// Synthetic packets on protected ports that must pass after injection.
-    fn protected_checks(&self, c: &Compiled, fault: &NetworkFault, devices: &[Device], dirs: &[u8]) -> Vec<Check> {
+    fn protected_checks(&self, fault: &NetworkFault, devices: &[Device], dirs: &[u8]) -> Vec<Check> {
         let sel = &fault.selector;
         let proto = match sel.protocol {
             Protocol::Udp => PROTO_UDP,
@@ -498,7 +490,6 @@ impl NetworkDriver {
             .iter()
             .find_map(|l| l.first().map(|r| r.first))
             .unwrap_or(40000);
-        let _ = c;
         let peer4: IpAddr =
             sel.peers.iter().find(|p| p.addr().is_ipv4()).map(|p| p.addr()).unwrap_or(IpAddr::from([192, 0, 2, 1]));
         let peer6: IpAddr =
@@ -646,7 +637,7 @@ impl NetworkDriver {
                 errs.extend(shaping::undo_here(&shaping_objs));
                 for ifname in &clsact {
                     if let Err(e) = shaping::remove_clsact_if_empty(ifname) {
-                        errs.push(e);
+                        errs.push(e.to_string());
                     }
                 }
                 errs

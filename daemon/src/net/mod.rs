@@ -5,15 +5,15 @@
 
 pub mod bpf;
 pub mod driver;
-pub mod maps;
-pub mod netem_dist;
-pub mod objects;
+pub(crate) mod maps;
+pub(crate) mod netem_dist;
+pub(crate) mod objects;
 pub mod qdisc_tree;
-pub mod rules;
-pub mod shaping;
+pub(crate) mod rules;
+pub(crate) mod shaping;
 mod shutdown;
-pub mod sweep;
-pub mod target;
+pub(crate) mod sweep;
+pub(crate) mod target;
 mod verify;
 
 pub use driver::{NetConfig, NetInitError, NetworkDriver};

@@ -33,6 +33,22 @@ const DEFAULT_MINOR: u16 = 1;
 /// 100 Gbit/s in bytes per second, the "never shapes" rate.
 const UNSHAPED_BPS: u64 = 100_000_000_000 / 8;
 
+/// Why shaping could not be set up, checked or removed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ShapingError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("device {name}: {source}")]
+    NoDevice {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// A shaping object of a live fault is no longer in the kernel.
+    #[error("{0}")]
+    Missing(String),
+}
+
 pub fn classid(rule: u32) -> u32 {
     ((HTB_MAJOR as u32) << 16) | (rule + 1)
 }
@@ -80,32 +96,31 @@ impl Plan {
     }
 }
 
-fn ifindex_here(name: &str) -> Result<u32, String> {
-    nix::net::if_::if_nametoindex(name).map_err(|e| format!("device {name}: {e}"))
+fn ifindex_here(name: &str) -> Result<u32, ShapingError> {
+    nix::net::if_::if_nametoindex(name).map_err(|source| ShapingError::NoDevice { name: name.into(), source })
 }
 
 /// Sets everything up; returns (device ifindex, IFB ifindex) for ingress.
 /// Runs on a thread inside the target namespace. Validation has made sure
 /// that an HTB root or IFB already there is this daemon's.
-pub fn apply_here(plan: &Plan, sel_fd: i32, owner: &Owner) -> Result<Vec<(u32, u32)>, String> {
-    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+pub(crate) fn apply_here(plan: &Plan, sel_fd: i32, owner: &Owner) -> Result<Vec<(u32, u32)>, ShapingError> {
+    let mut sock = RouteSocket::open()?;
     let mut ifbs = Vec::new();
     for (dev, ifb) in &plan.targets {
         if let Some((_, for_ifindex)) = ifb {
             if nix::net::if_::if_nametoindex(dev.as_str()).is_err() {
-                tc::link_add(&mut sock, dev, InfoKind::Ifb, Some(&owner.label(OWNER_MARK)))
-                    .map_err(|e| e.to_string())?;
+                tc::link_add(&mut sock, dev, InfoKind::Ifb, Some(&owner.label(OWNER_MARK)))?;
             }
             let idx = ifindex_here(dev)?;
-            link_set_up(&mut sock, idx).map_err(|e| e.to_string())?;
+            link_set_up(&mut sock, idx)?;
             ifbs.push((*for_ifindex, idx));
         }
         let idx = ifindex_here(dev)?;
-        ensure_htb(&mut sock, idx, sel_fd, owner).map_err(|e| e.to_string())?;
-        add_class(&mut sock, idx, plan.classid, &plan.action).map_err(|e| e.to_string())?;
+        ensure_htb(&mut sock, idx, sel_fd, owner)?;
+        add_class(&mut sock, idx, plan.classid, &plan.action)?;
         if let Some((for_ifname, for_ifindex)) = ifb {
             ensure_clsact(for_ifname)?;
-            add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd, owner).map_err(|e| e.to_string())?;
+            add_ifb_filter(&mut sock, *for_ifindex, idx, sel_fd, owner)?;
         }
     }
     Ok(ifbs)
@@ -423,23 +438,23 @@ fn clsact_filters(sock: &mut RouteSocket, dev: u32) -> Result<usize, NetlinkErro
 }
 
 /// Removes a device's clsact qdisc when no filter is left under it.
-pub fn remove_clsact_if_empty(ifname: &str) -> Result<(), String> {
+pub(crate) fn remove_clsact_if_empty(ifname: &str) -> Result<(), ShapingError> {
     let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
-    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
-    if !qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.iter().any(|q| q.0 == "clsact") {
+    let mut sock = RouteSocket::open()?;
+    if !qdiscs(&mut sock, idx)?.iter().any(|q| q.0 == "clsact") {
         return Ok(());
     }
-    if clsact_filters(&mut sock, idx).map_err(|e| e.to_string())? > 0 {
+    if clsact_filters(&mut sock, idx)? > 0 {
         return Ok(());
     }
     remove_clsact(ifname)
 }
 
 /// Adds a clsact qdisc unless the device has one.
-pub fn ensure_clsact(ifname: &str) -> Result<(), String> {
-    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+pub(crate) fn ensure_clsact(ifname: &str) -> Result<(), ShapingError> {
+    let mut sock = RouteSocket::open()?;
     let idx = ifindex_here(ifname)?;
-    if qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.iter().any(|q| q.0 == "clsact") {
+    if qdiscs(&mut sock, idx)?.iter().any(|q| q.0 == "clsact") {
         return Ok(());
     }
     tc::qdisc_add(
@@ -451,57 +466,58 @@ pub fn ensure_clsact(ifname: &str) -> Result<(), String> {
             handle: TcHandle { major: 0xffff, minor: 0 },
             options: None,
         },
-    )
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(())
 }
 
 /// Removes the clsact qdisc of a device (one chaosd created).
-pub fn remove_clsact(ifname: &str) -> Result<(), String> {
+pub(crate) fn remove_clsact(ifname: &str) -> Result<(), ShapingError> {
     let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
-    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+    let mut sock = RouteSocket::open()?;
     match tc::qdisc_del(&mut sock, idx, TcHandle::CLSACT, TcHandle { major: 0xffff, minor: 0 }) {
         Ok(()) => Ok(()),
         Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Whether the shaping objects of a live experiment are all in place:
 /// its classes under chaosd's HTB root, its IFBs and their redirect
 /// filters. Runs on a thread inside the namespace.
-pub fn verify_here(objects: &[NetObject]) -> Result<(), String> {
-    let mut sock = RouteSocket::open().map_err(|e| e.to_string())?;
+pub(crate) fn verify_here(objects: &[NetObject]) -> Result<(), ShapingError> {
+    let mut sock = RouteSocket::open()?;
     for o in objects {
         match o {
             NetObject::Class { ifname, classid, .. } => {
                 let idx = ifindex_here(ifname)?;
-                let root =
-                    qdiscs(&mut sock, idx).map_err(|e| e.to_string())?.into_iter().find(|q| q.2 == TcHandle::ROOT);
+                let root = qdiscs(&mut sock, idx)?.into_iter().find(|q| q.2 == TcHandle::ROOT);
                 if !matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
-                    return Err(format!("chaosd's HTB root {HTB_MAJOR:x}: is no longer on {ifname}"));
+                    return Err(ShapingError::Missing(format!(
+                        "chaosd's HTB root {HTB_MAJOR:x}: is no longer on {ifname}"
+                    )));
                 }
-                if !classes(&mut sock, idx).map_err(|e| e.to_string())?.contains(&handle(*classid)) {
-                    return Err(format!(
+                if !classes(&mut sock, idx)?.contains(&handle(*classid)) {
+                    return Err(ShapingError::Missing(format!(
                         "HTB class {:x}:{:x} is no longer on {ifname}",
                         classid >> 16,
                         classid & 0xffff
-                    ));
+                    )));
                 }
             }
             NetObject::Ifb { name, for_ifname, .. } => {
-                ifindex_here(name).map_err(|_| format!("IFB device {name} is gone"))?;
+                ifindex_here(name).map_err(|_| ShapingError::Missing(format!("IFB device {name} is gone")))?;
                 let dev = ifindex_here(for_ifname)?;
                 let mut req = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
                 req.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
-                let filters = sock
-                    .dump("dump the IFB redirect filter", RouteNetlinkMessage::GetTrafficFilter(req))
-                    .map_err(|e| e.to_string())?;
+                let filters = sock.dump("dump the IFB redirect filter", RouteNetlinkMessage::GetTrafficFilter(req))?;
                 let present = filters.iter().any(|m| {
                     matches!(m, RouteNetlinkMessage::NewTrafficFilter(f)
                         if f.header.index as u32 == dev && (f.header.info >> 16) as u16 == IFB_FILTER_PRIORITY)
                 });
                 if !present {
-                    return Err(format!("the filter that steers {for_ifname}'s ingress to {name} is gone"));
+                    return Err(ShapingError::Missing(format!(
+                        "the filter that steers {for_ifname}'s ingress to {name} is gone"
+                    )));
                 }
             }
             _ => {}
@@ -586,7 +602,7 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
                     Err(e) => errors.push(e.to_string()),
                 }
                 if let Err(e) = remove_clsact_if_empty(for_ifname) {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             if let Err(e) = tc::link_del_by_name(&mut sock, name)

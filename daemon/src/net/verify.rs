@@ -67,7 +67,7 @@ pub(super) fn verify(dp: &Datapath, owner: &Owner, exp: &Experiment, objects: &[
                 return Err(format!("chaosd's classifier is no longer attached to {name} ({})", side(*dir)));
             }
         }
-        shaping::verify_here(&shaping_objs)
+        shaping::verify_here(&shaping_objs).map_err(|e| e.to_string())
     };
     match t.netns.run(here) {
         Ok(r) => r,

@@ -2,11 +2,11 @@
 //! SIGCONT), with a guardian process that resumes paused processes even when
 //! the daemon dies. See ../stress/architecture.md.
 
-pub mod clients;
+pub(crate) mod clients;
 mod driver;
 pub mod guardian;
 pub mod procfs;
-pub mod signal;
-pub mod targets;
+pub(crate) mod signal;
+pub(crate) mod targets;
 
 pub use driver::{DEFAULT_GRACE, ProcessDriver};

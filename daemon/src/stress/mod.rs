@@ -8,7 +8,7 @@
 pub mod cgroup;
 mod driver;
 mod plan;
-pub mod spawner;
+pub(crate) mod spawner;
 pub mod worker;
 
 pub use driver::StressDriver;

@@ -176,15 +176,24 @@ pub struct RuleStats {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY (all impls below): repr(C), only integer fields and arrays of
-    // them, padding made explicit, so every bit pattern is valid.
+    // Each type below is repr(C) with only integer fields and arrays of
+    // them, and its padding made explicit, so every bit pattern is valid.
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for Control {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for DevKey {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for DevConf {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for IndexKey {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for Slot {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for PortSpan {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for Rule {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for PeerKey {}
+    // SAFETY: repr(C), integers only, explicit padding (see above).
     unsafe impl aya::Pod for RuleStats {}
 }
