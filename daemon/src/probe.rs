@@ -146,7 +146,7 @@ fn probe_bpf() -> (Probe, Probe, Probe) {
                 &QdiscSpec {
                     kind: "clsact",
                     parent: TcHandle::CLSACT,
-                    handle: TcHandle { major: 0xffff, minor: 0 },
+                    handle: crate::tc::CLSACT_HANDLE,
                     options: None,
                 },
             )

@@ -1,7 +1,9 @@
-//! Traffic-control and link primitives over rtnetlink. netlink-packet-route
-//! has no netem or HTB option types, so their `TCA_OPTIONS` payloads are
-//! built here byte for byte from the kernel's uapi structs
-//! (include/uapi/linux/pkt_sched.h).
+//! Traffic-control and link primitives over rtnetlink: the one home of the
+//! link and qdisc dumps, of the tc handles and attribute numbers chaosd
+//! uses, and of creating and deleting qdiscs, filters and links.
+//! netlink-packet-route has no netem or HTB option types, so their
+//! `TCA_OPTIONS` payloads are built here byte for byte from the kernel's
+//! uapi structs (include/uapi/linux/pkt_sched.h).
 
 use netlink_packet_core::{DefaultNla, NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::{
@@ -12,7 +14,77 @@ use netlink_packet_route::{
 
 use crate::netlink::{NetlinkError, RouteSocket};
 
-const TCA_OPTIONS: u16 = 2;
+/// `TCA_OPTIONS`: a qdisc's, class's or filter's kind-specific options.
+pub(crate) const TCA_OPTIONS: u16 = 2;
+/// The clsact qdisc itself (`ffff:`).
+pub(crate) const CLSACT_HANDLE: TcHandle = TcHandle { major: 0xffff, minor: 0 };
+/// clsact's ingress hook, the parent of ingress filters (`ffff:fff2`).
+pub(crate) const CLSACT_INGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff2 };
+/// clsact's egress hook, the parent of egress filters (`ffff:fff3`).
+pub(crate) const CLSACT_EGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff3 };
+/// "Any" in a dump request or a delete by priority.
+pub(crate) const NO_HANDLE: TcHandle = TcHandle { major: 0, minor: 0 };
+
+/// One qdisc as a dump reports it.
+#[derive(Clone, Debug)]
+pub(crate) struct Qdisc {
+    pub ifindex: u32,
+    pub kind: String,
+    pub handle: TcHandle,
+    pub parent: TcHandle,
+}
+
+/// The `TCA_KIND` of a tc object ("" when it has none).
+pub(crate) fn kind_of(attrs: &[TcAttribute]) -> String {
+    attrs.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None }).unwrap_or_default()
+}
+
+/// The qdiscs of one device, or of every device of the socket's namespace.
+pub(crate) fn qdiscs(sock: &mut RouteSocket, ifindex: Option<u32>) -> Result<Vec<Qdisc>, NetlinkError> {
+    let req = tc_message(ifindex.unwrap_or(0), NO_HANDLE, NO_HANDLE);
+    let mut out = Vec::new();
+    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(req))? {
+        let RouteNetlinkMessage::NewQueueDiscipline(q) = m else { continue };
+        let at = q.header.index as u32;
+        if ifindex.is_some_and(|i| i != at) {
+            continue;
+        }
+        out.push(Qdisc { ifindex: at, kind: kind_of(&q.attributes), handle: q.header.handle, parent: q.header.parent });
+    }
+    Ok(out)
+}
+
+/// One link as a dump reports it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    /// An IFB device.
+    pub ifb: bool,
+    /// IFLA_IFALIAS (chaosd labels its IFBs with their owner).
+    pub alias: Option<String>,
+}
+
+/// Every link of the socket's namespace.
+pub(crate) fn links(sock: &mut RouteSocket) -> Result<Vec<Link>, NetlinkError> {
+    let mut out = Vec::new();
+    for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
+        let RouteNetlinkMessage::NewLink(l) = m else { continue };
+        let mut link = Link { ifindex: l.header.index, ..Default::default() };
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::LinkInfo(info) => {
+                    link.ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
+                }
+                _ => {}
+            }
+        }
+        out.push(link);
+    }
+    Ok(out)
+}
 
 /// A qdisc to create: `kind` with raw `TCA_OPTIONS` bytes.
 pub struct QdiscSpec {
@@ -22,7 +94,8 @@ pub struct QdiscSpec {
     pub options: Option<Vec<u8>>,
 }
 
-fn tc_message(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
+/// A tc message header for `ifindex` (0: every device, in a dump).
+pub(crate) fn tc_message(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
     let mut msg = TcMessage::default();
     msg.header.family = AddressFamily::Unspec;
     msg.header.index = ifindex as i32;

@@ -433,10 +433,7 @@ pub fn attach(
             let fd = prog.fd().map_err(|source| BpfError::Program { what: what.clone(), source })?;
             let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
             let mut sock = crate::netlink::RouteSocket::open().map_err(|e| BpfError::Other(format!("{what}: {e}")))?;
-            let parent = netlink_packet_route::tc::TcHandle {
-                major: 0xffff,
-                minor: if dir == DIR_EGRESS { 0xfff3 } else { 0xfff2 },
-            };
+            let parent = if dir == DIR_EGRESS { crate::tc::CLSACT_EGRESS } else { crate::tc::CLSACT_INGRESS };
             crate::tc::bpf_filter_add(
                 &mut sock,
                 ifindex,

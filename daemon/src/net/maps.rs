@@ -1,11 +1,13 @@
 //! Entering a compiled rule into the maps and taking it out again. Callers
 //! hold the maps lock, so two rules never race on a slot or a DevConf.
 
-use chaosd_common::{DevConf, DevKey, IndexKey, MAX_RULES, Rule, SLOT_RULES, mask_bit};
+use std::collections::{BTreeMap, BTreeSet};
+
+use chaosd_common::{ACTION_NONE, DevConf, DevKey, IndexKey, MAX_RULES, Rule, SLOT_RULES, mask_bit};
 
 use super::{
     bpf::{BpfError, Datapath, Maps, peer_key},
-    rules::Compiled,
+    rules::{self, Compiled},
 };
 
 /// Where a rule is entered: namespace, devices, directions.
@@ -172,4 +174,69 @@ pub fn device_in_use(maps: &Maps, dk: &DevKey) -> bool {
 /// Whether any device of a namespace still has rules.
 pub fn netns_in_use(maps: &Maps, netns: u32) -> bool {
     maps.devices.keys().filter_map(Result::ok).any(|k| k.netns == netns)
+}
+
+/// Rule ids in use in the kernel's maps that `known` does not hold (left
+/// by a daemon that died between the kernel and the journal).
+pub fn unknown_rules(maps: &Maps, known: &BTreeSet<u32>) -> Vec<u32> {
+    (1..MAX_RULES)
+        .filter(|id| !known.contains(id))
+        .filter(|id| maps.rules.get(id, 0).map(|r| r.action != ACTION_NONE).unwrap_or(false))
+        .collect()
+}
+
+/// Takes rules whose placement is not known (no journal entry) out of
+/// every map: their index entries, the device shares recounted from what
+/// is left, their peers and their slots. Returns the (device, direction)
+/// pairs left without any rule, whose DevConf is gone (their classifier
+/// can be detached). Best effort: a map entry that cannot be written is
+/// left for the next sweep.
+pub fn remove_unplaced(maps: &mut Maps, ids: &[u32]) -> Vec<DevKey> {
+    let keys: Vec<_> = maps.index.keys().filter_map(Result::ok).collect();
+    let mut users: BTreeMap<DevKey, BTreeMap<usize, BTreeSet<u32>>> = BTreeMap::new();
+    for key in keys {
+        let Ok(mut slot) = maps.index.get(&key, 0) else { continue };
+        for r in slot.rules.iter_mut() {
+            if ids.contains(r) {
+                *r = 0;
+            }
+        }
+        let dk = DevKey { netns: key.netns, ifindex: key.ifindex, dir: key.dir as u32 };
+        let table = rules::device_slot(key.proto, key.role);
+        for r in slot.rules.iter().filter(|r| **r != 0) {
+            users.entry(dk).or_default().entry(table).or_default().insert(*r);
+        }
+        let _ =
+            if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
+    }
+    let mut unused = Vec::new();
+    let devs: Vec<_> = maps.devices.keys().filter_map(Result::ok).collect();
+    for dk in devs {
+        let old = maps.devices.get(&dk, 0).unwrap_or_default();
+        match users.get(&dk) {
+            None => {
+                let _ = maps.devices.remove(&dk);
+                unused.push(dk);
+            }
+            Some(tables) => {
+                let mut conf = DevConf { ifb_ifindex: old.ifb_ifindex, ..Default::default() };
+                for (t, ids) in tables {
+                    conf.users[*t] = ids.len() as u16;
+                    conf.mask |= 1 << t;
+                }
+                let _ = maps.devices.insert(dk, conf, 0);
+            }
+        }
+    }
+    let peer_keys: Vec<_> = maps.peers.keys().filter_map(Result::ok).collect();
+    for k in peer_keys {
+        if ids.contains(&u32::from_ne_bytes(k.data().rule)) {
+            let _ = maps.peers.remove(&k);
+        }
+    }
+    for id in ids {
+        let _ = maps.rules.set(*id, Rule::default(), 0);
+        maps.used_ids.remove(id);
+    }
+    unused
 }

@@ -39,7 +39,10 @@ use netlink_packet_route::{
 use rand::{SeedableRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::netlink::{NetlinkError, RouteSocket};
+use crate::{
+    netlink::{NetlinkError, RouteSocket},
+    tc::TCA_OPTIONS,
+};
 
 /// Version of `SavedTree`'s layout; a journal entry of another version is
 /// refused rather than misread.
@@ -48,7 +51,6 @@ pub const FORMAT_VERSION: u32 = 1;
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TC_H_INGRESS: u32 = 0xFFFF_FFF1;
 
-const TCA_OPTIONS: u16 = 2;
 const TCA_STAB: u16 = 8;
 const TCA_PAD: u16 = 9;
 const TCA_EXT_WARN_MSG: u16 = 16;

@@ -48,8 +48,14 @@ impl Table {
 
     /// Index into `DevConf::users` / bit of `DevConf::mask`.
     pub fn slot(&self) -> usize {
-        (self.proto == PROTO_ALL) as usize * 3 + self.role as usize
+        device_slot(self.proto, self.role)
     }
+}
+
+/// Index into `DevConf::users` (and bit of `DevConf::mask`) of the index
+/// table with protocol key `proto` and port role `role`.
+pub fn device_slot(proto: u8, role: u8) -> usize {
+    (proto == PROTO_ALL) as usize * 3 + role as usize
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -29,7 +29,7 @@ pub const MARK_CHAIN: u32 = 0xc4a0;
 /// What the owner's label names on IFB devices and HTB marks.
 pub const OWNER_MARK: &str = "chaosd_owner";
 /// Default class: unshaped (rate far above any link).
-const DEFAULT_MINOR: u16 = 1;
+pub(crate) const DEFAULT_MINOR: u16 = 1;
 /// 100 Gbit/s in bytes per second, the "never shapes" rate.
 const UNSHAPED_BPS: u64 = 100_000_000_000 / 8;
 
@@ -134,40 +134,23 @@ fn link_set_up(sock: &mut RouteSocket, ifindex: u32) -> Result<(), NetlinkError>
     sock.request(&format!("set link {ifindex} up"), RouteNetlinkMessage::SetLink(msg), 0)
 }
 
-/// A tc message header for `ifindex` (also used by the sweep).
-pub(super) fn tc_msg(ifindex: u32, parent: TcHandle, handle: TcHandle) -> TcMessage {
-    let mut msg = TcMessage::default();
-    msg.header.index = ifindex as i32;
-    msg.header.parent = parent;
-    msg.header.handle = handle;
-    msg
-}
-
 fn handle(id: u32) -> TcHandle {
     TcHandle { major: (id >> 16) as u16, minor: id as u16 }
 }
 
-/// Dumps (kind, handle, parent) of the qdiscs on a device.
-fn qdiscs(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<(String, TcHandle, TcHandle)>, NetlinkError> {
-    let mut req = TcMessage::default();
-    req.header.index = ifindex as i32;
-    let mut out = Vec::new();
-    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(req))? {
-        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
-            if q.header.index as u32 != ifindex {
-                continue;
-            }
-            let kind =
-                q.attributes.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None });
-            out.push((kind.unwrap_or_default(), q.header.handle, q.header.parent));
-        }
-    }
-    Ok(out)
+/// Whether chaosd's HTB (`HTB_MAJOR:`) is a device's root qdisc.
+pub(crate) fn htb_root_is_ours(sock: &mut RouteSocket, ifindex: u32) -> Result<bool, NetlinkError> {
+    Ok(tc::qdiscs(sock, Some(ifindex))?.iter().any(is_htb_root))
+}
+
+/// chaosd's HTB root, in a qdisc dump.
+pub(crate) fn is_htb_root(q: &tc::Qdisc) -> bool {
+    q.kind == "htb" && q.handle.major == HTB_MAJOR && q.parent == TcHandle::ROOT
 }
 
 /// Class handles on a device.
 fn classes(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<TcHandle>, NetlinkError> {
-    let req = tc_msg(ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
+    let req = tc::tc_message(ifindex, tc::NO_HANDLE, tc::NO_HANDLE);
     let mut out = Vec::new();
     for m in sock.dump("dump classes", RouteNetlinkMessage::GetTrafficClass(req))? {
         if let RouteNetlinkMessage::NewTrafficClass(c) = m
@@ -215,14 +198,15 @@ fn htb_class_options(bps: u64, burst: u32) -> Vec<u8> {
 /// nothing ever jumps to, so it never runs; it exists to carry the owner's
 /// label, since a qdisc has no field of its own for one.
 fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, sel_fd: i32, owner: &Owner) -> Result<(), NetlinkError> {
-    let root = qdiscs(sock, ifindex)?.into_iter().find(|q| q.2 == TcHandle::ROOT);
-    if matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
+    if htb_root_is_ours(sock, ifindex)? {
         return Ok(());
     }
-    let mut msg = tc_msg(ifindex, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 });
+    let mut msg = tc::tc_message(ifindex, TcHandle::ROOT, TcHandle { major: HTB_MAJOR, minor: 0 });
     msg.attributes.push(TcAttribute::Kind("htb".into()));
-    msg.attributes
-        .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, tc::htb_init_options(DEFAULT_MINOR as u32))));
+    msg.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
+        tc::TCA_OPTIONS,
+        tc::htb_init_options(DEFAULT_MINOR as u32),
+    )));
     // Replacing is only reached when forced or when the root is a kernel
     // default (validated before).
     let flags = NLM_F_CREATE | NLM_F_REPLACE;
@@ -241,18 +225,23 @@ fn ensure_htb(sock: &mut RouteSocket, ifindex: u32, sel_fd: i32, owner: &Owner) 
             actions: None,
         },
     )?;
-    let mut cls =
-        tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR });
+    let mut cls = tc::tc_message(
+        ifindex,
+        TcHandle { major: HTB_MAJOR, minor: 0 },
+        TcHandle { major: HTB_MAJOR, minor: DEFAULT_MINOR },
+    );
     cls.attributes.push(TcAttribute::Kind("htb".into()));
-    cls.attributes
-        .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, htb_class_options(UNSHAPED_BPS, 200_000))));
+    cls.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(
+        tc::TCA_OPTIONS,
+        htb_class_options(UNSHAPED_BPS, 200_000),
+    )));
     sock.request("add HTB default class", RouteNetlinkMessage::NewTrafficClass(cls), NLM_F_CREATE | NLM_F_EXCL)
 }
 
 /// The label of the owner's mark on chaosd's HTB root of a device (None:
 /// no mark, e.g. left by a chaosd older than marks).
 pub fn htb_mark(sock: &mut RouteSocket, ifindex: u32) -> Result<Option<String>, NetlinkError> {
-    let mut req = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, TcHandle { major: 0, minor: 0 });
+    let mut req = tc::tc_message(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, tc::NO_HANDLE);
     req.attributes.push(TcAttribute::Chain(MARK_CHAIN));
     for m in sock.dump("dump the HTB's mark", RouteNetlinkMessage::GetTrafficFilter(req))? {
         let RouteNetlinkMessage::NewTrafficFilter(f) = m else { continue };
@@ -354,9 +343,10 @@ fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAct
         }
         _ => (UNSHAPED_BPS, 200_000),
     };
-    let mut cls = tc_msg(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(classid));
+    let mut cls = tc::tc_message(ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(classid));
     cls.attributes.push(TcAttribute::Kind("htb".into()));
-    cls.attributes.push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(2, htb_class_options(bps, burst))));
+    cls.attributes
+        .push(TcAttribute::Other(netlink_packet_core::DefaultNla::new(tc::TCA_OPTIONS, htb_class_options(bps, burst))));
     sock.request(
         &format!("add HTB class {:x}:{:x} on ifindex {ifindex}", classid >> 16, classid & 0xffff),
         RouteNetlinkMessage::NewTrafficClass(cls),
@@ -377,10 +367,6 @@ fn add_class(sock: &mut RouteSocket, ifindex: u32, classid: u32, action: &NetAct
     Ok(())
 }
 
-fn ingress_parent() -> TcHandle {
-    TcHandle { major: 0xffff, minor: 0xfff2 }
-}
-
 /// cls_bpf (not direct-action) running `chaosd_ifb_sel` with a mirred
 /// "egress redirect" to the IFB; an existing one is kept.
 fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32, owner: &Owner) -> Result<(), NetlinkError> {
@@ -399,7 +385,7 @@ fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32, owner
     act.extend(tc::nla(TCA_ACT_OPTIONS, &tc::nla(TCA_MIRRED_PARMS, &parms)));
     let label = owner.label(super::bpf::PROG_IFB_SEL);
     let filter = tc::BpfFilter {
-        parent: ingress_parent(),
+        parent: tc::CLSACT_INGRESS,
         priority: IFB_FILTER_PRIORITY,
         chain: None,
         prog_fd: sel_fd,
@@ -414,7 +400,7 @@ fn add_ifb_filter(sock: &mut RouteSocket, dev: u32, ifb: u32, sel_fd: i32, owner
 }
 
 fn del_ifb_filter(sock: &mut RouteSocket, dev: u32) -> Result<(), NetlinkError> {
-    let mut msg = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
+    let mut msg = tc::tc_message(dev, tc::CLSACT_INGRESS, tc::NO_HANDLE);
     msg.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
     sock.request(
         &format!("delete the IFB redirect filter on ifindex {dev}"),
@@ -426,8 +412,8 @@ fn del_ifb_filter(sock: &mut RouteSocket, dev: u32) -> Result<(), NetlinkError> 
 /// Number of tc filters under a device's clsact (ingress + egress).
 fn clsact_filters(sock: &mut RouteSocket, dev: u32) -> Result<usize, NetlinkError> {
     let mut n = 0;
-    for minor in [0xfff2u16, 0xfff3] {
-        let req = tc_msg(dev, TcHandle { major: 0xffff, minor }, TcHandle { major: 0, minor: 0 });
+    for parent in [tc::CLSACT_INGRESS, tc::CLSACT_EGRESS] {
+        let req = tc::tc_message(dev, parent, tc::NO_HANDLE);
         n += sock
             .dump("dump filters", RouteNetlinkMessage::GetTrafficFilter(req))?
             .iter()
@@ -441,7 +427,7 @@ fn clsact_filters(sock: &mut RouteSocket, dev: u32) -> Result<usize, NetlinkErro
 pub(crate) fn remove_clsact_if_empty(ifname: &str) -> Result<(), ShapingError> {
     let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
     let mut sock = RouteSocket::open()?;
-    if !qdiscs(&mut sock, idx)?.iter().any(|q| q.0 == "clsact") {
+    if !tc::qdiscs(&mut sock, Some(idx))?.iter().any(|q| q.kind == "clsact") {
         return Ok(());
     }
     if clsact_filters(&mut sock, idx)? > 0 {
@@ -454,18 +440,13 @@ pub(crate) fn remove_clsact_if_empty(ifname: &str) -> Result<(), ShapingError> {
 pub(crate) fn ensure_clsact(ifname: &str) -> Result<(), ShapingError> {
     let mut sock = RouteSocket::open()?;
     let idx = ifindex_here(ifname)?;
-    if qdiscs(&mut sock, idx)?.iter().any(|q| q.0 == "clsact") {
+    if tc::qdiscs(&mut sock, Some(idx))?.iter().any(|q| q.kind == "clsact") {
         return Ok(());
     }
     tc::qdisc_add(
         &mut sock,
         idx,
-        &QdiscSpec {
-            kind: "clsact",
-            parent: TcHandle::CLSACT,
-            handle: TcHandle { major: 0xffff, minor: 0 },
-            options: None,
-        },
+        &QdiscSpec { kind: "clsact", parent: TcHandle::CLSACT, handle: tc::CLSACT_HANDLE, options: None },
     )?;
     Ok(())
 }
@@ -474,7 +455,7 @@ pub(crate) fn ensure_clsact(ifname: &str) -> Result<(), ShapingError> {
 pub(crate) fn remove_clsact(ifname: &str) -> Result<(), ShapingError> {
     let Ok(idx) = nix::net::if_::if_nametoindex(ifname) else { return Ok(()) };
     let mut sock = RouteSocket::open()?;
-    match tc::qdisc_del(&mut sock, idx, TcHandle::CLSACT, TcHandle { major: 0xffff, minor: 0 }) {
+    match tc::qdisc_del(&mut sock, idx, TcHandle::CLSACT, tc::CLSACT_HANDLE) {
         Ok(()) => Ok(()),
         Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
         Err(e) => Err(e.into()),
@@ -490,8 +471,7 @@ pub(crate) fn verify_here(objects: &[NetObject]) -> Result<(), ShapingError> {
         match o {
             NetObject::Class { ifname, classid, .. } => {
                 let idx = ifindex_here(ifname)?;
-                let root = qdiscs(&mut sock, idx)?.into_iter().find(|q| q.2 == TcHandle::ROOT);
-                if !matches!(&root, Some((k, h, _)) if k == "htb" && h.major == HTB_MAJOR) {
+                if !htb_root_is_ours(&mut sock, idx)? {
                     return Err(ShapingError::Missing(format!(
                         "chaosd's HTB root {HTB_MAJOR:x}: is no longer on {ifname}"
                     )));
@@ -507,7 +487,7 @@ pub(crate) fn verify_here(objects: &[NetObject]) -> Result<(), ShapingError> {
             NetObject::Ifb { name, for_ifname, .. } => {
                 ifindex_here(name).map_err(|_| ShapingError::Missing(format!("IFB device {name} is gone")))?;
                 let dev = ifindex_here(for_ifname)?;
-                let mut req = tc_msg(dev, ingress_parent(), TcHandle { major: 0, minor: 0 });
+                let mut req = tc::tc_message(dev, tc::CLSACT_INGRESS, tc::NO_HANDLE);
                 req.header.info = (IFB_FILTER_PRIORITY as u32) << 16;
                 let filters = sock.dump("dump the IFB redirect filter", RouteNetlinkMessage::GetTrafficFilter(req))?;
                 let present = filters.iter().any(|m| {
@@ -538,7 +518,7 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
     for o in objects {
         if let NetObject::Class { ifname, classid, .. } = o {
             let Ok(idx) = nix::net::if_::if_nametoindex(ifname.as_str()) else { continue };
-            let msg = tc_msg(idx, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(*classid));
+            let msg = tc::tc_message(idx, TcHandle { major: HTB_MAJOR, minor: 0 }, handle(*classid));
             match sock.request(&format!("delete class on {ifname}"), RouteNetlinkMessage::DelTrafficClass(msg), 0) {
                 Ok(()) => {}
                 Err(e) if gone(&e) => {}
@@ -553,10 +533,7 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
                 NetObject::SavedRoot { ifname: dev, tree, .. } if dev == ifname => Some(tree),
                 _ => None,
             });
-            let ours = qdiscs(&mut sock, idx)
-                .map(|q| q.iter().any(|(k, h, p)| k == "htb" && h.major == HTB_MAJOR && *p == TcHandle::ROOT))
-                .unwrap_or(false);
-            if !ours {
+            if !htb_root_is_ours(&mut sock, idx).unwrap_or(false) {
                 continue;
             }
             let busy = classes(&mut sock, idx)

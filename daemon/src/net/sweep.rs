@@ -31,16 +31,16 @@ use std::{
     time::Instant,
 };
 
-use chaosd_common::{ACTION_NONE, DIR_EGRESS, DIR_INGRESS, DevConf, DevKey, HTB_MAJOR, MAX_RULES, Rule, mask_bit};
+use chaosd_common::{DIR_EGRESS, DIR_INGRESS, HTB_MAJOR};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     tc::{TcAttribute, TcHandle, TcMessage},
 };
 use serde_json::Value;
 
 use super::{
     bpf::{self, AttachKind, Datapath},
+    maps as rulemaps,
     objects::NetObject,
     shaping,
     target::{self, FoundNs},
@@ -67,61 +67,15 @@ fn sweep_maps(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> 
         .collect();
     let mut removed = Vec::new();
     let mut maps = dp.lock();
-    let orphans: Vec<u32> = (1..MAX_RULES)
-        .filter(|id| !known_ids.contains(id))
-        .filter(|id| maps.rules.get(id, 0).map(|r| r.action != ACTION_NONE).unwrap_or(false))
-        .collect();
+    let orphans = rulemaps::unknown_rules(&maps, &known_ids);
     if orphans.is_empty() {
         return removed;
     }
-    // Index entries: drop orphan ids, and recount who uses each device.
-    let keys: Vec<_> = maps.index.keys().filter_map(Result::ok).collect();
-    let mut users: BTreeMap<DevKey, BTreeMap<usize, BTreeSet<u32>>> = BTreeMap::new();
-    for key in keys {
-        let Ok(mut slot) = maps.index.get(&key, 0) else { continue };
-        for r in slot.rules.iter_mut() {
-            if orphans.contains(r) {
-                *r = 0;
-            }
-        }
-        let dk = DevKey { netns: key.netns, ifindex: key.ifindex, dir: key.dir as u32 };
-        let table = (key.proto == 0) as usize * 3 + key.role as usize;
-        for r in slot.rules.iter().filter(|r| **r != 0) {
-            users.entry(dk).or_default().entry(table).or_default().insert(*r);
-        }
-        let _ =
-            if slot.rules.iter().all(|r| *r == 0) { maps.index.remove(&key) } else { maps.index.insert(key, slot, 0) };
+    for dk in rulemaps::remove_unplaced(&mut maps, &orphans) {
+        let _ = bpf::unpin_link(&dp.link_pin(dk.netns, dk.ifindex, dk.dir as u8));
+        removed.push(format!("classifier on ifindex {} of netns {}", dk.ifindex, dk.netns));
     }
-    let devs: Vec<_> = maps.devices.keys().filter_map(Result::ok).collect();
-    for dk in devs {
-        let old = maps.devices.get(&dk, 0).unwrap_or_default();
-        match users.get(&dk) {
-            None => {
-                let _ = maps.devices.remove(&dk);
-                let _ = bpf::unpin_link(&dp.link_pin(dk.netns, dk.ifindex, dk.dir as u8));
-                removed.push(format!("classifier on ifindex {} of netns {}", dk.ifindex, dk.netns));
-            }
-            Some(tables) => {
-                let mut conf = DevConf { ifb_ifindex: old.ifb_ifindex, ..Default::default() };
-                for (t, ids) in tables {
-                    conf.users[*t] = ids.len() as u16;
-                    conf.mask |= mask_bit(*t >= 3, (*t % 3) as u8);
-                }
-                let _ = maps.devices.insert(dk, conf, 0);
-            }
-        }
-    }
-    let peer_keys: Vec<_> = maps.peers.keys().filter_map(Result::ok).collect();
-    for k in peer_keys {
-        if orphans.contains(&u32::from_ne_bytes(k.data().rule)) {
-            let _ = maps.peers.remove(&k);
-        }
-    }
-    for id in &orphans {
-        let _ = maps.rules.set(*id, Rule::default(), 0);
-        maps.used_ids.remove(id);
-        removed.push(format!("rule {id}"));
-    }
+    removed.extend(orphans.iter().map(|id| format!("rule {id}")));
     let live_ns: BTreeSet<u32> = maps.devices.keys().filter_map(Result::ok).map(|k| k.netns).collect();
     drop(maps);
     for netns in dp.pinned_namespaces() {
@@ -238,66 +192,11 @@ fn gone(e: &NetlinkError) -> bool {
     matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL))
 }
 
-const CLSACT_EGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff3 };
-const CLSACT_INGRESS: TcHandle = TcHandle { major: 0xffff, minor: 0xfff2 };
-
-struct Link {
-    ifindex: u32,
-    name: String,
-    ifb: bool,
-    alias: Option<String>,
-}
-
-struct Qdisc {
-    ifindex: u32,
-    kind: String,
-    handle: TcHandle,
-    parent: TcHandle,
-}
-
-fn kind_of(attrs: &[TcAttribute]) -> String {
-    attrs.iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None }).unwrap_or_default()
-}
-
-fn links_here(sock: &mut RouteSocket) -> Result<Vec<Link>, NetlinkError> {
-    let mut out = Vec::new();
-    for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
-        let RouteNetlinkMessage::NewLink(l) = m else { continue };
-        let mut link = Link { ifindex: l.header.index, name: String::new(), ifb: false, alias: None };
-        for a in &l.attributes {
-            match a {
-                LinkAttribute::IfName(n) => link.name = n.clone(),
-                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
-                LinkAttribute::LinkInfo(info) => {
-                    link.ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
-                }
-                _ => {}
-            }
-        }
-        out.push(link);
-    }
-    Ok(out)
-}
-
-fn qdiscs_here(sock: &mut RouteSocket) -> Result<Vec<Qdisc>, NetlinkError> {
-    let mut out = Vec::new();
-    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
-        let RouteNetlinkMessage::NewQueueDiscipline(q) = m else { continue };
-        out.push(Qdisc {
-            ifindex: q.header.index as u32,
-            kind: kind_of(&q.attributes),
-            handle: q.header.handle,
-            parent: q.header.parent,
-        });
-    }
-    Ok(out)
-}
-
 /// A cls_bpf filter chaosd attaches: its name starts with "chaosd_"
 /// (followed by its owner's label) and it sits at one of chaosd's two
 /// priorities.
 fn chaosd_filter(f: &TcMessage) -> Option<String> {
-    if kind_of(&f.attributes) != "bpf" {
+    if tc::kind_of(&f.attributes) != "bpf" {
         return None;
     }
     let prio = (f.header.info >> 16) as u16;
@@ -319,7 +218,7 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
             return out;
         }
     };
-    let (links, qdiscs) = match (links_here(&mut sock), qdiscs_here(&mut sock)) {
+    let (links, qdiscs) = match (tc::links(&mut sock), tc::qdiscs(&mut sock, None)) {
         (Ok(l), Ok(q)) => (l, q),
         (Err(e), _) | (_, Err(e)) => {
             out.errors.push(e.to_string());
@@ -334,8 +233,8 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
         let Some(dev) = name_of(q.ifindex) else { continue };
         let mut took = 0;
         let mut left = 0;
-        for (dir, parent) in [(DIR_EGRESS, CLSACT_EGRESS), (DIR_INGRESS, CLSACT_INGRESS)] {
-            let req = shaping::tc_msg(q.ifindex, parent, TcHandle { major: 0, minor: 0 });
+        for (dir, parent) in [(DIR_EGRESS, tc::CLSACT_EGRESS), (DIR_INGRESS, tc::CLSACT_INGRESS)] {
+            let req = tc::tc_message(q.ifindex, parent, tc::NO_HANDLE);
             let filters = match sock.dump(&format!("dump filters of {dev}"), RouteNetlinkMessage::GetTrafficFilter(req))
             {
                 Ok(f) => f,
@@ -353,7 +252,7 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
                     continue;
                 }
                 // Each priority also dumps a header entry without a handle.
-                if f.header.handle == (TcHandle { major: 0, minor: 0 }) {
+                if f.header.handle == (tc::NO_HANDLE) {
                     continue;
                 }
                 let Some(name) = chaosd_filter(&f) else {
@@ -375,7 +274,7 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
                     left += 1;
                     continue;
                 }
-                let mut del = shaping::tc_msg(q.ifindex, parent, f.header.handle);
+                let mut del = tc::tc_message(q.ifindex, parent, f.header.handle);
                 del.header.info = f.header.info;
                 del.attributes.push(TcAttribute::Kind("bpf".into()));
                 let side = if dir == DIR_EGRESS { "egress" } else { "ingress" };
@@ -419,8 +318,7 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
     }
 
     // 3. chaosd's HTB roots; under a known root, classes nobody owns.
-    let root = |q: &&Qdisc| q.kind == "htb" && q.handle.major == HTB_MAJOR && q.parent == TcHandle::ROOT;
-    for q in qdiscs.iter().filter(root) {
+    for q in qdiscs.iter().filter(|q| shaping::is_htb_root(q)) {
         if deleted.contains(&q.ifindex) {
             continue;
         }
@@ -445,7 +343,7 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
             }
             continue;
         }
-        let req = shaping::tc_msg(q.ifindex, TcHandle { major: 0, minor: 0 }, TcHandle { major: 0, minor: 0 });
+        let req = tc::tc_message(q.ifindex, tc::NO_HANDLE, tc::NO_HANDLE);
         let classes = match sock.dump(&format!("dump classes of {dev}"), RouteNetlinkMessage::GetTrafficClass(req)) {
             Ok(c) => c,
             Err(e) => {
@@ -458,14 +356,14 @@ fn sweep_here(owner: &Owner, owned: &Owned) -> Outcome {
         for m in classes {
             let RouteNetlinkMessage::NewTrafficClass(c) = m else { continue };
             let h = c.header.handle;
-            if c.header.index as u32 != q.ifindex || h.major != HTB_MAJOR || h.minor <= DEFAULT_CLASS_MINOR {
+            if c.header.index as u32 != q.ifindex || h.major != HTB_MAJOR || h.minor <= shaping::DEFAULT_MINOR {
                 continue;
             }
             let classid = ((h.major as u32) << 16) | h.minor as u32;
             if owned.classes.contains(&(dev.clone(), classid)) {
                 continue;
             }
-            let del = shaping::tc_msg(q.ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, h);
+            let del = tc::tc_message(q.ifindex, TcHandle { major: HTB_MAJOR, minor: 0 }, h);
             match sock.request(
                 &format!("delete class {:x}:{:x} on {dev}", h.major, h.minor),
                 RouteNetlinkMessage::DelTrafficClass(del),
@@ -486,6 +384,3 @@ fn sweepable_or_mine(owner: &Owner, label: &str) -> bool {
     let whose = owner.whose(label);
     whose == Whose::Mine || whose.sweepable()
 }
-
-/// The default class of chaosd's HTB (never shapes; goes with the root).
-const DEFAULT_CLASS_MINOR: u16 = 1;

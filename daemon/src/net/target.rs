@@ -7,8 +7,7 @@ use std::net::IpAddr;
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    tc::{TcAttribute, TcHandle, TcMessage},
+    tc::TcHandle,
 };
 
 use crate::{
@@ -16,6 +15,7 @@ use crate::{
     netlink::{NetlinkError, RouteSocket},
     netns::NetnsRef,
     spec::Target,
+    tc,
 };
 
 /// A resolved target namespace: how to enter it and its identity.
@@ -115,25 +115,16 @@ impl Device {
 /// faults need) root qdiscs. Runs on a namespace thread.
 pub fn inspect_here(root_qdiscs: bool) -> Result<Vec<Device>, NetlinkError> {
     let mut sock = RouteSocket::open()?;
-    let mut devices: Vec<Device> = Vec::new();
-    for m in sock.dump("dump links", RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
-        if let RouteNetlinkMessage::NewLink(l) = m {
-            let mut d = Device { ifindex: l.header.index, ..Default::default() };
-            let mut ifb = false;
-            for a in &l.attributes {
-                match a {
-                    LinkAttribute::IfName(n) => d.name = n.clone(),
-                    LinkAttribute::IfAlias(a) => d.alias = Some(a.clone()),
-                    LinkAttribute::LinkInfo(info) => {
-                        ifb = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Ifb)));
-                    }
-                    _ => {}
-                }
-            }
-            d.chaosd_ifb = ifb && d.name.starts_with(super::shaping::IFB_PREFIX);
-            devices.push(d);
-        }
-    }
+    let mut devices: Vec<Device> = tc::links(&mut sock)?
+        .into_iter()
+        .map(|l| Device {
+            ifindex: l.ifindex,
+            chaosd_ifb: l.ifb && l.name.starts_with(super::shaping::IFB_PREFIX),
+            name: l.name,
+            alias: l.alias,
+            ..Default::default()
+        })
+        .collect();
     let mut req = AddressMessage::default();
     req.header.family = AddressFamily::Unspec;
     for m in sock.dump("dump addresses", RouteNetlinkMessage::GetAddress(req))? {
@@ -154,19 +145,9 @@ pub fn inspect_here(root_qdiscs: bool) -> Result<Vec<Device>, NetlinkError> {
     if !root_qdiscs {
         return Ok(devices);
     }
-    for m in sock.dump("dump qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
-        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
-            if q.header.parent != TcHandle::ROOT {
-                continue;
-            }
-            let kind = q
-                .attributes
-                .iter()
-                .find_map(|a| if let TcAttribute::Kind(k) = a { Some(k.clone()) } else { None })
-                .unwrap_or_default();
-            if let Some(d) = devices.iter_mut().find(|d| d.ifindex as i32 == q.header.index) {
-                d.root_qdisc = Some((kind, q.header.handle.major));
-            }
+    for q in tc::qdiscs(&mut sock, None)?.into_iter().filter(|q| q.parent == TcHandle::ROOT) {
+        if let Some(d) = devices.iter_mut().find(|d| d.ifindex == q.ifindex) {
+            d.root_qdisc = Some((q.kind, q.handle.major));
         }
     }
     for d in devices.iter_mut() {

@@ -5,14 +5,14 @@
 //! device, another tool) took away.
 
 use chaosd_common::{ACTION_NONE, DIR_EGRESS, DIR_INGRESS, DevKey};
-use netlink_packet_route::{RouteNetlinkMessage, tc::TcHandle};
+use netlink_packet_route::RouteNetlinkMessage;
 
 use super::{
     bpf::{self, Datapath},
     objects::NetObject,
     shaping, target,
 };
-use crate::{experiment::Experiment, netlink::RouteSocket, owner::Owner};
+use crate::{experiment::Experiment, netlink::RouteSocket, owner::Owner, tc};
 
 pub(super) fn verify(dp: &Datapath, owner: &Owner, exp: &Experiment, objects: &[NetObject]) -> Result<(), String> {
     let Some(NetObject::Rule { netns, rule, devices, egress, ingress, .. }) =
@@ -82,8 +82,8 @@ fn side(dir: u8) -> &'static str {
 
 fn classifier_filter_present(sock: &mut RouteSocket, ifname: &str, dir: u8, label: &str) -> Result<bool, String> {
     let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("device {ifname}: {e}"))?;
-    let parent = TcHandle { major: 0xffff, minor: if dir == DIR_EGRESS { 0xfff3 } else { 0xfff2 } };
-    let req = shaping::tc_msg(ifindex, parent, TcHandle { major: 0, minor: 0 });
+    let parent = if dir == DIR_EGRESS { tc::CLSACT_EGRESS } else { tc::CLSACT_INGRESS };
+    let req = tc::tc_message(ifindex, parent, tc::NO_HANDLE);
     let filters = match sock.dump("dump filters", RouteNetlinkMessage::GetTrafficFilter(req)) {
         Ok(f) => f,
         // No clsact on the device at all.
