@@ -2,13 +2,17 @@
 //! process). Drivers are synchronous: the engine calls them from blocking
 //! threads, one request per target at a time.
 //!
-//! Every kernel object a driver creates is described by a JSON value the
-//! driver defines, recorded in the journal through `Recorder` BEFORE the
+//! Every kernel object a driver creates is described by an object of the
+//! driver's own type (`NetObject`, the process and stress drivers' enums),
+//! stored as JSON and recorded in the journal through `Recorder` BEFORE the
 //! object is created (intent first), so that a crash at any point leaves a
-//! journal entry from which the object can be found and removed.
+//! journal entry from which the object can be found and removed. A record
+//! that does not decode into its driver's type is an error (`RecordError`),
+//! never skipped.
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
@@ -25,6 +29,31 @@ pub trait Recorder: Send {
     fn record_all(&mut self, objects: Vec<Value>) -> Result<(), ApiError> {
         objects.into_iter().try_for_each(|o| self.record(o))
     }
+}
+
+/// A journal record that is not an object of the driver's type (written by
+/// another chaosd version, or damaged).
+#[derive(Debug, thiserror::Error)]
+#[error("journal record {index} ({record}) is not a {driver} driver object: {source}")]
+pub struct RecordError {
+    /// Position among the experiment's records, from 0.
+    pub index: usize,
+    pub record: String,
+    pub driver: &'static str,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Decodes an experiment's records into a driver's object type, all or
+/// nothing: the first that does not decode is the error.
+pub fn decode_records<T: DeserializeOwned>(driver: &'static str, objects: &[Value]) -> Result<Vec<T>, RecordError> {
+    objects
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            T::deserialize(v).map_err(|source| RecordError { index, record: v.to_string(), driver, source })
+        })
+        .collect()
 }
 
 /// What the engine knows when it asks a driver to apply a fault.
@@ -45,11 +74,27 @@ pub enum Liveness {
     Gone,
 }
 
+/// What an applied fault is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// In force until it is recovered or its duration ends.
+    Active,
+    /// Already over once applied (a signal, once sent): nothing stays to
+    /// recover. `reason` says what was done.
+    Done { reason: String },
+}
+
 pub trait Driver: Send + Sync {
     /// Applies the fault. All-or-nothing: when it returns an error, whatever
     /// it created has been removed again (and the error says what went
     /// wrong and what to do).
-    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError>;
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<Applied, ApiError>;
+
+    /// Whether every record decodes into this driver's object type. The
+    /// engine asks before it reverts or adopts what a journal left: an
+    /// experiment with a record that does not decode is reported and left
+    /// in the journal as it is, for the operator.
+    fn decode(&self, objects: &[Value]) -> Result<(), RecordError>;
 
     /// Removes every recorded object. Keeps going past failures and returns
     /// them all. Objects already gone (target exited) are not errors.

@@ -33,6 +33,11 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "journal {path} was written by a newer chaosd (schema {found}; this one knows schemas up to {known}): \
+         run that chaosd to recover its faults, or give this one another --state-dir"
+    )]
+    Newer { path: PathBuf, found: i64, known: i64 },
     #[error("journal {path}: undecodable entry {id}: {source}")]
     Decode {
         path: PathBuf,
@@ -76,6 +81,51 @@ fn state_name(s: State) -> &'static str {
     }
 }
 
+/// The journal's schema, one migration a version: `PRAGMA user_version`
+/// says how many have run. A journal of an older chaosd is brought up to
+/// date at open, in one transaction per step; one of a newer chaosd is
+/// refused, never guessed at. Never edit a migration that has shipped: add
+/// one.
+const MIGRATIONS: &[&str] = &[
+    // 1: experiments and the objects each recorded (chaosd before schema
+    // versions wrote exactly these tables and left user_version at 0, so
+    // IF NOT EXISTS makes this step a no-op on its journals).
+    "CREATE TABLE IF NOT EXISTS experiments (
+         id TEXT PRIMARY KEY,
+         boot_id TEXT NOT NULL,
+         state TEXT NOT NULL,
+         created_ns INTEGER NOT NULL,
+         body TEXT NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS objects (
+         experiment_id TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         body TEXT NOT NULL,
+         PRIMARY KEY (experiment_id, seq)
+     );",
+    // 2: start-up and pruning select by state, newest first; without an
+    // index both read every ended experiment kept.
+    "CREATE INDEX IF NOT EXISTS experiments_by_state ON experiments (state, created_ns);",
+];
+
+/// The schema this chaosd writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
+    let sql = |source| JournalError::Sql { path: path.to_path_buf(), source };
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+    if found > SCHEMA_VERSION {
+        return Err(JournalError::Newer { path: path.to_path_buf(), found, known: SCHEMA_VERSION });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn.transaction().map_err(sql)?;
+        tx.execute_batch(step).map_err(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+    }
+    Ok(())
+}
+
 /// The kernel's id of the current boot.
 pub fn current_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -99,7 +149,7 @@ impl Journal {
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Locked { path: path.clone(), lock: lock_path.clone() })?;
         let sql = |source| JournalError::Sql { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(sql)?;
+        let mut conn = Connection::open(&path).map_err(sql)?;
         // WAL with synchronous=NORMAL: a commit is in the OS before the
         // kernel is touched, so it survives a crash of the daemon (what the
         // journal is for); only a power loss can drop the last commits, and a
@@ -111,22 +161,10 @@ impl Journal {
         conn.execute_batch(
             "PRAGMA locking_mode = EXCLUSIVE;
              PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS experiments (
-                 id TEXT PRIMARY KEY,
-                 boot_id TEXT NOT NULL,
-                 state TEXT NOT NULL,
-                 created_ns INTEGER NOT NULL,
-                 body TEXT NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS objects (
-                 experiment_id TEXT NOT NULL,
-                 seq INTEGER NOT NULL,
-                 body TEXT NOT NULL,
-                 PRIMARY KEY (experiment_id, seq)
-             );",
+             PRAGMA synchronous = NORMAL;",
         )
         .map_err(sql)?;
+        migrate(&mut conn, &path)?;
         Ok(Self { conn, path, boot_id, ended_since_prune: PRUNE_EVERY, _lock: lock })
     }
 
@@ -266,8 +304,10 @@ impl Journal {
         Ok(out)
     }
 
-    /// Every experiment that had not ended, with its boot id and objects.
-    pub fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
+    /// Every experiment that had not ended, with its boot id and objects;
+    /// apart, the entries that do not decode (left as they are, for the
+    /// operator: the caller reports them).
+    pub fn unfinished(&self) -> Result<(Vec<Unfinished>, Vec<JournalError>), JournalError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -282,12 +322,17 @@ impl Journal {
             .map_err(self.sql())?;
         drop(stmt);
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         for (id, boot_id, body) in rows {
-            let experiment = self.decode(&id, &body)?;
-            let objects = self.objects(&id)?;
-            out.push(Unfinished { experiment, boot_id, objects });
+            match self.decode(&id, &body) {
+                Ok(experiment) => {
+                    let objects = self.objects(&id)?;
+                    out.push(Unfinished { experiment, boot_id, objects });
+                }
+                Err(e) => unreadable.push(e),
+            }
         }
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     pub fn boot_id(&self) -> &str {
@@ -331,7 +376,8 @@ mod tests {
             j.add_objects("e1", &[serde_json::json!({"paused": 8}), serde_json::json!({"paused": 9})]).unwrap();
         }
         let mut j = Journal::open(dir.path(), "boot-b".into()).unwrap();
-        let un = j.unfinished().unwrap();
+        let (un, unreadable) = j.unfinished().unwrap();
+        assert!(unreadable.is_empty());
         assert_eq!(un.len(), 1);
         assert_eq!(un[0].boot_id, "boot-a");
         let paused = |n: u32| serde_json::json!({ "paused": n });
@@ -339,7 +385,7 @@ mod tests {
         let mut e = un[0].experiment.clone();
         e.state = State::Recovered;
         j.update(&e).unwrap();
-        assert!(j.unfinished().unwrap().is_empty());
+        assert!(j.unfinished().unwrap().0.is_empty());
         assert!(j.objects("e1").unwrap().is_empty());
         assert_eq!(j.list(true).unwrap().len(), 1);
         assert!(j.list(false).unwrap().is_empty());
@@ -351,5 +397,103 @@ mod tests {
         let _first = Journal::open(dir.path(), "b".into()).unwrap();
         let err = Journal::open(dir.path(), "b".into()).err().expect("second open must fail");
         assert!(err.to_string().contains("another chaosd"), "{err}");
+    }
+
+    /// The tables exactly as chaosd wrote them before schema versions
+    /// (user_version 0), with an experiment that was active when it stopped.
+    fn write_schema_1(dir: &Path, exp: &Experiment) {
+        let conn = Connection::open(dir.join("journal.sqlite3")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS experiments (
+                 id TEXT PRIMARY KEY,
+                 boot_id TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 created_ns INTEGER NOT NULL,
+                 body TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS objects (
+                 experiment_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 body TEXT NOT NULL,
+                 PRIMARY KEY (experiment_id, seq)
+             );",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO experiments (id, boot_id, state, created_ns, body) VALUES (?1, 'boot-a', 'active', 1, ?2)",
+            params![exp.id, serde_json::to_string(exp).unwrap()],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO objects (experiment_id, seq, body) VALUES (?1, 1, '{\"kind\":\"paused\",\"pid\":7,\"start_time\":9}')",
+            params![exp.id],
+        )
+        .unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, 0, "the old chaosd left no schema version");
+    }
+
+    #[test]
+    fn a_journal_of_the_previous_schema_opens_with_its_entries_and_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = exp("e1");
+        old.state = State::Active;
+        write_schema_1(dir.path(), &old);
+        let j = Journal::open(dir.path(), "boot-a".into()).unwrap();
+        let (un, unreadable) = j.unfinished().unwrap();
+        assert!(unreadable.is_empty());
+        assert_eq!(un.len(), 1);
+        assert_eq!(un[0].experiment, old);
+        assert_eq!(un[0].objects, vec![serde_json::json!({"kind": "paused", "pid": 7, "start_time": 9})]);
+        let version: i64 = j.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let index: i64 = j
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'experiments_by_state'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 1, "migration 2 ran");
+        drop(j);
+        // Opening again runs nothing twice.
+        Journal::open(dir.path(), "boot-a".into()).unwrap();
+    }
+
+    #[test]
+    fn a_journal_of_a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Journal::open(dir.path(), "b".into()).unwrap());
+        {
+            let conn = Connection::open(dir.path().join("journal.sqlite3")).unwrap();
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        }
+        let err = Journal::open(dir.path(), "b".into()).err().expect("a newer schema must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains("newer chaosd") && msg.contains("--state-dir"), "{msg}");
+        let conn = Connection::open(dir.path().join("journal.sqlite3")).unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION + 1, "not touched");
+    }
+
+    #[test]
+    fn an_entry_that_does_not_decode_is_reported_apart_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path(), "b".into()).unwrap();
+            j.insert(&exp("good")).unwrap();
+            j.conn
+                .execute(
+                    "INSERT INTO experiments (id, boot_id, state, created_ns, body) VALUES ('bad', 'b', 'active', 2, '{')",
+                    [],
+                )
+                .unwrap();
+        }
+        let j = Journal::open(dir.path(), "b".into()).unwrap();
+        let (un, unreadable) = j.unfinished().unwrap();
+        assert_eq!(un.iter().map(|u| u.experiment.id.as_str()).collect::<Vec<_>>(), vec!["good"]);
+        assert_eq!(unreadable.len(), 1);
+        assert!(unreadable[0].to_string().contains("undecodable entry bad"), "{}", unreadable[0]);
+        let kept: i64 =
+            j.conn.query_row("SELECT count(*) FROM experiments WHERE id = 'bad'", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, 1);
     }
 }

@@ -4,6 +4,7 @@
 //! See architecture.md.
 
 pub(crate) mod convert;
+pub(crate) mod display;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod service;
 pub mod spec;
 pub mod stress;
 pub(crate) mod tc;
+pub(crate) mod wire;
 
 /// The eBPF object built by build.rs from ebpf/chaosd-ebpf.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/chaosd.bpf.o"));

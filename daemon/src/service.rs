@@ -20,6 +20,7 @@ use crate::{
     metrics::{self, Metrics},
     probe::{CgroupVersion, HostProbe, Probe},
     process::clients,
+    wire,
 };
 
 /// Response metadata with a remark for the person who made the request
@@ -129,7 +130,7 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
         self.count_injection(kind, exp.as_ref().map(|_| started.elapsed()).map_err(Status::code));
         let exp = exp?;
         let spared = clients::take_spared(&exp.id);
-        let mut reply = Response::new(convert::experiment_to_pb(&exp, SystemTime::now()));
+        let mut reply = Response::new(wire::experiment_to_pb(&exp, SystemTime::now()));
         if !spared.is_empty() {
             let who: Vec<String> = spared.iter().map(ToString::to_string).collect();
             let note =
@@ -148,7 +149,7 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
         let list = self.blocking(move |e| e.list(include_ended)).await?;
         let now = SystemTime::now();
         Ok(Response::new(pb::ListResponse {
-            experiments: list.iter().map(|e| convert::experiment_to_pb(e, now)).collect(),
+            experiments: list.iter().map(|e| wire::experiment_to_pb(e, now)).collect(),
         }))
     }
 
@@ -158,7 +159,7 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
             return Err(ApiError::InvalidArgument("no experiment id given".into()).into());
         }
         let exp = self.blocking(move |e| e.get(&id)).await?;
-        Ok(Response::new(convert::experiment_to_pb(&exp, SystemTime::now())))
+        Ok(Response::new(wire::experiment_to_pb(&exp, SystemTime::now())))
     }
 
     async fn recover(&self, req: Request<pb::RecoverRequest>) -> Result<Response<pb::RecoverResponse>, Status> {
@@ -179,7 +180,7 @@ impl pb::chaosd_server::Chaosd for ChaosdService {
         };
         let now = SystemTime::now();
         Ok(Response::new(pb::RecoverResponse {
-            recovered: recovered.iter().map(|e| convert::experiment_to_pb(e, now)).collect(),
+            recovered: recovered.iter().map(|e| wire::experiment_to_pb(e, now)).collect(),
         }))
     }
 
@@ -237,7 +238,7 @@ fn event_to_pb(ev: &Event) -> pb::ExperimentEvent {
     pb::ExperimentEvent {
         at: Some(chaos_proto::timestamp_to_proto(ev.at)),
         kind: kind as i32,
-        experiment: Some(convert::experiment_to_pb(&ev.experiment, ev.at)),
+        experiment: Some(wire::experiment_to_pb(&ev.experiment, ev.at)),
     }
 }
 

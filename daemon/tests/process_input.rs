@@ -18,7 +18,7 @@ fn refused(driver: &ProcessDriver, target: Target, fault: Fault) -> ApiError {
     let exp = experiment("bad", target, fault, Some(Duration::from_secs(10)));
     let mut rec = VecRecorder::default();
     match driver.apply(&exp, &ctx(&exp), &mut rec) {
-        Ok(()) => {
+        Ok(_) => {
             let _ = driver.revert(&exp, &rec.0);
             panic!("{:?} on {} was accepted", exp.fault, exp.target);
         }

@@ -31,7 +31,7 @@ fn cpu(workers: u32) -> Fault {
 fn refused(driver: &StressDriver, exp: &Experiment) -> ApiError {
     let mut rec = VecRecorder::default();
     match driver.apply(exp, &ctx(exp), &mut rec) {
-        Ok(()) => {
+        Ok(_) => {
             let _ = driver.revert(exp, &rec.0);
             panic!("{:?} on {} was accepted", exp.fault, exp.target);
         }

@@ -38,8 +38,4 @@ impl NetObject {
     pub fn to_value(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("NetObject serializes")
     }
-
-    pub fn from_value(v: &serde_json::Value) -> Option<Self> {
-        serde_json::from_value(v.clone()).ok()
-    }
 }

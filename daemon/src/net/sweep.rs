@@ -46,6 +46,7 @@ use super::{
     target::{self, FoundNs},
 };
 use crate::{
+    driver::decode_records,
     experiment::Experiment,
     netlink::{NetlinkError, RouteSocket},
     owner::{Owner, Whose},
@@ -53,18 +54,27 @@ use crate::{
 };
 
 pub fn sweep(dp: &Datapath, owner: &Owner, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
-    let mut removed = sweep_maps(dp, known);
-    removed.extend(sweep_namespaces(owner, known));
+    let mut objects = Vec::new();
+    for (exp, records) in known {
+        match decode_records::<NetObject>("network", records) {
+            Ok(o) => objects.extend(o),
+            // What is chaosd's and not accounted for cannot be told apart
+            // from what this experiment holds: sweep nothing.
+            Err(e) => {
+                tracing::error!(id = %exp.id, error = %e, "not sweeping: a known experiment's records do not decode");
+                return Vec::new();
+            }
+        }
+    }
+    let mut removed = sweep_maps(dp, &objects);
+    removed.extend(sweep_namespaces(owner, &objects));
     removed
 }
 
 /// Rule ids, links and pins in the maps under the daemon's bpffs directory.
-fn sweep_maps(dp: &Datapath, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
-    let known_ids: BTreeSet<u32> = known
-        .iter()
-        .flat_map(|(_, objs)| objs.iter().filter_map(NetObject::from_value))
-        .filter_map(|o| if let NetObject::Rule { rule, .. } = o { Some(rule) } else { None })
-        .collect();
+fn sweep_maps(dp: &Datapath, known: &[NetObject]) -> Vec<String> {
+    let known_ids: BTreeSet<u32> =
+        known.iter().filter_map(|o| if let NetObject::Rule { rule, .. } = o { Some(*rule) } else { None }).collect();
     let mut removed = Vec::new();
     let mut maps = dp.lock();
     let orphans = rulemaps::unknown_rules(&maps, &known_ids);
@@ -101,9 +111,9 @@ struct Owned {
     clsacts: BTreeSet<String>,
 }
 
-fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned> {
+fn owned_by_namespace(known: &[NetObject]) -> BTreeMap<u32, Owned> {
     let mut out: BTreeMap<u32, Owned> = BTreeMap::new();
-    for o in known.iter().flat_map(|(_, objs)| objs.iter().filter_map(NetObject::from_value)) {
+    for o in known.iter().cloned() {
         match o {
             NetObject::Ifb { netns, name, for_ifname } => {
                 let e = out.entry(netns).or_default();
@@ -142,7 +152,7 @@ fn owned_by_namespace(known: &[(Experiment, Vec<Value>)]) -> BTreeMap<u32, Owned
 
 /// Visits every reachable namespace on its own thread and removes what
 /// chaosd marked there and no known experiment accounts for.
-fn sweep_namespaces(owner: &Owner, known: &[(Experiment, Vec<Value>)]) -> Vec<String> {
+fn sweep_namespaces(owner: &Owner, known: &[NetObject]) -> Vec<String> {
     let started = Instant::now();
     let owned = owned_by_namespace(known);
     let nobody = Owned::default();

@@ -11,7 +11,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     clients::{self, Spared},
@@ -20,7 +20,7 @@ use super::{
     signal, targets,
 };
 use crate::{
-    driver::{ApplyContext, Driver, Liveness, Recorder},
+    driver::{Applied, ApplyContext, Driver, Liveness, RecordError, Recorder, decode_records},
     error::ApiError,
     experiment::{Counters, Experiment},
     spec::{Fault, ProcessFault, Target},
@@ -37,16 +37,28 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// pause on time, the guardian is the backstop when it cannot.
 const GUARDIAN_SLACK: Duration = Duration::from_secs(1);
 
-const KIND_PAUSED: &str = "paused";
-const KIND_SIGNALLED: &str = "signalled";
-const KIND_GUARDIAN: &str = "pause-guardian";
-const KIND_GUARDIAN_INTENT: &str = "pause-guardian-intent";
+/// What the process driver records in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum ProcessObject {
+    /// A process stopped with SIGSTOP (resumed at revert).
+    Paused { pid: u32, start_time: u64 },
+    /// A process sent the kill fault's signal.
+    Signalled { pid: u32, start_time: u64 },
+    /// The guardian process that resumes paused processes if chaosd dies.
+    PauseGuardian { pid: u32, start_time: u64 },
+    /// Written before the guardian is started (it has no pid yet).
+    PauseGuardianIntent,
+}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ProcObject {
-    kind: String,
-    pid: u32,
-    start_time: u64,
+impl ProcessObject {
+    fn paused(&self) -> Option<ProcId> {
+        if let Self::Paused { pid, start_time } = *self { Some(ProcId { pid, start_time }) } else { None }
+    }
+
+    fn signalled(&self) -> Option<ProcId> {
+        if let Self::Signalled { pid, start_time } = *self { Some(ProcId { pid, start_time }) } else { None }
+    }
 }
 
 struct Pause {
@@ -65,20 +77,19 @@ pub struct ProcessDriver {
     applying: Mutex<()>,
 }
 
-fn objects_of(objects: &[Value], kind: &str) -> Vec<ProcId> {
-    objects
-        .iter()
-        .filter_map(|o| serde_json::from_value::<ProcObject>(o.clone()).ok())
-        .filter(|o| o.kind == kind)
-        .map(|o| ProcId { pid: o.pid, start_time: o.start_time })
-        .collect()
+fn decoded(objects: &[Value]) -> Result<Vec<ProcessObject>, RecordError> {
+    decode_records("process", objects)
 }
 
-fn record(rec: &mut dyn Recorder, kind: &str, id: ProcId) -> Result<(), ApiError> {
-    rec.record(
-        serde_json::to_value(ProcObject { kind: kind.into(), pid: id.pid, start_time: id.start_time })
-            .expect("plain struct"),
-    )
+/// The processes of one kind of record. Where a record does not decode
+/// (`decode` reports it: the engine asks before it reverts or adopts what
+/// a journal left), this is best effort and finds none.
+fn objects_of(objects: &[Value], pick: fn(&ProcessObject) -> Option<ProcId>) -> Vec<ProcId> {
+    decoded(objects).unwrap_or_default().iter().filter_map(pick).collect()
+}
+
+fn record(rec: &mut dyn Recorder, object: ProcessObject) -> Result<(), ApiError> {
+    rec.record(serde_json::to_value(object).expect("plain enum"))
 }
 
 impl ProcessDriver {
@@ -174,12 +185,14 @@ impl ProcessDriver {
         Ok((set, spared))
     }
 
-    fn apply_kill(&self, exp: &Experiment, sig: i32, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+    /// Signals every process of the target; returns how many were
+    /// recorded (and so counted as signalled).
+    fn apply_kill(&self, exp: &Experiment, sig: i32, rec: &mut dyn Recorder) -> Result<usize, ApiError> {
         let (procs, spared) = self.resolve(&exp.target)?;
         let mut sent = 0;
         let mut errors = Vec::new();
         for id in procs.values() {
-            record(rec, KIND_SIGNALLED, *id)?;
+            record(rec, ProcessObject::Signalled { pid: id.pid, start_time: id.start_time })?;
             match signal::signal_exact(*id, sig) {
                 Ok(true) => sent += 1,
                 Ok(false) => {}
@@ -198,7 +211,7 @@ impl ProcessDriver {
             });
         }
         report_spared(&exp.id, spared);
-        Ok(())
+        Ok(procs.len())
     }
 
     fn apply_pause(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
@@ -222,7 +235,7 @@ impl ProcessDriver {
             _ => None,
         };
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
-        rec.record(json!({ "kind": KIND_GUARDIAN_INTENT }))?;
+        record(rec, ProcessObject::PauseGuardianIntent)?;
         let mut g = Guardian::spawn(
             &self.exe,
             &exp.id,
@@ -233,7 +246,7 @@ impl ProcessDriver {
         let mut pause = Pause { procs: Vec::new(), guardian: None, target_pid };
         let mut spared_late = Vec::new();
         let result = (|| -> Result<(), ApiError> {
-            record(rec, KIND_GUARDIAN, g.id)?;
+            record(rec, ProcessObject::PauseGuardian { pid: g.id.pid, start_time: g.id.start_time })?;
             // A cgroup's processes may fork while we stop them: go round
             // until a pass finds nothing new (stopped processes cannot fork).
             for _round in 0..5 {
@@ -241,7 +254,7 @@ impl ProcessDriver {
                     if pause.procs.iter().any(|p| p.pid == id.pid) {
                         continue;
                     }
-                    record(rec, KIND_PAUSED, *id)?;
+                    record(rec, ProcessObject::Paused { pid: id.pid, start_time: id.start_time })?;
                     g.add(*id).map_err(|e| {
                         ApiError::Internal(format!("telling the pause guardian about pid {}: {e}", id.pid))
                     })?;
@@ -331,24 +344,33 @@ fn stand_down_old_guardians(exp_id: &str, keep: Option<u32>) {
 }
 
 impl Driver for ProcessDriver {
-    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<Applied, ApiError> {
         match &exp.fault {
-            Fault::Process(ProcessFault::Kill { signal }) => self.apply_kill(exp, *signal, rec),
-            Fault::Process(ProcessFault::Pause) => self.apply_pause(exp, ctx, rec),
+            Fault::Process(ProcessFault::Kill { signal }) => {
+                let signalled = self.apply_kill(exp, *signal, rec)?;
+                // A signal is done once sent: nothing stays to recover.
+                Ok(Applied::Done { reason: format!("signal sent to {signalled} process(es)") })
+            }
+            Fault::Process(ProcessFault::Pause) => self.apply_pause(exp, ctx, rec).map(|()| Applied::Active),
             other => {
                 Err(ApiError::InvalidArgument(format!("the process driver cannot apply a {} fault", other.name())))
             }
         }
     }
 
+    fn decode(&self, objects: &[Value]) -> Result<(), RecordError> {
+        decoded(objects).map(drop)
+    }
+
     fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
+        decoded(objects).map_err(|e| vec![format!("{e}; nothing of {} was resumed", exp.id)])?;
         if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
             // A signal cannot be taken back.
             return Ok(());
         }
         let mut errors = Vec::new();
         let pause = self.paused().remove(&exp.id);
-        let mut procs = objects_of(objects, KIND_PAUSED);
+        let mut procs = objects_of(objects, ProcessObject::paused);
         if let Some(p) = &pause {
             procs.extend(p.procs.iter().filter(|i| !procs.contains(i)).copied().collect::<Vec<_>>());
         }
@@ -368,14 +390,14 @@ impl Driver for ProcessDriver {
     }
 
     fn counters(&self, _exp: &Experiment, objects: &[Value]) -> Counters {
-        let n = objects_of(objects, KIND_PAUSED).len() + objects_of(objects, KIND_SIGNALLED).len();
+        let n = objects_of(objects, ProcessObject::paused).len() + objects_of(objects, ProcessObject::signalled).len();
         Counters { processes_signalled: n as u32, ..Counters::default() }
     }
 
     fn liveness(&self, exp: &Experiment, objects: &[Value]) -> Liveness {
         let alive = match self.paused().get(&exp.id).and_then(|p| p.target_pid) {
             Some(id) => procfs::is_alive(id),
-            None => objects_of(objects, KIND_PAUSED).into_iter().any(procfs::is_alive),
+            None => objects_of(objects, ProcessObject::paused).into_iter().any(procfs::is_alive),
         };
         if alive { Liveness::Alive } else { Liveness::Gone }
     }
@@ -390,7 +412,7 @@ impl Driver for ProcessDriver {
         if !matches!(exp.fault, Fault::Process(ProcessFault::Pause)) {
             return Ok(());
         }
-        let still: Vec<ProcId> = objects_of(objects, KIND_PAUSED)
+        let still: Vec<ProcId> = objects_of(objects, ProcessObject::paused)
             .into_iter()
             .filter(|id| procfs::stat_if_same(*id).is_some_and(|s| s.is_stopped()))
             .collect();

@@ -13,7 +13,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     cgroup::{CgroupSet, Layout, Roots},
@@ -22,7 +22,7 @@ use super::{
     worker::STRESSOR_COMM,
 };
 use crate::{
-    driver::{ApplyContext, Driver, Liveness, Recorder},
+    driver::{Applied, ApplyContext, Driver, Liveness, RecordError, Recorder, decode_records},
     error::ApiError,
     experiment::{Counters, Experiment},
     process::{
@@ -32,17 +32,19 @@ use crate::{
     spec::{Fault, StressFault, Target},
 };
 
-/// One recorded stressor, as journalled after it was spawned.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct StressorObject {
-    kind: String,
-    worker: u32,
-    pid: u32,
-    start_time: u64,
+/// What the stress driver records in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StressObject {
+    /// Written before worker `worker` is started (it has no pid yet).
+    StressorIntent { worker: u32 },
+    /// A stressor, journalled once it was spawned.
+    Stressor { worker: u32, pid: u32, start_time: u64 },
 }
 
-const KIND_INTENT: &str = "stressor-intent";
-const KIND_STRESSOR: &str = "stressor";
+fn decoded(objects: &[Value]) -> Result<Vec<StressObject>, RecordError> {
+    decode_records("stress", objects)
+}
 
 struct Stressor {
     id: ProcId,
@@ -124,7 +126,7 @@ impl StressDriver {
     ) -> Result<(), ApiError> {
         let mut gates = Vec::with_capacity(plan.len());
         for (i, mode) in plan.iter().enumerate() {
-            rec.record(json!({ "kind": KIND_INTENT, "worker": i }))?;
+            rec.record(serde_json::to_value(StressObject::StressorIntent { worker: i as u32 }).expect("plain enum"))?;
             let (r, w) = std::io::pipe().map_err(|e| ApiError::Internal(format!("pipe for a stressor: {e}")))?;
             let child = self
                 .spawner
@@ -141,8 +143,7 @@ impl StressDriver {
             });
             gates.push(w);
             rec.record(
-                serde_json::to_value(StressorObject { kind: KIND_STRESSOR.into(), worker: i as u32, pid, start_time })
-                    .expect("plain struct"),
+                serde_json::to_value(StressObject::Stressor { worker: i as u32, pid, start_time }).expect("plain enum"),
             )?;
             cgroups.join(pid)?;
             // Highest score by default: when the target's limit is hit, the
@@ -207,12 +208,17 @@ fn kill_stressors(stressors: &mut [Stressor], errors: &mut Vec<String>) {
     }
 }
 
+/// The recorded stressors. Where a record does not decode (`decode`
+/// reports it: the engine asks before it reverts or adopts what a journal
+/// left), this is best effort and finds none.
 fn recorded(objects: &[Value]) -> Vec<ProcId> {
-    objects
-        .iter()
-        .filter_map(|o| serde_json::from_value::<StressorObject>(o.clone()).ok())
-        .filter(|o| o.kind == KIND_STRESSOR)
-        .map(|o| ProcId { pid: o.pid, start_time: o.start_time })
+    decoded(objects)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|o| match o {
+            StressObject::Stressor { pid, start_time, .. } => Some(ProcId { pid, start_time }),
+            StressObject::StressorIntent { .. } => None,
+        })
         .collect()
 }
 
@@ -240,7 +246,7 @@ fn describe_exit(pid: u32, status: ExitStatus, oom_delta: Option<u64>, cgroups: 
 }
 
 impl Driver for StressDriver {
-    fn apply(&self, exp: &Experiment, _ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+    fn apply(&self, exp: &Experiment, _ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<Applied, ApiError> {
         let Fault::Stress(fault) = &exp.fault else {
             return Err(ApiError::InvalidArgument(format!(
                 "the stress driver cannot apply a {} fault",
@@ -266,10 +272,15 @@ impl Driver for StressDriver {
             });
         }
         self.runs().insert(exp.id.clone(), Run { stressors: started, cgroups, oom_base, target_pid, ended: false });
-        Ok(())
+        Ok(Applied::Active)
+    }
+
+    fn decode(&self, objects: &[Value]) -> Result<(), RecordError> {
+        decoded(objects).map(drop)
     }
 
     fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
+        decoded(objects).map_err(|e| vec![format!("{e}; no stressor of {} was stopped", exp.id)])?;
         let mut stressors = self.runs().remove(&exp.id).map(|r| r.stressors).unwrap_or_default();
         let known: HashSet<u32> = stressors.iter().map(|s| s.id.pid).collect();
         for id in recorded(objects) {

@@ -212,7 +212,7 @@ pub fn experiment(
 pub fn apply(d: &NetworkDriver, exp: &Experiment, active: &[Experiment]) -> Result<Vec<Value>, ApiError> {
     let mut rec = Collect::default();
     let ctx = ApplyContext { active, duration: exp.duration };
-    d.apply(exp, &ctx, &mut rec).map(|()| rec.0)
+    d.apply(exp, &ctx, &mut rec).map(|_| rec.0)
 }
 
 /// A UDP socket bound inside namespace `ns`.

@@ -20,7 +20,7 @@ use super::{
     target,
 };
 use crate::{
-    driver::{ApplyContext, Driver, Liveness, Recorder},
+    driver::{Applied, ApplyContext, Driver, Liveness, RecordError, Recorder, decode_records},
     error::ApiError,
     experiment::{Counters, Experiment},
     owner::Owner,
@@ -105,12 +105,12 @@ impl NetworkDriver {
     }
 }
 
-fn parse_objects(objects: &[Value]) -> Vec<NetObject> {
-    objects.iter().filter_map(NetObject::from_value).collect()
+fn decoded(objects: &[Value]) -> Result<Vec<NetObject>, RecordError> {
+    decode_records("network", objects)
 }
 
 impl Driver for NetworkDriver {
-    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<(), ApiError> {
+    fn apply(&self, exp: &Experiment, ctx: &ApplyContext<'_>, rec: &mut dyn Recorder) -> Result<Applied, ApiError> {
         let Fault::Network(fault) = &exp.fault else {
             return Err(ApiError::InvalidArgument(format!(
                 "the network driver cannot apply a {} fault",
@@ -122,11 +122,15 @@ impl Driver for NetworkDriver {
         let mut taken = apply::Taken::new(self, exp);
         self.apply_inner(exp, fault, ctx, rec, &mut taken)?;
         taken.keep();
-        Ok(())
+        Ok(Applied::Active)
+    }
+
+    fn decode(&self, objects: &[Value]) -> Result<(), RecordError> {
+        decoded(objects).map(drop)
     }
 
     fn revert(&self, exp: &Experiment, objects: &[Value]) -> Result<(), Vec<String>> {
-        let objs = parse_objects(objects);
+        let objs = decoded(objects).map_err(|e| vec![format!("{e}; nothing of {} was removed", exp.id)])?;
         let errors = self.undo(exp, &objs);
         self.forget_restored_roots(exp, &objs);
         self.netns_of.lock().unwrap_or_else(|p| p.into_inner()).remove(&exp.id);
@@ -135,7 +139,8 @@ impl Driver for NetworkDriver {
 
     fn counters(&self, _exp: &Experiment, objects: &[Value]) -> Counters {
         let mut c = Counters::default();
-        for o in parse_objects(objects) {
+        // Best effort, as counters are: records that do not decode count 0.
+        for o in decoded(objects).unwrap_or_default() {
             if let NetObject::Rule { rule, .. } = o {
                 let s = self.dp.rule_stats(rule);
                 c.packets_matched += s.matched;
@@ -147,7 +152,7 @@ impl Driver for NetworkDriver {
     }
 
     fn liveness(&self, exp: &Experiment, objects: &[Value]) -> Liveness {
-        let recorded = parse_objects(objects).iter().find_map(|o| match o {
+        let recorded = decoded(objects).unwrap_or_default().iter().find_map(|o| match o {
             NetObject::Rule { netns, .. } => Some(*netns),
             _ => None,
         });
@@ -166,7 +171,7 @@ impl Driver for NetworkDriver {
                 self.config.grace, exp.id
             )));
         }
-        let objs = parse_objects(objects);
+        let objs = decoded(objects).map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
         {
             let mut known = self.saved_roots.lock().unwrap_or_else(|p| p.into_inner());
             for o in &objs {
@@ -224,7 +229,8 @@ impl Driver for NetworkDriver {
     }
 
     fn verify(&self, exp: &Experiment, objects: &[Value]) -> Result<(), String> {
-        super::verify::verify(&self.dp, &self.config.owner, exp, &parse_objects(objects))
+        let objs = decoded(objects).map_err(|e| e.to_string())?;
+        super::verify::verify(&self.dp, &self.config.owner, exp, &objs)
     }
 
     fn tick(&self) -> Vec<(String, String)> {

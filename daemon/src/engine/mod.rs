@@ -3,6 +3,14 @@
 //! per target (not globally), the journal is written before a driver touches
 //! the kernel, and a background ticker ends experiments on time, notices
 //! targets that went away and refreshes the drivers (BPF heartbeat).
+//! Which driver runs a fault is all it knows of fault kinds: a driver's
+//! `apply` says whether the experiment stays active or is already over.
+
+mod reconcile;
+#[cfg(test)]
+mod tests;
+
+pub use reconcile::Reconciled;
 
 use std::{
     collections::HashMap,
@@ -17,11 +25,11 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::{
-    driver::{ApplyContext, Driver, Liveness, Recorder},
+    driver::{Applied, ApplyContext, Driver, Liveness, Recorder},
     error::ApiError,
     experiment::{Experiment, State},
     journal::Journal,
-    spec::{Fault, ProcessFault, Target},
+    spec::{Fault, Target},
 };
 
 /// Which driver carries out a fault.
@@ -143,14 +151,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Outcome of reconciliation at start, for the log.
-#[derive(Debug, Default)]
-pub struct Reconciled {
-    pub resumed: Vec<String>,
-    pub reverted: Vec<(String, String)>,
-    pub swept: Vec<String>,
-}
-
 impl Engine {
     pub fn new(journal: Journal, drivers: Drivers) -> Self {
         let (events, _) = broadcast::channel(1024);
@@ -217,25 +217,26 @@ impl Engine {
         let objects = rec.objects;
 
         match applied {
-            Ok(()) => {
+            Ok(Applied::Done { reason }) => {
+                exp.ends_at = exp.duration.map(|d| SystemTime::now() + d);
+                exp.counters = driver.counters(&exp, &objects);
+                exp.state = State::Expired;
+                exp.ended_at = Some(SystemTime::now());
+                exp.reason = reason;
+                self.save(&exp);
+                Ok(exp)
+            }
+            Ok(Applied::Active) => {
                 // The fault lasts its duration from the moment it is in
                 // effect: an apply that took seconds (BPF verification on a
                 // slow host) must not shorten it.
                 exp.ends_at = exp.duration.map(|d| SystemTime::now() + d);
                 exp.counters = driver.counters(&exp, &objects);
-                if matches!(exp.fault, Fault::Process(ProcessFault::Kill { .. })) {
-                    // A signal is done once sent: nothing stays to recover.
-                    exp.state = State::Expired;
-                    exp.ended_at = Some(SystemTime::now());
-                    exp.reason = format!("signal sent to {} process(es)", exp.counters.processes_signalled);
-                    self.save(&exp);
-                    return Ok(exp);
-                }
                 exp.state = State::Active;
                 self.save(&exp);
                 lock(&self.live).insert(exp.id.clone(), Live { exp: exp.clone(), objects });
                 let elapsed_us = started.elapsed().as_micros() as u64;
-                tracing::info!(id = %exp.id, summary = %crate::convert::summary(&exp), elapsed_us, "injected");
+                tracing::info!(id = %exp.id, summary = %crate::display::summary(&exp), elapsed_us, "injected");
                 Ok(exp)
             }
             Err(e) => {
@@ -431,72 +432,6 @@ impl Engine {
         for e in self.live_with_counters() {
             self.emit(EventKind::Counters, &e);
         }
-    }
-
-    /// At start: closes what an earlier boot left, reverts what expired, lost
-    /// its target or was caught half-way, resumes what is still due, then
-    /// lets each driver sweep marked objects that no entry owns.
-    pub fn reconcile(&self) -> Result<Reconciled, ApiError> {
-        let boot_id = self.journal().boot_id().to_string();
-        let unfinished = self.journal().unfinished().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let mut out = Reconciled::default();
-        let now = SystemTime::now();
-        for u in unfinished {
-            let mut exp = u.experiment;
-            let end = |engine: &Self, exp: &mut Experiment, state: State, reason: String| {
-                exp.state = state;
-                exp.reason = reason;
-                exp.ended_at = Some(SystemTime::now());
-                engine.save(exp);
-            };
-            if u.boot_id != boot_id {
-                end(self, &mut exp, State::Expired, "ended by reboot".into());
-                out.reverted.push((exp.id.clone(), "ended by reboot".into()));
-                continue;
-            }
-            let driver = match self.drivers.get(DriverKind::of(&exp.fault)) {
-                Ok(d) => d,
-                Err(e) => {
-                    end(self, &mut exp, State::Failed, format!("cannot reconcile: {e}"));
-                    continue;
-                }
-            };
-            let why_revert = if exp.state != State::Active {
-                Some((State::Failed, format!("daemon stopped while {:?}", exp.state).to_lowercase()))
-            } else if exp.ends_at.is_some_and(|t| t <= now) {
-                Some((State::Expired, "duration elapsed while the daemon was down".to_string()))
-            } else if driver.liveness(&exp, &u.objects) == Liveness::Gone {
-                Some((State::Failed, format!("target gone: {}", exp.target)))
-            } else {
-                match driver.adopt(&exp, &u.objects) {
-                    Ok(()) => None,
-                    Err(e) => Some((State::Failed, format!("could not resume after restart: {e}"))),
-                }
-            };
-            match why_revert {
-                None => {
-                    tracing::info!(id = %exp.id, "resumed after restart");
-                    out.resumed.push(exp.id.clone());
-                    lock(&self.live).insert(exp.id.clone(), Live { exp, objects: u.objects });
-                }
-                Some((state, reason)) => {
-                    let reason = match driver.revert(&exp, &u.objects) {
-                        Ok(()) => reason,
-                        Err(errs) => format!("{reason}; recovery incomplete: {}", errs.join("; ")),
-                    };
-                    out.reverted.push((exp.id.clone(), reason.clone()));
-                    end(self, &mut exp, state, reason);
-                }
-            }
-        }
-        let known: Vec<(Experiment, Vec<Value>)> =
-            lock(&self.live).values().map(|l| (l.exp.clone(), l.objects.clone())).collect();
-        for (kind, driver) in self.drivers.all() {
-            let mine: Vec<(Experiment, Vec<Value>)> =
-                known.iter().filter(|(e, _)| DriverKind::of(&e.fault) == kind).cloned().collect();
-            out.swept.extend(driver.sweep(&mine));
-        }
-        Ok(out)
     }
 
     /// Refuses new work and recovers every active experiment.
