@@ -18,6 +18,19 @@ pub enum State {
 }
 
 impl State {
+    /// The state as the journal stores it and messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Injecting => "injecting",
+            State::Active => "active",
+            State::Recovering => "recovering",
+            State::Recovered => "recovered",
+            State::Failed => "failed",
+            State::Expired => "expired",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, State::Recovered | State::Failed | State::Expired)
     }

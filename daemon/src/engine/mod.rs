@@ -330,7 +330,7 @@ impl Engine {
         match self.journal().get(id) {
             Ok(Some(e)) if e.state.is_terminal() => ApiError::FailedPrecondition(format!(
                 "experiment {id} already ended ({}{})",
-                format!("{:?}", e.state).to_lowercase(),
+                e.state.name(),
                 if e.reason.is_empty() { String::new() } else { format!(": {}", e.reason) }
             )),
             _ => ApiError::NotFound(format!("no experiment with id '{id}' (`chaosctl list` shows the active ones)")),

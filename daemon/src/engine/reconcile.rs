@@ -71,7 +71,7 @@ impl Engine {
                 }
             };
             let why_revert = if exp.state != State::Active {
-                Some((State::Failed, format!("daemon stopped while {:?}", exp.state).to_lowercase()))
+                Some((State::Failed, format!("daemon stopped while {}", exp.state.name())))
             } else if exp.ends_at.is_some_and(|t| t <= now) {
                 Some((State::Expired, "duration elapsed while the daemon was down".to_string()))
             } else if driver.liveness(&exp, &u.objects) == Liveness::Gone {

@@ -12,13 +12,16 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
 
-use super::{netem_dist, objects::NetObject, target::Device};
+use self::options::{htb_class_options, netem_options};
+use super::objects::NetObject;
 use crate::{
     netlink::{NetlinkError, RouteSocket},
     owner::Owner,
     spec::{Direction, NetAction},
     tc::{self, QdiscSpec},
 };
+
+mod options;
 
 pub use chaosd_common::HTB_MAJOR;
 /// Priority of the cls_bpf + mirred filter that moves delayed ingress
@@ -69,14 +72,20 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(rule: u32, action: &NetAction, dir: Direction, devices: &[Device]) -> Self {
+    /// `devices`: (name, ifindex) of each device the fault shapes.
+    pub fn new<'a>(
+        rule: u32,
+        action: &NetAction,
+        dir: Direction,
+        devices: impl IntoIterator<Item = (&'a str, u32)>,
+    ) -> Self {
         let mut targets = Vec::new();
-        for d in devices {
+        for (name, ifindex) in devices {
             if dir.egress() {
-                targets.push((d.name.clone(), None));
+                targets.push((name.to_string(), None));
             }
             if dir.ingress() {
-                targets.push((ifb_name(d.ifindex), Some((d.name.clone(), d.ifindex))));
+                targets.push((ifb_name(ifindex), Some((name.to_string(), ifindex))));
             }
         }
         Self { classid: classid(rule), action: action.clone(), targets }
@@ -162,37 +171,6 @@ fn classes(sock: &mut RouteSocket, ifindex: u32) -> Result<Vec<TcHandle>, Netlin
     Ok(out)
 }
 
-/// struct tc_ratespec + rate: Ethernet link layer, so no rate table needed.
-fn ratespec(bytes_per_sec: u64) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[1] = 1; // TC_LINKLAYER_ETHERNET
-    b[8..12].copy_from_slice(&(bytes_per_sec.min(u32::MAX as u64) as u32).to_ne_bytes());
-    b
-}
-
-/// TCA_OPTIONS of an HTB class: rate = ceil = `bps` bytes/s, burst bytes.
-fn htb_class_options(bps: u64, burst: u32) -> Vec<u8> {
-    const TCA_HTB_PARMS: u16 = 1;
-    const TCA_HTB_RATE64: u16 = 6;
-    const TCA_HTB_CEIL64: u16 = 7;
-    // Buffer in psched ticks (64 ns): time to send `burst` at `bps`.
-    let ticks = ((burst as u128 * 1_000_000_000 / bps.max(1) as u128) / 64).min(u32::MAX as u128) as u32;
-    let quantum = (bps / 10).clamp(1600, 200_000) as u32;
-    let mut parms = Vec::with_capacity(44);
-    parms.extend_from_slice(&ratespec(bps));
-    parms.extend_from_slice(&ratespec(bps));
-    for v in [ticks, ticks, quantum, 0, 0] {
-        parms.extend_from_slice(&v.to_ne_bytes());
-    }
-    let mut out = Vec::new();
-    if bps > u32::MAX as u64 {
-        out.extend(tc::nla(TCA_HTB_RATE64, &bps.to_ne_bytes()));
-        out.extend(tc::nla(TCA_HTB_CEIL64, &bps.to_ne_bytes()));
-    }
-    out.extend(tc::nla(TCA_HTB_PARMS, &parms));
-    out
-}
-
 /// Puts chaosd's HTB at the root unless it is there already, with the
 /// owner's mark: a cls_bpf filter on chain `MARK_CHAIN` of the HTB, which
 /// nothing ever jumps to, so it never runs; it exists to carry the owner's
@@ -266,70 +244,6 @@ pub fn bpf_filter_name(f: &TcMessage) -> Option<String> {
         }),
         _ => None,
     })
-}
-
-/// netem's TCA_OPTIONS: struct tc_netem_qopt followed by attributes.
-pub fn netem_options(action: &NetAction) -> Vec<u8> {
-    const TCA_NETEM_CORR: u16 = 1;
-    const TCA_NETEM_DELAY_DIST: u16 = 2;
-    const TCA_NETEM_REORDER: u16 = 3;
-    const TCA_NETEM_CORRUPT: u16 = 4;
-    const TCA_NETEM_LATENCY64: u16 = 10;
-    const TCA_NETEM_JITTER64: u16 = 11;
-    let pct = |p: f64| (p / 100.0 * u32::MAX as f64).round() as u32;
-    let (mut latency, mut jitter, mut dup, mut corr) = (0u64, 0u64, 0u32, [0u32; 3]);
-    // netem reorders only with a gap: with gap 0 every packet is delayed and
-    // none goes out at once. tc(8) sets gap 1 when `reorder` is given.
-    let mut gap = 0u32;
-    let mut extra = Vec::new();
-    match action {
-        NetAction::Delay { latency: l, jitter: j, correlation, distribution } => {
-            latency = l.as_nanos() as u64;
-            jitter = j.as_nanos() as u64;
-            corr[0] = pct(*correlation);
-            if let Some(table) = distribution.and_then(netem_dist::table_bytes) {
-                extra.extend(tc::nla(TCA_NETEM_DELAY_DIST, &table));
-            }
-        }
-        NetAction::Duplicate { percent, correlation } => {
-            dup = pct(*percent);
-            corr[2] = pct(*correlation);
-        }
-        NetAction::Corrupt { percent, correlation } => {
-            let mut b = Vec::new();
-            b.extend_from_slice(&pct(*percent).to_ne_bytes());
-            b.extend_from_slice(&pct(*correlation).to_ne_bytes());
-            extra.extend(tc::nla(TCA_NETEM_CORRUPT, &b));
-        }
-        NetAction::Reorder { percent, correlation, latency: l } => {
-            latency = l.as_nanos() as u64;
-            gap = 1;
-            let mut b = Vec::new();
-            b.extend_from_slice(&pct(*percent).to_ne_bytes());
-            b.extend_from_slice(&pct(*correlation).to_ne_bytes());
-            extra.extend(tc::nla(TCA_NETEM_REORDER, &b));
-        }
-        _ => {}
-    }
-    // Queue limit: enough packets for ~12 Gbit/s of 1500-byte packets
-    // during the longest delay, so netem itself never drops.
-    let hold_s = (latency + jitter) as f64 / 1e9;
-    let limit = ((hold_s * 1_000_000.0) as u64).clamp(10_000, 10_000_000) as u32;
-    let ticks = |ns: u64| (ns / 64).min(u32::MAX as u64) as u32;
-    let mut b = Vec::new();
-    // latency, limit, loss, gap, duplicate, jitter
-    for v in [ticks(latency), limit, 0, gap, dup, ticks(jitter)] {
-        b.extend_from_slice(&v.to_ne_bytes());
-    }
-    let mut c = Vec::new();
-    for v in corr {
-        c.extend_from_slice(&v.to_ne_bytes());
-    }
-    b.extend(tc::nla(TCA_NETEM_CORR, &c));
-    b.extend(tc::nla(TCA_NETEM_LATENCY64, &(latency as i64).to_ne_bytes()));
-    b.extend(tc::nla(TCA_NETEM_JITTER64, &(jitter as i64).to_ne_bytes()));
-    b.extend(extra);
-    b
 }
 
 /// The rule's class, with a netem leaf for the delay family.
@@ -593,90 +507,4 @@ pub fn undo_here(objects: &[NetObject]) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::spec::Distribution;
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
-    }
-
-    #[test]
-    fn reorder_sets_a_gap_so_that_some_packets_go_at_once() {
-        let gap = |a: &NetAction| u32::from_ne_bytes(netem_options(a)[12..16].try_into().unwrap());
-        let reorder = NetAction::Reorder { percent: 50.0, correlation: 0.0, latency: Duration::from_millis(100) };
-        assert_eq!(gap(&reorder), 1, "without a gap netem delays every packet");
-        let delay = NetAction::Delay {
-            latency: Duration::from_millis(100),
-            jitter: Duration::ZERO,
-            correlation: 0.0,
-            distribution: None,
-        };
-        assert_eq!(gap(&delay), 0);
-    }
-
-    #[test]
-    fn netem_options_carry_latency_jitter_and_a_limit_that_does_not_drop() {
-        let a = NetAction::Delay {
-            latency: Duration::from_millis(100),
-            jitter: Duration::from_millis(20),
-            correlation: 50.0,
-            distribution: None,
-        };
-        let b = netem_options(&a);
-        // tc_netem_qopt: latency and jitter in 64 ns ticks, limit in packets.
-        assert_eq!(u32_at(&b, 0), 100_000_000 / 64);
-        assert_eq!(u32_at(&b, 20), 20_000_000 / 64);
-        // 120 ms at ~1M packets/s.
-        assert_eq!(u32_at(&b, 4), 120_000);
-        // TCA_NETEM_CORR follows: delay correlation ~50%.
-        assert_eq!(u16::from_ne_bytes([b[26], b[27]]), 1);
-        assert_eq!(u32_at(&b, 28), (0.5 * u32::MAX as f64).round() as u32);
-    }
-
-    #[test]
-    fn a_delay_distribution_travels_as_netems_table() {
-        // Attributes after the 24-byte tc_netem_qopt: (len, type) headers.
-        let attrs = |b: &[u8]| {
-            let mut out = Vec::new();
-            let mut at = 24;
-            while at + 4 <= b.len() {
-                let len = u16::from_ne_bytes([b[at], b[at + 1]]) as usize;
-                out.push((u16::from_ne_bytes([b[at + 2], b[at + 3]]), len - 4));
-                at += (len + 3) & !3;
-            }
-            out
-        };
-        let delay = |distribution| NetAction::Delay {
-            latency: Duration::from_millis(100),
-            jitter: Duration::from_millis(20),
-            correlation: 0.0,
-            distribution,
-        };
-        assert!(!attrs(&netem_options(&delay(None))).iter().any(|(t, _)| *t == 2), "uniform: no table");
-        assert!(!attrs(&netem_options(&delay(Some(Distribution::Uniform)))).iter().any(|(t, _)| *t == 2));
-        for d in [Distribution::Normal, Distribution::Pareto, Distribution::ParetoNormal] {
-            let a = attrs(&netem_options(&delay(Some(d))));
-            assert!(a.contains(&(2, 4096 * 2)), "{d:?}: TCA_NETEM_DELAY_DIST with 4,096 samples in {a:?}");
-        }
-    }
-
-    #[test]
-    fn htb_class_rate_is_ethernet_aware_and_64_bit_when_needed() {
-        let b = htb_class_options(125_000, 3000);
-        // Only TCA_HTB_PARMS for a rate that fits 32 bits.
-        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 1);
-        assert_eq!(b[4 + 1], 1, "TC_LINKLAYER_ETHERNET");
-        assert_eq!(u32_at(&b, 4 + 8), 125_000);
-        let big = htb_class_options(UNSHAPED_BPS * 100, 200_000);
-        assert_eq!(u16::from_ne_bytes([big[2], big[3]]), 6, "TCA_HTB_RATE64 first");
-    }
-
-    #[test]
-    fn classids_sit_under_chaosd_htb_handle() {
-        assert_eq!(classid(1), 0xc4a0_0002);
-        assert_eq!(ifb_name(12345).len(), 15);
-    }
-}
+mod tests;

@@ -139,7 +139,9 @@ impl NetworkDriver {
         // Everything known before the kernel is touched goes to the journal
         // in one commit: the rule, the user's root trees a forced fault
         // replaces, the shaping objects, the programs.
-        let plan = shaping.then(|| shaping::Plan::new(id, &fault.action, sel.direction, &selected));
+        let plan = shaping.then(|| {
+            shaping::Plan::new(id, &fault.action, sel.direction, selected.iter().map(|d| (d.name.as_str(), d.ifindex)))
+        });
         let saved = if shaping && sel.direction.egress() { self.save_roots(exp, &selected, ns.inode)? } else { vec![] };
         let mut upfront = vec![rule_obj];
         upfront.extend(saved);
