@@ -24,10 +24,11 @@ fi
 # headless and takes a screenshot; python3-jsonschema: the same test
 # validates report.json against its schema (with /usr/bin/python3).
 # prometheus: a test runs it (and promtool) on scripts/monitoring/.
+# vagrant + vagrant-libvirt: a test checks the Vagrantfile (vagrant validate).
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
       mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
       build-essential pkg-config curl ca-certificates jq chromium python3-jsonschema
-      prometheus)
+      prometheus vagrant vagrant-libvirt)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
