@@ -25,10 +25,12 @@ fi
 # validates report.json against its schema (with /usr/bin/python3).
 # prometheus: a test runs it (and promtool) on scripts/monitoring/.
 # vagrant + vagrant-libvirt: a test checks the Vagrantfile (vagrant validate).
+# systemd: `systemd-analyze verify` checks the units in scripts/systemd/
+# (it works without systemd running as PID 1).
 PKGS=(iproute2 qemu-system-x86 busybox-static cpio kmod xz-utils zstd
       mosquitto mosquitto-clients python3-paho-mqtt procps psmisc valgrind
       build-essential pkg-config curl ca-certificates jq chromium python3-jsonschema
-      prometheus vagrant vagrant-libvirt)
+      prometheus vagrant vagrant-libvirt systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,6 +8,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::tls::TlsEndpoint;
+
 /// A failure to show the user: the message and the exit code.
 #[derive(Debug)]
 pub struct CliError {
@@ -77,7 +79,84 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-pub async fn connect(socket: &Path) -> Result<ChaosdClient<Channel>, CliError> {
+/// Where chaosd is: its unix socket (the default) or its TLS port.
+#[derive(Clone, Debug)]
+pub enum Daemon {
+    Socket(PathBuf),
+    Tls(std::sync::Arc<TlsEndpoint>),
+}
+
+impl std::fmt::Display for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Daemon::Socket(p) => write!(f, "{}", p.display()),
+            Daemon::Tls(t) => f.write_str(&t.url),
+        }
+    }
+}
+
+impl Daemon {
+    /// The socket, or the endpoint when one is given (with its files).
+    pub fn new(
+        socket: &Path,
+        endpoint: Option<&str>,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        match endpoint {
+            None => {
+                if ca.is_some() || cert.is_some() || key.is_some() {
+                    return Err("--ca, --cert and --key go with --endpoint https://HOST:PORT (or CHAOSCTL_ENDPOINT); \
+                                without one chaosctl uses the unix socket"
+                        .into());
+                }
+                Ok(Daemon::Socket(socket.to_path_buf()))
+            }
+            Some(url) => Ok(Daemon::Tls(std::sync::Arc::new(TlsEndpoint::new(url, ca, cert, key)?))),
+        }
+    }
+}
+
+pub async fn connect(daemon: &Daemon) -> Result<ChaosdClient<Channel>, CliError> {
+    match daemon {
+        Daemon::Socket(socket) => connect_socket(socket).await,
+        Daemon::Tls(ep) => connect_tls(ep).await,
+    }
+}
+
+async fn connect_tls(ep: &std::sync::Arc<TlsEndpoint>) -> Result<ChaosdClient<Channel>, CliError> {
+    let config = ep.client_config().map_err(CliError::usage)?;
+    ep.clone().preflight(config.clone()).await.map_err(CliError::usage)?;
+    let dial = ep.clone();
+    // As for the socket, the URI is unused: the connector dials and does TLS.
+    let channel = Endpoint::from_static("http://chaosd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (ep, config) = (dial.clone(), config.clone());
+            async move { ep.dial(config).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| {
+            CliError::usage(
+                crate::tls::explain(ep, &e).unwrap_or_else(|| format!("cannot reach chaosd at {}: {e}", ep.url)),
+            )
+        })?;
+    Ok(ChaosdClient::new(channel))
+}
+
+/// A failed request to a daemon: a TLS refusal (which, in TLS 1.3, comes
+/// with the first request) in the words of [`crate::tls::explain`], else as
+/// for any request.
+pub fn request_error(daemon: &Daemon, s: tonic::Status) -> CliError {
+    if let Daemon::Tls(ep) = daemon
+        && let Some(line) = crate::tls::explain(ep, &s)
+    {
+        return CliError::usage(line);
+    }
+    CliError::from(s)
+}
+
+async fn connect_socket(socket: &Path) -> Result<ChaosdClient<Channel>, CliError> {
     // Check reachability first so the error names the socket and the cause.
     if let Err(e) = UnixStream::connect(socket).await {
         let hint = match e.kind() {

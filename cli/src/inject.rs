@@ -352,7 +352,7 @@ fn build(cmd: InjectCommand) -> (TargetArgs, Common, pb::fault::Kind) {
     }
 }
 
-pub async fn run(socket: &std::path::Path, out: Output, cmd: InjectCommand) -> Result<(), CliError> {
+pub async fn run(daemon: &crate::client::Daemon, out: Output, cmd: InjectCommand) -> Result<(), CliError> {
     let (target, common, fault) = build(cmd);
     let req = pb::InjectRequest {
         target: Some(target.to_pb()),
@@ -360,8 +360,8 @@ pub async fn run(socket: &std::path::Path, out: Output, cmd: InjectCommand) -> R
         duration: common.duration,
         force: common.force,
     };
-    let mut client = crate::client::connect(socket).await?;
-    let reply = client.inject(req).await?;
+    let mut client = crate::client::connect(daemon).await?;
+    let reply = client.inject(req).await.map_err(|s| crate::client::request_error(daemon, s))?;
     let note = reply.metadata().get(NOTE_HEADER).and_then(|v| v.to_str().ok()).map(String::from);
     let exp = reply.into_inner();
     let printed = match out {

@@ -1,5 +1,6 @@
 //! chaosctl: the command-line client of chaosd.
 
+mod certs;
 mod client;
 mod experiment;
 mod get;
@@ -10,6 +11,7 @@ mod parse;
 mod recover;
 mod run;
 mod status;
+mod tls;
 mod watch;
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
@@ -23,6 +25,19 @@ struct Cli {
     /// Socket of the daemon.
     #[arg(long, global = true, env = "CHAOSD_SOCKET", default_value = "/run/chaosd/chaosd.sock")]
     socket: PathBuf,
+    /// chaosd's TLS port instead of the socket: https://HOST:PORT (a daemon
+    /// started with --listen-tls); needs --ca, and --cert/--key.
+    #[arg(long, global = true, env = "CHAOSCTL_ENDPOINT", value_name = "URL")]
+    endpoint: Option<String>,
+    /// CA certificate (PEM) that signed chaosd's certificate.
+    #[arg(long, global = true, env = "CHAOSCTL_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to chaosd.
+    #[arg(long, global = true, env = "CHAOSCTL_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "CHAOSCTL_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     output: Output,
@@ -57,6 +72,10 @@ enum Command {
     /// workload and write a verdict report. Exit 0 all pass, 1 a case
     /// failed, 2 a case unknown / not run or the run could not start.
     Run(run::RunArgs),
+    /// Make a small CA, server certificates for chaosd's TLS port and
+    /// client certificates for chaosctl (no openssl needed).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 fn main() -> ExitCode {
@@ -68,9 +87,25 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    if let Command::Certs(cmd) = cli.command {
+        return match certs::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "chaosctl: {}", e.message);
+                ExitCode::from(e.code)
+            }
+        };
+    }
+    let daemon = match client::Daemon::new(&cli.socket, cli.endpoint.as_deref(), cli.ca, cli.cert, cli.key) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "chaosctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Command::Run(args) = cli.command {
         // Before any runtime: the runner may enter another network namespace.
-        return ExitCode::from(run::main(&cli.socket, args));
+        return ExitCode::from(run::main(&daemon, args));
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -81,13 +116,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Status => status::run(&cli.socket, cli.output).await,
-            Command::Inject(cmd) => inject::run(&cli.socket, cli.output, *cmd).await,
-            Command::List { all } => list::run(&cli.socket, cli.output, all).await,
-            Command::Get { id } => get::run(&cli.socket, cli.output, id).await,
-            Command::Recover { id, all } => recover::run(&cli.socket, cli.output, id, all).await,
-            Command::Watch { id } => watch::run(&cli.socket, cli.output, id).await,
-            Command::Run(_) => unreachable!("handled above"),
+            Command::Status => status::run(&daemon, cli.output).await,
+            Command::Inject(cmd) => inject::run(&daemon, cli.output, *cmd).await,
+            Command::List { all } => list::run(&daemon, cli.output, all).await,
+            Command::Get { id } => get::run(&daemon, cli.output, id).await,
+            Command::Recover { id, all } => recover::run(&daemon, cli.output, id, all).await,
+            Command::Watch { id } => watch::run(&daemon, cli.output, id).await,
+            Command::Run(_) | Command::Certs(_) => unreachable!("handled above"),
         }
     });
     match result {

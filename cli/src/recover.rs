@@ -9,15 +9,20 @@ use crate::{
     output::{self, Output},
 };
 
-pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>, all: bool) -> Result<(), CliError> {
+pub async fn run(daemon: &crate::client::Daemon, out: Output, id: Option<String>, all: bool) -> Result<(), CliError> {
     use pb::recover_request::Which;
     let which = match (id, all) {
         (Some(id), false) => Which::Id(id),
         (None, true) => Which::All(true),
         _ => return Err(CliError::usage("give an experiment id or --all")),
     };
-    let mut client = crate::client::connect(socket).await?;
-    let done = client.recover(pb::RecoverRequest { which: Some(which) }).await?.into_inner().recovered;
+    let mut client = crate::client::connect(daemon).await?;
+    let done = client
+        .recover(pb::RecoverRequest { which: Some(which) })
+        .await
+        .map_err(|s| crate::client::request_error(daemon, s))?
+        .into_inner()
+        .recovered;
     match out {
         Output::Json => output::print_json(&serde_json::Value::Array(done.iter().map(experiment::to_json).collect()))?,
         Output::Table if done.is_empty() => output::line("nothing to recover")?,

@@ -8,9 +8,10 @@ use crate::{
     output::{self, Output},
 };
 
-pub async fn run(socket: &std::path::Path, out: Output) -> Result<(), CliError> {
-    let mut client = crate::client::connect(socket).await?;
-    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+pub async fn run(daemon: &crate::client::Daemon, out: Output) -> Result<(), CliError> {
+    let mut client = crate::client::connect(daemon).await?;
+    let status =
+        client.status(pb::StatusRequest {}).await.map_err(|s| crate::client::request_error(daemon, s))?.into_inner();
     match out {
         Output::Json => output::print_json(&to_json(&status))?,
         Output::Table => print_table(&status)?,

@@ -10,10 +10,14 @@ use crate::{
     output::{self, Output},
 };
 
-pub async fn run(socket: &std::path::Path, out: Output, id: Option<String>) -> Result<(), CliError> {
-    let mut client = crate::client::connect(socket).await?;
-    let mut stream = client.watch(pb::WatchRequest { id: id.unwrap_or_default() }).await?.into_inner();
-    while let Some(ev) = stream.message().await? {
+pub async fn run(daemon: &crate::client::Daemon, out: Output, id: Option<String>) -> Result<(), CliError> {
+    let mut client = crate::client::connect(daemon).await?;
+    let mut stream = client
+        .watch(pb::WatchRequest { id: id.unwrap_or_default() })
+        .await
+        .map_err(|s| crate::client::request_error(daemon, s))?
+        .into_inner();
+    while let Some(ev) = stream.message().await.map_err(|s| crate::client::request_error(daemon, s))? {
         let kind = match ev.kind() {
             pb::EventKind::Counters => "counters",
             _ => "state",

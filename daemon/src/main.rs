@@ -61,6 +61,24 @@ struct ServeArgs {
     /// loopback or a trusted network.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Also serve the API over TCP on ADDR:PORT: TLS 1.3 only, with a client
+    /// certificate signed by --tls-client-ca required. The port joins the
+    /// protected ports.
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    listen_tls: Option<std::net::SocketAddr>,
+    /// The server's certificate chain (PEM), for --listen-tls.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM), for --listen-tls.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that sign the clients' certificates.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_client_ca: Option<PathBuf>,
+    /// Accept only client certificates with this subject (its CN or one of
+    /// its subject alternative names); repeatable. Default: any the CA signed.
+    #[arg(long = "tls-allow-subject", value_name = "NAME", requires = "listen_tls")]
+    tls_allow_subjects: Vec<String>,
 }
 
 /// A port to protect: 1..65535. Port 0 is no port a packet carries, so
@@ -98,11 +116,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     privilege::check()?;
     // Bound before anything is created, locked or probed: a taken port
     // stops the start with nothing done.
     let metrics_listener = args.metrics_listen.map(chaosd::metrics::http::bind).transpose()?;
+    // Every TLS file is read and checked before anything is bound.
+    let tls = match (&args.listen_tls, &args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(listen), Some(cert), Some(key), Some(ca)) => {
+            let settings = chaosd::tls::TlsSettings::load(&chaosd::tls::TlsOptions {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+                allow_subjects: args.tls_allow_subjects.clone(),
+            })?;
+            Some(settings)
+        }
+        _ => None,
+    };
     create_private_dir(&args.state_dir)?;
     let mut socket = server::ApiSocket::bind(&args.socket)?;
     // Every lock before anything is touched: a second daemon that would
@@ -119,6 +151,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // After the locks (a second daemon is told about those, not about a
+    // port in use), before the drivers: the bound port (also for port 0)
+    // is protected like SSH, so no network fault can cut the connection
+    // that would recover it.
+    let tls = tls.map(|t| t.bind()).transpose()?;
+    if let Some(port) = tls.as_ref().map(|t| t.local_addr().port())
+        && !args.protect_ports.contains(&port)
+    {
+        args.protect_ports.push(port);
+    }
     let dropped = privilege::drop_unneeded().context("dropping unneeded capabilities")?;
     tracing::debug!(?dropped, "dropped capabilities");
 
@@ -154,12 +196,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let socket_path = socket.path().to_path_buf();
-    let listener = {
+    let (listener, tls) = {
         let _guard = runtime.enter();
-        socket.take_listener().context("registering the API socket")?
+        let tls_addr = tls.as_ref().map(|t| t.local_addr().to_string());
+        let tls = tls.map(|t| t.incoming()).transpose().context("registering the TLS port")?;
+        (socket.take_listener().context("registering the API socket")?, (tls, tls_addr))
     };
+    let (tls, tls_addr) = tls;
     runtime.block_on(async move {
-        tracing::info!(socket = %socket_path.display(), version = chaosd::VERSION, "chaosd serving");
+        match &tls_addr {
+            Some(addr) => tracing::info!(
+                socket = %socket_path.display(),
+                tls = %addr,
+                version = chaosd::VERSION,
+                "chaosd serving"
+            ),
+            None => tracing::info!(socket = %socket_path.display(), version = chaosd::VERSION, "chaosd serving"),
+        }
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let stopping = tokio_util::sync::CancellationToken::new();
@@ -173,7 +226,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             stopping.cancel();
         };
-        server::run(listener, service, shutdown).await.context("serving the API")?;
+        server::run(listener, tls, service, shutdown).await.context("serving the API")?;
         anyhow::Ok(())
     })?;
     // Recover before the socket goes away: nothing of ours stays in the

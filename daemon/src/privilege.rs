@@ -13,7 +13,7 @@ pub const REQUIRED: &[(Capability, &str)] = &[
 ];
 
 /// Also kept: used by normal file work as root and by probes.
-const KEPT: &[Capability] = &[
+pub const KEPT: &[Capability] = &[
     Capability::CAP_PERFMON,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_DAC_READ_SEARCH,

@@ -111,26 +111,37 @@ impl Drop for ApiSocket {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then drains
-/// in-flight requests.
+/// Serves the API on `listener` (and on the TLS port, when given) until
+/// `shutdown` completes, then drains in-flight requests.
 pub async fn run(
     listener: UnixListener,
+    tls: Option<crate::tls::Incoming>,
     service: ChaosdService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(ClientConn::new));
     let closing = service.closing();
+    let stopping = service.closing();
     // The server drains open streams before it returns: `Watch` streams
     // must end when the shutdown starts, or a watcher would hold it off.
     let shutdown = async move {
         shutdown.await;
         closing.cancel();
     };
-    tonic::transport::Server::builder()
+    let api = ChaosdServer::new(service);
+    let unix = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
-        .add_service(ChaosdServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .add_service(api.clone())
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let Some(tls) = tls else {
+        return unix.await;
+    };
+    // One shutdown for both: the unix server's cancels `closing`.
+    let tcp = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .add_service(api)
+        .serve_with_incoming_shutdown(tls, async move { stopping.cancelled().await });
+    tokio::try_join!(unix, tcp).map(|_| ())
 }
 
 /// An accepted connection, registered as a client of chaosd (by its peer

@@ -66,14 +66,33 @@ pub struct CaseRun {
     pub aborted: Option<String>,
 }
 
+/// The daemons of a run: a node's own when the plan names one, else the
+/// runner's.
+#[derive(Default)]
+pub struct Daemons {
+    pub default: Option<ChaosdClient<Channel>>,
+    pub by_node: BTreeMap<String, ChaosdClient<Channel>>,
+}
+
+impl Daemons {
+    /// The client for `node`'s chaosd (`Daemons` is built so that every
+    /// node has one: the default exists unless every node has its own).
+    pub fn of(&mut self, node: &str) -> &mut ChaosdClient<Channel> {
+        match self.by_node.get_mut(node) {
+            Some(c) => c,
+            None => self.default.as_mut().expect("a node without its own chaosd uses the runner's"),
+        }
+    }
+}
+
 pub struct Ctx<'a> {
-    pub chaosd: ChaosdClient<Channel>,
+    pub chaosd: Daemons,
     pub sut: &'a Sut,
     pub unavailable: BTreeMap<String, String>,
     pub stop: CancellationToken,
     pub start_ns: u64,
-    /// Every experiment this run injected and has not seen end.
-    pub live: Vec<String>,
+    /// Every experiment this run injected and has not seen end (node, id).
+    pub live: Vec<(String, String)>,
     /// Each node's broker pid as last seen (None: down).
     pub pids: BTreeMap<String, Option<u32>>,
 }
@@ -104,7 +123,7 @@ impl Ctx<'_> {
         let t = self.now();
         for f in run.faults.iter_mut() {
             if let (Some(id), None) = (&f.experiment_id, f.recovered_at)
-                && let Ok(e) = inject::get(&mut self.chaosd, id).await
+                && let Ok(e) = inject::get(self.chaosd.of(&f.node), id).await
             {
                 merge_max(&mut f.counters, &inject::counters_json(&e));
             }
@@ -278,13 +297,13 @@ pub async fn run_case(ctx: &mut Ctx<'_>, case: &Case, w: &Workload, index: usize
                     continue;
                 }
             };
-            match inject::inject(&mut ctx.chaosd, req).await {
+            match inject::inject(ctx.chaosd.of(&node.name), req).await {
                 Ok(e) => {
                     let t = ctx.now();
                     fr.injected_at = Some(t);
                     fr.summary = e.summary.clone();
                     fr.experiment_id = Some(e.id.clone());
-                    ctx.live.push(e.id.clone());
+                    ctx.live.push((node.name.clone(), e.id.clone()));
                     run.events.push(Event { t, what: format!("injected {} ({})", e.summary, e.id) });
                 }
                 Err(e) => fr.no_evidence = Some(format!("chaosd refused the {} fault: {e}", f.action.name())),
@@ -333,11 +352,12 @@ async fn end_fault(ctx: &mut Ctx<'_>, run: &mut CaseRun, k: usize) {
     if run.faults[k].recovered_at.is_some() {
         return;
     }
-    let r = inject::recover(&mut ctx.chaosd, &id).await;
+    let node = run.faults[k].node.clone();
+    let r = inject::recover(ctx.chaosd.of(&node), &id).await;
     let t = ctx.now();
     let fr = &mut run.faults[k];
     fr.recovered_at = Some(t);
-    ctx.live.retain(|x| x != &id);
+    ctx.live.retain(|(n, x)| !(x == &id && n == &node));
     match r {
         Ok(e) => {
             merge_max(&mut fr.counters, &inject::counters_json(&e));
@@ -380,9 +400,9 @@ fn action_of(kind: &str) -> super::plan::Action {
 /// Ends whatever this run injected and has not ended yet.
 pub async fn recover_all(ctx: &mut Ctx<'_>) -> Vec<String> {
     let mut errors = Vec::new();
-    for id in std::mem::take(&mut ctx.live) {
-        if let Err(e) = inject::recover(&mut ctx.chaosd, &id).await {
-            errors.push(format!("{id}: {e}"));
+    for (node, id) in std::mem::take(&mut ctx.live) {
+        if let Err(e) = inject::recover(ctx.chaosd.of(&node), &id).await {
+            errors.push(format!("{id} (node {node}): {e}"));
         }
     }
     errors

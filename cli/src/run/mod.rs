@@ -21,6 +21,8 @@ use mqtt_workload::{Group, Spec, Workload};
 use tokio_util::sync::CancellationToken;
 
 use exec::{CaseRun, Ctx};
+
+use crate::client::Daemon;
 use report::{Report, SteadyState};
 
 #[derive(clap::Args, Debug)]
@@ -51,12 +53,21 @@ pub fn load(path: &Path) -> Result<plan::Plan, String> {
     let mut p = plan::parse(&name, &text)?;
     plan::read_faults(&name, &text, &mut p)?;
     check::check(&p).map_err(|e| format!("{name}: {e}"))?;
+    // A node's certificate files are named relative to the plan.
+    if let plan::Sut::Attach { nodes, .. } = &mut p.sut {
+        let base = path.parent().unwrap_or(Path::new("."));
+        for c in nodes.iter_mut().filter_map(|n| n.chaosd.as_mut()) {
+            for f in [&mut c.ca, &mut c.cert, &mut c.key] {
+                *f = base.join(&*f).display().to_string();
+            }
+        }
+    }
     Ok(p)
 }
 
 /// Entry point; runs before any async runtime exists, so that the process
 /// can enter the cluster's hub namespace first.
-pub fn main(socket: &Path, args: RunArgs) -> u8 {
+pub fn main(daemon: &Daemon, args: RunArgs) -> u8 {
     let plan = match load(&args.plan) {
         Ok(p) => p,
         Err(e) => return err(e),
@@ -75,7 +86,11 @@ pub fn main(socket: &Path, args: RunArgs) -> u8 {
     let dir = dir.canonicalize().unwrap_or(dir);
     println!("run directory: {}", dir.display());
     // chaosd first: without it nothing can be judged, so nothing starts.
-    let unavailable = match probe(socket) {
+    let daemons = match daemons(daemon, &plan) {
+        Ok(d) => d,
+        Err(e) => return err(e),
+    };
+    let unavailable = match probe(&daemons) {
         Ok(u) => u,
         Err(e) => return err(e),
     };
@@ -94,7 +109,7 @@ pub fn main(socket: &Path, args: RunArgs) -> u8 {
         Err(e) => Err(e.clone()),
         Ok(_) => match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => {
-                let r = rt.block_on(execute(socket, &plan, &sut, unavailable));
+                let r = rt.block_on(execute(&daemons, &plan, &sut, unavailable));
                 rt.shutdown_timeout(Duration::from_secs(2));
                 r
             }
@@ -148,21 +163,53 @@ pub fn main(socket: &Path, args: RunArgs) -> u8 {
     code
 }
 
-/// chaosd's fault availability (fault name -> why not), or why chaosd
-/// cannot be used.
-fn probe(socket: &Path) -> Result<BTreeMap<String, String>, String> {
+/// The daemons the run uses: each attached node's own (when the plan names
+/// one) and, for the other nodes, the runner's (`--socket`/`--endpoint`),
+/// labelled for messages.
+fn daemons(default: &Daemon, plan: &plan::Plan) -> Result<Vec<(Option<String>, Daemon)>, String> {
+    let own = sut::node_daemons(plan)?;
+    let mut all: Vec<(Option<String>, Daemon)> = Vec::new();
+    let every_node_has_one = match &plan.sut {
+        plan::Sut::Attach { nodes, .. } => nodes.iter().all(|n| n.chaosd.is_some()),
+        plan::Sut::Local { .. } => false,
+    };
+    if !every_node_has_one {
+        all.push((None, default.clone()));
+    }
+    all.extend(own.into_iter().map(|(n, d)| (Some(n), d)));
+    Ok(all)
+}
+
+fn label(node: &Option<String>, d: &Daemon) -> String {
+    match node {
+        Some(n) => format!("node {n}'s chaosd ({d})"),
+        None => format!("chaosd at {d}"),
+    }
+}
+
+/// chaosd's fault availability (fault name -> why not; a fault one daemon
+/// lacks is unavailable for the run), or why a daemon cannot be used.
+fn probe(daemons: &[(Option<String>, Daemon)]) -> Result<BTreeMap<String, String>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     rt.block_on(async {
-        let mut c = crate::client::connect(socket).await.map_err(|e| e.message)?;
-        let s = tokio::time::timeout(Duration::from_secs(10), c.status(chaos_proto::chaosd::v1::StatusRequest {}))
-            .await
-            .map_err(|_| format!("chaosd at {} did not answer its status within 10 s", socket.display()))?
-            .map_err(|e| crate::client::CliError::from(e).message)?
-            .into_inner();
-        Ok(s.faults.into_iter().filter(|f| !f.available).map(|f| (f.fault, f.reason)).collect())
+        let mut unavailable = BTreeMap::new();
+        for (node, d) in daemons {
+            let who = label(node, d);
+            let mut c = crate::client::connect(d).await.map_err(|e| format!("{who}: {}", e.message))?;
+            let s = tokio::time::timeout(Duration::from_secs(10), c.status(chaos_proto::chaosd::v1::StatusRequest {}))
+                .await
+                .map_err(|_| format!("{who} did not answer its status within 10 s"))?
+                .map_err(|e| format!("{who}: {}", crate::client::request_error(d, e).message))?
+                .into_inner();
+            for f in s.faults.into_iter().filter(|f| !f.available) {
+                let why = if node.is_some() { format!("{who}: {}", f.reason) } else { f.reason };
+                unavailable.entry(f.fault).or_insert(why);
+            }
+        }
+        Ok(unavailable)
     })
 }
 
@@ -202,7 +249,7 @@ fn spec(plan: &plan::Plan, sut: &sut::Sut) -> Result<Spec, String> {
 type Outcome = (Vec<verdict::CaseResult>, SteadyState, Option<[mqtt_workload::stats::QosReport; 3]>, Vec<String>);
 
 async fn execute(
-    socket: &Path,
+    daemons: &[(Option<String>, Daemon)],
     plan: &plan::Plan,
     sut: &sut::Sut,
     unavailable: BTreeMap<String, String>,
@@ -219,7 +266,14 @@ async fn execute(
         eprintln!("\nchaosctl run: interrupted: recovering every injected fault and tearing down");
         on_signal.cancel();
     });
-    let chaosd = crate::client::connect(socket).await.map_err(|e| e.message)?;
+    let mut chaosd = exec::Daemons::default();
+    for (node, d) in daemons {
+        let c = crate::client::connect(d).await.map_err(|e| format!("{}: {}", label(node, d), e.message))?;
+        match node {
+            Some(n) => chaosd.by_node.insert(n.clone(), c),
+            None => chaosd.default.replace(c),
+        };
+    }
     let spec = spec(plan, sut)?;
     let expected_subs = spec.subscriber_count() as i64;
     let mut w = match Workload::start(spec, plan.workload.steady_state).await {

@@ -75,6 +75,31 @@ pub struct AttachNode {
     /// Where stress goes when no pid is known.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The chaosd of this node's host, over its TLS port; without it the
+    /// runner's own daemon (--socket or --endpoint).
+    #[serde(default)]
+    pub chaosd: Option<NodeChaosd>,
+}
+
+/// `chaosd serve --listen-tls` on a node's host, with the runner's client
+/// certificate. Relative paths are from the plan's directory.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeChaosd {
+    /// https://HOST:PORT
+    #[serde(deserialize_with = "endpoint_url")]
+    pub endpoint: String,
+    /// The CA that signed the daemon's certificate.
+    pub ca: String,
+    /// The runner's client certificate and key.
+    pub cert: String,
+    pub key: String,
+}
+
+fn endpoint_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::tls::parse_url(&s).map_err(serde::de::Error::custom)?;
+    Ok(s)
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone)]

@@ -97,6 +97,26 @@ pub fn scripts_dir(from_plan: Option<&str>) -> Result<PathBuf, String> {
 
 /// Starts (local) or describes (attach) the SUT. Blocking: runs before the
 /// async runtime exists.
+/// Each attached node's own chaosd (an endpoint named in the plan), by
+/// node name.
+pub fn node_daemons(plan: &Plan) -> Result<Vec<(String, crate::client::Daemon)>, String> {
+    let plan::Sut::Attach { nodes, .. } = &plan.sut else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for n in nodes {
+        if let Some(c) = &n.chaosd {
+            let ep = crate::tls::TlsEndpoint::new(
+                &c.endpoint,
+                Some(c.ca.clone().into()),
+                Some(c.cert.clone().into()),
+                Some(c.key.clone().into()),
+            )
+            .map_err(|e| format!("node {}: {e}", n.name))?;
+            out.push((n.name.clone(), crate::client::Daemon::Tls(std::sync::Arc::new(ep))));
+        }
+    }
+    Ok(out)
+}
+
 pub fn start(plan: &Plan, run_dir: &Path) -> Result<Sut, String> {
     match &plan.sut {
         plan::Sut::Attach { client_netns, nodes } => Ok(Sut {

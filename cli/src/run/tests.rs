@@ -65,6 +65,34 @@ fn syntax_and_unknown_keys_name_line_and_column() {
 }
 
 #[test]
+fn an_attached_node_names_its_chaosd_over_tls() {
+    let attach = |chaosd: &str| {
+        GOOD.replace(
+            "kind = \"local\"\nnodes = 3",
+            &format!(
+                "kind = \"attach\"\n[[sut.node]]\nname = \"n1\"\nmqtt = \"127.0.0.1:1883\"\n{chaosd}\n\
+                 [[sut.node]]\nname = \"n2\"\nmqtt = \"127.0.0.1:1884\"\n[[sut.node]]\nname = \"n3\"\n\
+                 mqtt = \"127.0.0.1:1885\""
+            ),
+        )
+    };
+    let good = r#"chaosd = { endpoint = "https://10.0.0.1:7443", ca = "ca.pem", cert = "r.pem", key = "r.key" }"#;
+    let p = load(&attach(good)).unwrap();
+    let plan::Sut::Attach { nodes, .. } = &p.sut else { panic!("attach") };
+    assert_eq!(nodes[0].chaosd.as_ref().unwrap().endpoint, "https://10.0.0.1:7443");
+    assert!(nodes[1].chaosd.is_none());
+    // The chaosd line is line 7 of the plan; the column is the value's.
+    let e = err(&attach(&good.replace("https://10.0.0.1:7443", "http://10.0.0.1:7443")));
+    assert!(e.starts_with("plan.toml:7:") && e.contains("TLS only"), "{e}");
+    let e = err(&attach(&good.replace("https://10.0.0.1:7443", "https://10.0.0.1")));
+    assert!(e.starts_with("plan.toml:7:") && e.contains("give the port"), "{e}");
+    let e = err(&attach(&good.replace("key = ", "kye = ")));
+    assert!(e.starts_with("plan.toml:7:") && e.contains("kye"), "{e}");
+    let e = err(&attach(&good.replace(", key = \"r.key\"", "")));
+    assert!(e.starts_with("plan.toml:7:") && e.contains("missing field `key`"), "{e}");
+}
+
+#[test]
 fn meaning_errors_name_the_case_and_the_fix() {
     let e = err(&GOOD.replace("ports = [1883]", "ports = [0]"));
     assert!(e.contains("case 'loss'") && e.contains("line 18") && e.contains("port 0"), "{e}");
