@@ -147,7 +147,9 @@ fn mutual_tls_api() {
 
     let localhost = format!("https://localhost:{port}");
     let other_ca = other.join("ca.pem");
-    let cases: [(&str, &str, &Path, Option<(&Path, &str)>, &str); 6] = [
+    // (case, URL, --ca, client certificate, what the one line must say)
+    type Case<'a> = (&'a str, &'a str, &'a Path, Option<(&'a Path, &'a str)>, &'a str);
+    let cases: [Case; 6] = [
         (
             "expired client certificate",
             &url,
