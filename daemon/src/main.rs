@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the chaosd API (needs root).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// A stressor started by the daemon (internal).
     #[command(hide = true)]
     Stressor(chaosd::stress::worker::StressorArgs),
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Stressor(_) | Command::PauseGuardian(_) => unreachable!("dispatched before logging is set up"),
     };
     match result {
