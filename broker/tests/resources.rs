@@ -41,7 +41,11 @@ fn rss_kib(pid: u32) -> u64 {
 /// A v3.1.1 CONNECT, clean session, keep alive 0.
 fn connect_bytes(id: &str) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
-    broker::codec::encode(&Packet::Connect(Box::new(connect_packet(Version::V311, id, true, 0))), Version::V311, &mut b);
+    broker::codec::encode(
+        &Packet::Connect(Box::new(connect_packet(Version::V311, id, true, 0))),
+        Version::V311,
+        &mut b,
+    );
     b.to_vec()
 }
 
@@ -87,9 +91,8 @@ fn memory_levels_off_over_rounds_of_connections() {
     let pid = b.child.id();
     let mut rss = Vec::new();
     for round in 1..=10 {
-        let mut streams: Vec<TcpStream> = (0..CLIENTS)
-            .map(|_| TcpStream::connect_timeout(&b.addr, T).expect("connecting to the broker"))
-            .collect();
+        let mut streams: Vec<TcpStream> =
+            (0..CLIENTS).map(|_| TcpStream::connect_timeout(&b.addr, T).expect("connecting to the broker")).collect();
         connect_all(&mut streams, &format!("r{round}"));
         drop(streams);
         wait_for_no_connections(b.http);

@@ -53,6 +53,20 @@ pub struct Queued {
     pub gate: Option<Arc<Gate>>,
     /// The peer's shared groups (filter, group) this message is for.
     pub shared: Vec<RouteKey>,
+    /// Sent to the peer at least once (a failed batch, or restored from
+    /// disk): the peer may have delivered it.
+    pub tried: bool,
+}
+
+/// A shared-group forward taken back from a down peer's queue, to be
+/// placed again among the groups' members that are up.
+pub struct Reassigned {
+    pub msg: Arc<Message>,
+    pub shared: Vec<RouteKey>,
+    /// The publisher's ack, when this forward still held it.
+    pub gate: Option<Arc<Gate>>,
+    /// The down peer may have delivered it (`Queued::tried`).
+    pub tried: bool,
 }
 
 /// A forward's store record: origin incarnation, the message, then the
@@ -194,6 +208,7 @@ impl PeerQueue {
                 durable: false,
                 shared,
                 gate: gate.cloned(),
+                tried: false,
             });
             if q.len() >= self.high_water() && !self.congested.load(Relaxed) {
                 self.congested.store(true, Relaxed);
@@ -319,14 +334,34 @@ impl PeerQueue {
         let mut q = self.q.lock().expect("forward queue lock");
         let mut i = 0;
         let mut kept = 0;
-        q.retain(|e| {
+        q.retain_mut(|e| {
             i += 1;
             let keep = i > n || e.reliable;
             kept += usize::from(i <= n && keep);
+            e.tried |= i <= n;
             keep
         });
         self.counters.retried.fetch_add(kept as u64, Relaxed);
         self.counters.dropped.fetch_add((n - kept) as u64, Relaxed);
+    }
+
+    /// The peer is down: the shared groups of its reliable forwards go back
+    /// to the router to be placed on members that are up (`Reassigned`,
+    /// with the publisher's ack each held). The forward itself stays, for
+    /// the peer's plain subscriptions, naming no group any more; one on
+    /// disk is written again so, naming none. Nothing is in flight (the
+    /// link calls this between sessions).
+    pub fn take_shared(&self, node: &Node, peer: &Arc<str>) -> Vec<Reassigned> {
+        let mut q = self.q.lock().expect("forward queue lock");
+        let mut out = Vec::new();
+        for e in q.iter_mut().filter(|e| e.reliable && !e.shared.is_empty()) {
+            let shared = std::mem::take(&mut e.shared);
+            if e.durable {
+                node.store_send(Op::PutForward(peer.clone(), e.id, encode(e.inc, &e.msg, &[])));
+            }
+            out.push(Reassigned { msg: e.msg.clone(), shared, gate: e.gate.take(), tried: e.tried });
+        }
+        out
     }
 
     /// Applies the down-peer limit: once the peer has been down for longer
@@ -455,6 +490,7 @@ mod tests {
                 durable: false,
                 shared: Vec::new(),
                 gate: None,
+                tried: false,
             });
             ids.push(i as u64);
         }

@@ -139,6 +139,7 @@ async fn run(node: Arc<Node>, peer: Arc<Peer>) {
         peer.acked_version.store(u64::MAX, Relaxed);
         peer.retained_acked.store(u64::MAX, Relaxed);
         apply_limit(&node, &peer);
+        reassign(&node, &peer).await;
         match end {
             End::Stop => return,
             End::Rejoin => {
@@ -264,6 +265,35 @@ fn apply_limit(node: &Node, peer: &Peer) {
     let gone = peer.queue.limit(node, &peer.name, down_for);
     if !gone.is_empty() {
         node.store_send(Op::DelForwards(Arc::from(peer.name.as_str()), gone));
+    }
+}
+
+/// A peer the failure detector calls down gets no shared-group message
+/// it has not acked: the router places them again on members that are up
+/// (forward.rs `take_shared`). Checked whenever a session ends, so nothing
+/// is in flight.
+async fn reassign(node: &Node, peer: &Peer) {
+    if peer.state(&node.settings) != PeerState::Down {
+        return;
+    }
+    let name: Arc<str> = Arc::from(peer.name.as_str());
+    let taken = peer.queue.take_shared(node, &name);
+    if taken.is_empty() {
+        return;
+    }
+    let sent = taken.iter().filter(|r| r.tried).count();
+    let m = &node.metrics;
+    m.reassigned_sent.fetch_add(sent as u64, Relaxed);
+    m.reassigned_unsent.fetch_add((taken.len() - sent) as u64, Relaxed);
+    tracing::warn!(
+        peer = %peer.name,
+        messages = taken.len(),
+        sent_before = sent,
+        "peer down: its shared-group messages go to members that are up (those it had been sent may reach \
+         their group twice if it delivered them before it went down)"
+    );
+    if let Err(e) = node.router.send(crate::inbox::ToRouter::Reassign(Box::new(taken))).await {
+        tracing::error!(error = ?e, "router gone: shared-group messages of a down peer not placed again");
     }
 }
 

@@ -35,6 +35,11 @@ pub struct ClusterMetrics {
     pub backpressure_timeouts: AtomicU64,
     /// Publishers made to wait for a congested forward queue.
     pub backpressure_waits: AtomicU64,
+    /// Shared-group forwards taken back from a down peer and placed again:
+    /// never sent to it, or sent (it may have delivered them before it
+    /// went down: the one case where a group can get a message twice).
+    pub reassigned_unsent: AtomicU64,
+    pub reassigned_sent: AtomicU64,
 }
 
 impl ClusterMetrics {
@@ -162,5 +167,15 @@ pub fn render(node: &Node, o: &mut String) {
     );
     for (r, v) in [("waited", &m.backpressure_waits), ("timed_out", &m.backpressure_timeouts)] {
         let _ = writeln!(o, "broker_cluster_backpressure_total{{node=\"{n}\",result=\"{r}\"}} {}", v.load(Relaxed));
+    }
+    g(
+        o,
+        "broker_cluster_shared_reassigned_total",
+        "Shared-group forwards taken back from a down peer and given to a member that is up; sent=\"yes\": the peer \
+         had been sent them and may have delivered them too (its answer lost).",
+        "counter",
+    );
+    for (r, v) in [("no", &m.reassigned_unsent), ("yes", &m.reassigned_sent)] {
+        let _ = writeln!(o, "broker_cluster_shared_reassigned_total{{node=\"{n}\",sent=\"{r}\"}} {}", v.load(Relaxed));
     }
 }

@@ -17,6 +17,7 @@
 mod convert;
 mod error;
 mod forward;
+pub use forward::Reassigned;
 mod guard;
 mod link;
 mod members;
@@ -264,6 +265,8 @@ impl Cluster {
                     durable: true,
                     shared,
                     gate: None,
+                    // It may have been sent before the restart.
+                    tried: true,
                 }),
                 Err(e) => {
                     node.store_send(crate::store::Op::DelForwards(Arc::from(peer.as_str()), vec![id]));

@@ -69,6 +69,9 @@ pub enum ToRouter {
     RemoteRoutes(Box<RemoteRoutes>),
     /// Publishes forwarded by another node, for the local sessions only.
     Forwarded(Box<Forwarded>),
+    /// Shared-group messages taken back from a down peer's forward queue,
+    /// to be placed again on members that are up.
+    Reassign(Box<Vec<crate::cluster::Reassigned>>),
     /// Retained writes replicated from a peer: (topic, stamp, message or
     /// None when cleared).
     RetainedSync(Box<Vec<(String, crate::message::Stamp, Option<crate::message::Message>)>>),

@@ -433,7 +433,7 @@ impl Router {
         let local_only = matches!(origin, Origin::Peer { .. });
         // A forwarded message's retained write reaches this node through
         // the retained replication (`on_retained_sync`), not here.
-        if msg.retain && !local_only {
+        if msg.retain && matches!(origin, Origin::Local) {
             persisted |= self.set_retained(&msg) && msg.qos != QoS::AtMostOnce;
         }
         // Kept between publishes, so that routing one allocates no map.
@@ -442,6 +442,10 @@ impl Router {
             let place = Place { sessions: &self.sessions, cluster: self.cluster.as_ref(), origin };
             self.subs.matches(&msg.topic, &place, &mut |c, sub, group| {
                 if sub.opts.no_local && msg.publisher.as_deref() == Some(&**c) {
+                    return;
+                }
+                // Plain subscriptions had it the first time.
+                if group.is_none() && matches!(origin, Origin::Reassigned { .. }) {
                     return;
                 }
                 let e = targets.entry(c.clone()).or_insert((QoS::AtMostOnce, false, Vec::new(), Vec::new()));

@@ -199,6 +199,7 @@ impl Router {
             ToRouter::Unsubscribe { conn, client, unsub } => self.on_unsubscribe(conn, &client, *unsub),
             ToRouter::RemoteRoutes(r) => self.on_remote_routes(*r),
             ToRouter::Forwarded(f) => self.on_forwarded(*f),
+            ToRouter::Reassign(r) => self.on_reassign(*r),
             ToRouter::RetainedSync(entries) => self.on_retained_sync(*entries),
             ToRouter::TakeOver { client, clean_start, reply } => {
                 let _ = reply.send(self.on_take_over(&client, clean_start));

@@ -108,6 +108,28 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Shared-group messages a down peer had not acked: each goes to one
+    /// member of its groups again, preferring members that are up (the
+    /// down node's only when no other is left). A publisher's ack that such
+    /// a forward held is held by the new forward (or the local store write)
+    /// instead.
+    pub(super) fn on_reassign(&mut self, taken: Vec<crate::cluster::Reassigned>) {
+        for r in taken {
+            let (_, persisted, _) = self.route(r.msg, Origin::Reassigned { shared: &r.shared }, r.gate.as_ref());
+            let Some(gate) = r.gate else { continue };
+            match &self.store {
+                Some(st) if persisted => st.send(Op::Then(Box::new(move |durable| {
+                    if durable {
+                        gate.open();
+                    }
+                }))),
+                _ => gate.open(),
+            }
+        }
+    }
+}
+
 /// Where a routed message comes from.
 #[derive(Clone, Copy)]
 pub enum Origin<'a> {
@@ -116,6 +138,9 @@ pub enum Origin<'a> {
     /// Forwarded by its publishing node, which chose this node for the
     /// shared groups in `shared`.
     Peer { shared: &'a [(String, String)] },
+    /// Published here earlier and taken back from a down peer: for the
+    /// shared groups in `shared` only, on any node.
+    Reassigned { shared: &'a [(String, String)] },
 }
 
 /// Shared subscriptions across the cluster: the publishing node chooses one
@@ -134,12 +159,14 @@ impl super::subs::Placement for Place<'_> {
     fn group(&self, filter: &str, group: &str) -> bool {
         match self.origin {
             Origin::Local => true,
-            Origin::Peer { shared } => shared.iter().any(|(f, g)| f == filter && g == group),
+            Origin::Peer { shared } | Origin::Reassigned { shared } => {
+                shared.iter().any(|(f, g)| f == filter && g == group)
+            }
         }
     }
 
     fn eligible(&self, member: &str) -> bool {
-        matches!(self.origin, Origin::Local) || !member.starts_with(crate::cluster::REMOTE_PREFIX)
+        !matches!(self.origin, Origin::Peer { .. }) || !member.starts_with(crate::cluster::REMOTE_PREFIX)
     }
 
     fn online(&self, member: &str) -> bool {
