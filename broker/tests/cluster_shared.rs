@@ -179,6 +179,96 @@ async fn shared_group_across_nodes_gets_each_message_once() {
     }
 }
 
+/// A shared group with a member on n2 and one on n3, QoS 1 published on
+/// n1 at a steady rate (real `broker` processes). n3 is frozen (SIGSTOP),
+/// so that n1's forwards for it pile up unacked (spilled to n1's disk, so
+/// n1 keeps acknowledging), then SIGKILLed. Once n1 sees n3 down, what was
+/// queued for n3 goes to the member on n2: every acknowledged message
+/// reaches the group, and a message reaches both members only if n1 had
+/// sent it to n3 already (counted by
+/// `broker_cluster_shared_reassigned_total{sent="yes"}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_messages_queued_for_a_failed_node_go_to_a_member_that_is_up() {
+    use common::nodes::{ProcNode, converged as proc_converged};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n1 = ProcNode::spawn(dir.path(), "n1", &[], &[]);
+    let n2 = ProcNode::spawn(dir.path(), "n2", &[n1.cluster], &[]);
+    let mut n3 = ProcNode::spawn(dir.path(), "n3", &[n1.cluster], &[]);
+    proc_converged(&[&n1, &n2, &n3], Duration::from_secs(20));
+    let mut m2 = connect(n2.mqtt, Version::V5, "m2", true).await;
+    let mut m3 = connect(n3.mqtt, Version::V5, "m3", true).await;
+    assert_eq!(subscribe(&mut m2, "$share/g/fail/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(subscribe(&mut m3, "$share/g/fail/#", QoS::AtLeastOnce).await, vec![1]);
+    until_routed(n1.mqtt, &mut [&mut m2, &mut m3], "fail/probe").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _r2 = member(m2, "fail/x", 2, tx.clone());
+    let _r3 = member(m3, "fail/x", 3, tx.clone());
+    let mut p = connect(n1.mqtt, Version::V5, "pub1", true).await;
+    let mut acked = std::collections::HashSet::new();
+    let mut k = 0u32;
+    // 20 messages every 10 ms for `d`.
+    let mut steady = async |p: &mut Client, d: Duration, acked: &mut std::collections::HashSet<u32>| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            for _ in 0..20 {
+                p.wr.queue(&publish("fail/x", QoS::AtLeastOnce, (k % 60_000) as u16 + 1, k.to_be_bytes().to_vec()));
+                k += 1;
+            }
+            p.wr.flush().await.expect("publish");
+            for _ in 0..20 {
+                match p.recv(Duration::from_secs(10)).await.expect("puback") {
+                    Packet::PubAck(a) if a.code == 0 => {
+                        acked.insert(u32::from(a.pid) - 1);
+                    }
+                    other => panic!("expected PUBACK, got {other:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    steady(&mut p, Duration::from_millis(500), &mut acked).await;
+    n3.freeze();
+    steady(&mut p, Duration::from_millis(800), &mut acked).await;
+    let queued = n1.member("n3").expect("n3 in n1's members")["forward_queue"].as_u64().unwrap_or(0);
+    n3.kill9();
+    let killed = Instant::now();
+    eprintln!("n3 frozen, then SIGKILLed with {queued} forwards queued for it on n1");
+    assert!(queued > 0, "nothing queued on n1 for the frozen node");
+    steady(&mut p, Duration::from_secs(3), &mut acked).await;
+    let total = k;
+    assert_eq!(acked.len() as u32, total, "n1 stopped acknowledging");
+    // Everything acknowledged reaches the group.
+    let mut got: HashMap<u32, Vec<usize>> = HashMap::new();
+    let bound = Duration::from_secs(15);
+    while got.len() < total as usize {
+        let left = bound.saturating_sub(killed.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((who, n))) => got.entry(n).or_default().push(who),
+            _ => {
+                panic!("{} of {total} acknowledged messages reached the group within {bound:?} of the kill", got.len())
+            }
+        }
+    }
+    let took = killed.elapsed();
+    while let Ok(Some((who, n))) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        got.entry(n).or_default().push(who);
+    }
+    let twice = got.values().filter(|w| w.len() > 1).count() as u64;
+    let on3 = got.values().filter(|w| w.contains(&3)).count();
+    let m = n1.metrics();
+    let (sent_no, sent_yes) = (
+        metric(&m, "broker_cluster_shared_reassigned_total{node=\"n1\",sent=\"no\"}") as u64,
+        metric(&m, "broker_cluster_shared_reassigned_total{node=\"n1\",sent=\"yes\"}") as u64,
+    );
+    eprintln!(
+        "{total} QoS 1 acknowledged: all reached the group {took:?} after the kill (bound {bound:?}); {on3} on n3's \
+         member; {sent_no} reassigned unsent, {sent_yes} reassigned after a send; {twice} reached both members"
+    );
+    assert!(sent_no + sent_yes > 0, "n1 reassigned nothing of what was queued for n3");
+    assert!(twice <= sent_yes, "{twice} messages reached both members, only {sent_yes} could have");
+    assert!(got.values().all(|w| w.iter().all(|&who| who == 2 || who == 3)));
+}
+
 /// The retained messages a new subscriber to `filter` on `node` gets, as
 /// (topic, payload), sorted.
 async fn retained_on(node: &Node, filter: &str) -> Vec<(String, String)> {

@@ -91,6 +91,15 @@ impl ProcNode {
         }
     }
 
+    /// SIGSTOP: the process is frozen (its sockets stay open, nothing is
+    /// answered) until `kill9`.
+    pub fn freeze(&self) {
+        let c = self.child.as_ref().expect("running");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+
     /// SIGTERM, the graceful stop: waits (at most 10 s) for the process to
     /// exit, then SIGKILLs it and fails.
     pub fn term(&mut self) {
