@@ -38,18 +38,37 @@ pub fn targets<'a>(f: &Fault, nodes: &'a [Node]) -> Vec<&'a Node> {
 /// The request for one fault on one node, or why it cannot be made.
 pub fn request(f: &Fault, node: &Node, all: &[Node], hold: Duration) -> Result<pb::InjectRequest, String> {
     use pb::network_action::Kind as N;
-    let pid_target = || -> Result<pb::Target, String> {
+    // Stress needs a pid or a cgroup; kill and pause can also go by name.
+    let pid_target = |by_name: bool| -> Result<pb::Target, String> {
         if let Some(p) = node.current_pid() {
             return Ok(pb::Target { kind: Some(pb::target::Kind::Pid(p)) });
         }
         if let Some(c) = &node.cgroup {
             return Ok(pb::Target { kind: Some(pb::target::Kind::CgroupPath(c.clone())) });
         }
-        Err(format!("node {} has no known pid (pid file unreadable) or cgroup", node.name))
+        if let (true, Some(name)) = (by_name, &node.process) {
+            return Ok(pb::Target { kind: Some(pb::target::Kind::ProcessName(name.clone())) });
+        }
+        Err(format!(
+            "node {} has no known pid (pid file unreadable), cgroup{}",
+            node.name,
+            if by_name { " or process name" } else { "" }
+        ))
     };
     let pct = |p: f64, c: f64| (p, c);
     let (target, kind) = if f.action.is_network() {
-        let ns = node.netns.clone().ok_or(format!("node {} has no netns for network faults", node.name))?;
+        // A node on a host of its own (its own chaosd, no netns) is that
+        // host's namespace.
+        let ns_target = match (&node.netns, node.own_chaosd) {
+            (Some(ns), _) => pb::target::Kind::NetnsName(ns.clone()),
+            (None, true) => pb::target::Kind::Host(pb::Host {}),
+            (None, false) => {
+                return Err(format!(
+                    "node {} has no netns for network faults (name one, or the node's own chaosd)",
+                    node.name
+                ));
+            }
+        };
         let mut peers = Vec::new();
         for p in &f.peers {
             match all.iter().find(|n| &n.name == p).and_then(|n| n.ipv4.clone()) {
@@ -104,7 +123,7 @@ pub fn request(f: &Fault, node: &Node, all: &[Node], hold: Duration) -> Result<p
             _ => unreachable!("is_network"),
         };
         (
-            pb::Target { kind: Some(pb::target::Kind::NetnsName(ns)) },
+            pb::Target { kind: Some(ns_target) },
             pb::fault::Kind::Network(pb::NetworkFault {
                 selector: Some(selector),
                 action: Some(pb::NetworkAction { kind: Some(action) }),
@@ -130,7 +149,8 @@ pub fn request(f: &Fault, node: &Node, all: &[Node], hold: Duration) -> Result<p
             }
             other => return Err(format!("not run: chaosd has no such fault yet ({})", other.name())),
         };
-        (pid_target()?, kind)
+        let by_name = matches!(f.action, Action::Kill { .. } | Action::Pause);
+        (pid_target(by_name)?, kind)
     };
     Ok(pb::InjectRequest {
         target: Some(target),

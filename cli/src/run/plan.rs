@@ -75,6 +75,11 @@ pub struct AttachNode {
     /// Where stress goes when no pid is known.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The broker's process name on its host (e.g. "broker"): kill and pause
+    /// go to every process of that name when no pid is known, as on a
+    /// remote host whose pid the runner cannot read.
+    #[serde(default)]
+    pub process: Option<String>,
     /// The chaosd of this node's host, over its TLS port; without it the
     /// runner's own daemon (--socket or --endpoint).
     #[serde(default)]

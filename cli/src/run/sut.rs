@@ -19,6 +19,11 @@ pub struct Node {
     pub pid: Option<u32>,
     pub pid_file: Option<PathBuf>,
     pub cgroup: Option<String>,
+    /// Process faults by name when no pid is known.
+    pub process: Option<String>,
+    /// The node names its own chaosd: a node without a netns is then that
+    /// daemon's host namespace.
+    pub own_chaosd: bool,
 }
 
 impl Node {
@@ -95,8 +100,6 @@ pub fn scripts_dir(from_plan: Option<&str>) -> Result<PathBuf, String> {
     ))
 }
 
-/// Starts (local) or describes (attach) the SUT. Blocking: runs before the
-/// async runtime exists.
 /// Each attached node's own chaosd (an endpoint named in the plan), by
 /// node name.
 pub fn node_daemons(plan: &Plan) -> Result<Vec<(String, crate::client::Daemon)>, String> {
@@ -117,6 +120,8 @@ pub fn node_daemons(plan: &Plan) -> Result<Vec<(String, crate::client::Daemon)>,
     Ok(out)
 }
 
+/// Starts (local) or describes (attach) the SUT. Blocking: runs before the
+/// async runtime exists.
 pub fn start(plan: &Plan, run_dir: &Path) -> Result<Sut, String> {
     match &plan.sut {
         plan::Sut::Attach { client_netns, nodes } => Ok(Sut {
@@ -131,6 +136,8 @@ pub fn start(plan: &Plan, run_dir: &Path) -> Result<Sut, String> {
                     pid: n.pid,
                     pid_file: n.pid_file.as_ref().map(PathBuf::from),
                     cgroup: n.cgroup.clone(),
+                    process: n.process.clone(),
+                    own_chaosd: n.chaosd.is_some(),
                 })
                 .collect(),
             client_netns: client_netns.clone(),
@@ -182,6 +189,8 @@ pub fn start(plan: &Plan, run_dir: &Path) -> Result<Sut, String> {
                         pid: None,
                         pid_file: Some(n.pid_file),
                         cgroup: None,
+                        process: None,
+                        own_chaosd: false,
                     })
                     .collect(),
                 client_netns: Some(topo.hub_netns),

@@ -263,3 +263,32 @@ mod judging {
         assert!(svg.contains("class=\"recovery-point\""));
     }
 }
+
+/// A node on a host of its own (its own chaosd, no netns, the broker known
+/// by name) takes network faults in that host's namespace and kill by
+/// process name; a node with neither netns nor chaosd is refused.
+#[test]
+fn a_node_on_its_own_host_is_targeted_by_host_and_process_name() {
+    use chaos_proto::chaosd::v1::target::Kind;
+    let text = GOOD.replace(
+        "kind = \"local\"\nnodes = 3",
+        "kind = \"attach\"\n[[sut.node]]\nname = \"n1\"\nmqtt = \"127.0.0.1:1883\"\n[[sut.node]]\nname = \"n2\"\n\
+         mqtt = \"10.0.0.2:1883\"\nprocess = \"broker\"\n\
+         chaosd = { endpoint = \"https://10.0.0.2:7443\", ca = \"ca.pem\", cert = \"r.pem\", key = \"r.key\" }\n\
+         [[sut.node]]\nname = \"n3\"\nmqtt = \"127.0.0.1:1885\"",
+    ) + "[[case]]\nname = \"kill\"\nbaseline = \"5s\"\nfault_time = \"5s\"\nrecovery = \"10s\"\n\
+         [[case.fault]]\nkind = \"kill\"\ntarget = \"n2\"\nsignal = \"KILL\"\n";
+    let p = load(&text).unwrap();
+    let sut = super::sut::start(&p, std::path::Path::new("/nonexistent")).unwrap();
+    let (n1, n2) = (&sut.nodes[0], &sut.nodes[1]);
+    let hold = std::time::Duration::from_secs(10);
+    let loss = &p.cases[0].faults[0];
+    let kill = &p.cases[1].faults[0];
+    let target = |r: Result<chaos_proto::chaosd::v1::InjectRequest, String>| r.unwrap().target.unwrap().kind.unwrap();
+    assert_eq!(target(super::inject::request(loss, n2, &sut.nodes, hold)), Kind::Host(Default::default()));
+    assert_eq!(target(super::inject::request(kill, n2, &sut.nodes, hold)), Kind::ProcessName("broker".into()));
+    let e = super::inject::request(loss, n1, &sut.nodes, hold).unwrap_err();
+    assert!(e.contains("node n1 has no netns") && e.contains("own chaosd"), "{e}");
+    let e = super::inject::request(kill, n1, &sut.nodes, hold).unwrap_err();
+    assert!(e.contains("or process name"), "{e}");
+}
