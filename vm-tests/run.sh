@@ -317,6 +317,21 @@ for t in "${tests[@]}"; do
   install -m 0755 "$here/tests/$t.sh" "$root/vm-tests/tests/$t.sh"
 done
 
+# Tests with several guests provision them from a stage (certificates, units,
+# the provisioning script Vagrant users run, a plan), made here as for
+# Vagrant: vm-tests/provision/stage.sh.
+max_guests=1
+for t in "${tests[@]}"; do
+  g=$(sed -n 's/^# *vm-test-guests: *\([0-9][0-9]*\).*/\1/p' "$here/tests/$t.sh" | head -1)
+  [ "${g:-1}" -gt "$max_guests" ] && max_guests=$g
+done
+if [ "$max_guests" -gt 1 ]; then
+  stage_nodes=()
+  for g in $(seq 1 "$max_guests"); do stage_nodes+=("n$g=10.9.7.$g"); done
+  "$here/provision/stage.sh" "$root/stage" "${stage_nodes[@]}" --chaosctl "$BIN_DIR/chaosctl" >/dev/null \
+    || die "vm-tests/provision/stage.sh failed"
+fi
+
 initrd=$work/initramfs.cpio.gz
 # gzip -1: the kernel's inflate under TCG is the cost that matters, and a
 # lighter level barely changes it; -1 keeps the build quick.

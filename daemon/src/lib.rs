@@ -23,8 +23,8 @@ pub mod service;
 pub mod spec;
 pub mod stress;
 pub(crate) mod tc;
-pub(crate) mod wire;
 pub mod tls;
+pub(crate) mod wire;
 
 /// The eBPF object built by build.rs from ebpf/chaosd-ebpf.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/chaosd.bpf.o"));

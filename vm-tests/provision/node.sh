@@ -14,6 +14,15 @@
 set -eu
 stage=$(cd "$(dirname "$0")" && pwd)
 die() { echo "node.sh: $*" >&2; exit 1; }
+# put MODE FILE... DIR: copy with a mode (busybox has no `install`).
+put() {
+  _mode=$1; shift
+  eval "_dir=\${$#}"
+  while [ $# -gt 1 ]; do
+    cp "$1" "$_dir/" && chmod "$_mode" "$_dir/$(basename "$1")" || die "cannot copy $1 to $_dir"
+    shift
+  done
+}
 
 name=${1:-}
 [ -n "$name" ] || die "usage: node.sh NAME (one of: $(cut -d' ' -f1 "$stage/nodes" | tr '\n' ' '))"
@@ -30,22 +39,23 @@ fi
 
 bindir=/usr/local/bin
 if [ -d "$stage/bin" ]; then
-  for b in chaosd chaosctl broker; do install -m 0755 "$stage/bin/$b" "$bindir/$b"; done
+  for b in chaosd chaosctl broker; do put 0755 "$stage/bin/$b" "$bindir"; done
 elif ! [ -x "$bindir/chaosd" ]; then
   bindir=$(dirname "$(command -v chaosd)") || die "chaosd is not installed and the stage has no bin/"
 fi
 
-install -d -m 0700 /etc/chaosd /etc/chaosd/tls
-install -d -m 0755 /etc/chaosd/broker
-install -m 0644 "$stage/pki/ca.pem" "$stage/pki/$name.pem" /etc/chaosd/tls/
-install -m 0600 "$stage/pki/$name.key" /etc/chaosd/tls/
+mkdir -p /etc/chaosd/tls /etc/chaosd/broker
+chmod 0700 /etc/chaosd /etc/chaosd/tls
+chmod 0755 /etc/chaosd/broker
+put 0644 "$stage/pki/ca.pem" "$stage/pki/$name.pem" /etc/chaosd/tls
+put 0600 "$stage/pki/$name.key" /etc/chaosd/tls
 chaosd_args="--listen-tls $addr:7443 --tls-cert /etc/chaosd/tls/$name.pem --tls-key /etc/chaosd/tls/$name.key --tls-client-ca /etc/chaosd/tls/ca.pem --tls-allow-subject runner"
 broker_args="--mqtt-listen [::]:1883 --http-listen $addr:9100 --cluster-listen $addr:7000 --join $seeds"
 echo "CHAOSD_ARGS=$chaosd_args" > /etc/chaosd/chaosd.env
 echo "BROKER_ARGS=$broker_args" > "/etc/chaosd/broker/$name.env"
 
 if [ -d /run/systemd/system ]; then
-  install -m 0644 "$stage/units/chaosd.service" "$stage/units/broker@.service" /etc/systemd/system/
+  put 0644 "$stage/units/chaosd.service" "$stage/units/broker@.service" /etc/systemd/system
   systemctl daemon-reload
   systemctl enable --now chaosd.service "broker@$name.service"
 else
