@@ -38,7 +38,7 @@ use crate::{
     engine::{Engine, EventKind, Reconciled},
     experiment::{Experiment, State},
     probe::HostProbe,
-    spec::{Fault, NetAction, ProcessFault, StressFault},
+    spec::{Fault, ProcessFault, StressFault},
 };
 
 /// Every fault kind, named as `chaosctl status` names them.
@@ -81,31 +81,11 @@ const LATENCY_BUCKETS: [f64; 15] =
 
 pub fn fault_kind(f: &Fault) -> &'static str {
     match f {
-        Fault::Network(n) => match n.action {
-            NetAction::Delay { .. } => "delay",
-            NetAction::Loss { .. } => "loss",
-            NetAction::Partition => "partition",
-            NetAction::Bandwidth { .. } => "bandwidth",
-            NetAction::Duplicate { .. } => "duplicate",
-            NetAction::Corrupt { .. } => "corrupt",
-            NetAction::Reorder { .. } => "reorder",
-        },
+        Fault::Network(n) => n.action.name(),
         Fault::Stress(StressFault::Cpu { .. }) => "stress-cpu",
         Fault::Stress(StressFault::Memory { .. }) => "stress-memory",
         Fault::Process(ProcessFault::Kill { .. }) => "kill",
         Fault::Process(ProcessFault::Pause) => "pause",
-    }
-}
-
-fn state_name(s: State) -> &'static str {
-    match s {
-        State::Pending => "pending",
-        State::Injecting => "injecting",
-        State::Active => "active",
-        State::Recovering => "recovering",
-        State::Recovered => "recovered",
-        State::Failed => "failed",
-        State::Expired => "expired",
     }
 }
 
@@ -235,7 +215,7 @@ impl Metrics {
         // having been recovered: not a recovery.
         let Some(since) = recovering.remove(&exp.id) else { return };
         let kind = fault_kind(&exp.fault);
-        let result = state_name(exp.state);
+        let result = State::name(exp.state);
         self.recoveries.get_or_create(&KindResult { kind, result }).inc();
         let took = at.duration_since(since).unwrap_or_default();
         self.recover_seconds.get_or_create(&KindLabel { kind }).observe(took.as_secs_f64());
@@ -330,11 +310,11 @@ impl Collector for Now {
         let mut by_kind_state: HashMap<(&str, &str), i64> = HashMap::new();
         for kind in FAULT_KINDS {
             for state in STATES {
-                by_kind_state.insert((kind, state_name(state)), 0);
+                by_kind_state.insert((kind, State::name(state)), 0);
             }
         }
         for e in &experiments {
-            *by_kind_state.entry((fault_kind(&e.fault), state_name(e.state))).or_default() += 1;
+            *by_kind_state.entry((fault_kind(&e.fault), State::name(e.state))).or_default() += 1;
         }
         let mut rows: Vec<_> = by_kind_state.into_iter().collect();
         rows.sort();
@@ -450,7 +430,7 @@ mod tests {
     use super::*;
     use crate::{
         experiment::Experiment,
-        spec::{Direction, NetworkFault, Protocol, Selector, Target},
+        spec::{Direction, NetAction, NetworkFault, Protocol, Selector, Target},
     };
 
     fn loss() -> Experiment {
